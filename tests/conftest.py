@@ -70,3 +70,31 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
 def tiny_llama3_model(tmp_path_factory, llama3_tokenizer) -> Path:
     """Tiny random Llama with the real Llama 3 tokenizer (no chat template: the built-in Llama 3.1 format is used)."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama3"), llama3_tokenizer)
+
+
+def save_tiny_run(run: Path, model_dir: Path, seed: int = 1, **config) -> Path:
+    """A finished-looking run directory on `model_dir`: a PEFT adapter whose B weights are non-zero
+    (init_lora_weights=False, so merging really changes the logits), the tokenizer, and config.yaml."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.config import RunConfig, dump_config
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "tokenizer")
+    raw = {"model": {"name": str(model_dir)}, "lora": {"r": 4, "alpha": 8}, "output": {"name": run.name}}
+    for dotted, value in config.items():  # e.g. model__quantization="4bit"
+        section, field = dotted.split("__")
+        raw.setdefault(section, {})[field] = value
+    (run / "config.yaml").write_text(dump_config(RunConfig.model_validate(raw)))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_chat_model) -> Path:
+    """A run directory on the tiny SmolLM2-tokenizer model (ChatML template, <|im_end|>)."""
+    return save_tiny_run(tmp_path_factory.mktemp("runs") / "tiny", tiny_chat_model)

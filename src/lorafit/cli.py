@@ -57,11 +57,89 @@ def chat(
     target: str = typer.Argument(..., help="Run directory, merged model folder, or GGUF file."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
 ):
     """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
     from lorafit.chat import chat as run_chat
 
-    run_chat(target, system=system, max_new_tokens=max_new_tokens)
+    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+@app.command()
+def merge(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    out: str = typer.Option(..., "--out", help="New folder for the merged model (refused if it exists and is not empty)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+):
+    """Merge the adapter into its base: a plain model folder for transformers, vLLM or GGUF conversion."""
+    from lorafit.export import merge_run
+
+    print(f"merged model written to {merge_run(run_dir, out, dtype)}")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge`."),
+    out: str = typer.Option(..., "--out", help="Output .gguf file (refused if it exists)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (for llama.cpp and Ollama)."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or q8_0."),
+):
+    """Write a GGUF file (llama.cpp / Ollama) with the tokenizer and chat template inside."""
+    from lorafit.errors import ConfigError
+
+    if fmt != "gguf":
+        raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
+    from lorafit.gguf_export import export_gguf
+
+    path = export_gguf(source, out, outtype)
+    print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="Run directory, merged model folder, GGUF file, or smollm2-135m-instruct."),
+    prompts: str = typer.Option(..., "--prompts", help="JSONL with `prompt` or `messages` per line, or a text file (one prompt per line)."),
+    out: str = typer.Option(..., "--out", help="Output JSONL: {\"prompt\", \"response\"} per line."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    sample: bool = typer.Option(False, "--sample", help="Sample (temperature, top-p) instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+):
+    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
+    from lorafit.generate import generate as run_generate
+
+    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
+    print(f"answers written to {path}")
+
+
+@app.command()
+def compare(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    data: str = typer.Option(..., "--data", help="Chat data (JSONL etc.) whose questions both models answer."),
+    limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
+    from lorafit.compare import compare as run_compare
+
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
+
+
+@app.command()
+def plan(
+    config: str = typer.Argument(..., help="Run config YAML (the model is built on the meta device: no weights loaded)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+):
+    """Exact parameter counts, the LoRA arithmetic and a memory estimate; which GPUs it fits and what would make it fit."""
+    from lorafit.plan import plan as run_plan
+
+    run_plan(config, gpu=gpu, as_json=as_json, overrides=overrides or [])
 
 
 @app.command()
@@ -74,6 +152,27 @@ def demo(
     from lorafit.demo import run_demo
 
     raise typer.Exit(run_demo(config, heldout, overrides or []))
+
+
+@data_app.command("check")
+def data_check(
+    target: str = typer.Argument(..., help="Data file, glob or folder, or a run config YAML."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model whose tokenizer and chat template to use (default: the config's, else smollm2-135m-instruct)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Override data.max_length."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+):
+    """Validate and measure training data with only the tokenizer loaded; exit 2 if it cannot train."""
+    from lorafit.data.check import data_check as run_check
+
+    raise typer.Exit(run_check(target, model, max_length, as_json))
+
+
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`.")):
+    """(Re)build loss.png and the self-contained report.html of a run."""
+    from lorafit.report import write_report
+
+    print(write_report(run_dir))
 
 
 @app.command("config-reference")

@@ -15,6 +15,7 @@ from lorafit.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1_000_000  # a run config is a few KB; anything this big is a mistake or an attack
 MAX_YAML_ALIASES = 100  # refuses "billion laughs" alias bombs before they expand
+MAX_YAML_NODES = 100_000  # values after aliases are expanded: 72 aliases can still stand for 9**9 values
 
 
 class Section(BaseModel):
@@ -155,12 +156,39 @@ class _CountingLoader(yaml.SafeLoader):
                 raise ConfigError(f"the YAML uses more than {MAX_YAML_ALIASES} aliases; refused (possible alias bomb).")
         return super().compose_node(parent, index)
 
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node) > MAX_YAML_NODES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases; refused (alias bomb).")
+        return node
+
+
+def _expanded_size(root) -> int:
+    """Values the document holds once every alias is copied out, counted on the shared node graph (linear time)."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    return size(root)
+
 
 def parse_yaml(text: str, source: str) -> Any:
     if len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: the config is larger than {MAX_CONFIG_BYTES:,} bytes; refused.")
     try:
         return yaml.load(text, Loader=_CountingLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:  # from the loader, which does not know the file name
+        raise ConfigError(f"{source}: {e.message}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply; refused.") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{source}: invalid YAML value: {str(e).split(':')[0]}.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -194,6 +222,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist.", "Pass a YAML file, e.g. `lorafit train configs/demo.yaml`.")
+        if p.stat().st_size > MAX_CONFIG_BYTES:  # before reading it: a multi-GB file must not be loaded to be refused
+            raise ConfigError(f"{source}: the config is larger than {MAX_CONFIG_BYTES:,} bytes; refused.")
         raw = parse_yaml(p.read_text(encoding="utf-8", errors="replace"), source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the config must be a mapping of sections (model, data, lora, training, eval, output), got {type(raw).__name__}.")

@@ -35,30 +35,16 @@ def is_correct(answer: str, key: str) -> bool:
     return norm(key) in norm(answer)
 
 
-def answer_questions(model, tokenizer, questions: list[str], template: str, max_new_tokens: int) -> list[str]:
-    """Greedy answers, batched with left padding, stopped at the end-of-turn token."""
-    import torch
-
-    from lorafit.data import end_of_turn_ids, render_prompt
-
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": q}], template) for q in questions]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=end_of_turn_ids(tokenizer, template), pad_token_id=tokenizer.pad_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+def _clip(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     from lorafit.config import load_config
-    from lorafit.model import load_base_model, load_tokenizer
-    from lorafit.rundir import load_tuned
+    from lorafit.generate import generate_batch, load_for_inference
     from lorafit.train import run_training
 
     console = Console()
@@ -66,15 +52,13 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     questions = read_heldout(heldout)
     console.print(f"[bold]lorafit demo[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(s.path for s in cfg.data.train)}")
 
-    tokenizer = load_tokenizer(cfg.model.name)
-    base = load_base_model(cfg.model, dtype=torch.float32)
-    prompts = [q["question"] for q in questions]
-    before = answer_questions(base, tokenizer, prompts, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens)
+    conversations = [[{"role": "user", "content": q["question"]}] for q in questions]
+    base = load_for_inference(cfg.model.name)
+    before = generate_batch(base, conversations, max_new_tokens=cfg.eval.max_new_tokens)
     del base
 
     run_dir = run_training(cfg)
-    tuned, tuned_tokenizer, _ = load_tuned(run_dir, dtype=torch.float32)
-    after = answer_questions(tuned, tuned_tokenizer, prompts, template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens)
+    after = generate_batch(load_for_inference(str(run_dir)), conversations, max_new_tokens=cfg.eval.max_new_tokens)
 
     table = Table(title="Held-out questions (paraphrases never seen in training)", show_lines=True)
     table.add_column("question", ratio=2)
@@ -87,7 +71,7 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
         base_right += b_ok
         tuned_right += a_ok
         mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
-        table.add_row(q["question"], f"{mark(b_ok)} {b}", f"{mark(a_ok)} {a}")
+        table.add_row(q["question"], f"{mark(b_ok)} {_clip(b)}", f"{mark(a_ok)} {_clip(a)}")
         results.append({"question": q["question"], "key": q["key"], "base": b, "tuned": a, "base_correct": b_ok, "tuned_correct": a_ok})
     console.print(table)
     n = len(questions)

@@ -58,6 +58,7 @@ def _embedded_copy(name: str) -> Path:
     log.info("converting the embedded %s GGUF to safetensors (once; cached in %s)", name, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already dequantized to fp32; without this save_pretrained refuses
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

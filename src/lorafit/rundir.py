@@ -64,7 +64,7 @@ def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     if not is_run_dir(path):
         raise RunDirError(f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
                           "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
-    tokenizer = load_tokenizer(str(path / "tokenizer"))
+    tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(cfg.model, dtype=dtype)
     model = PeftModel.from_pretrained(base, str(path / "adapter"))
     if merge:

@@ -1,19 +1,27 @@
 """Training: data → model → transformers' Trainer → run directory. No home-made loop.
 
-The one thing we change in Trainer is the loss (`compute_loss`): a memory-lean cross-entropy that is
-normalised by the trained tokens of the whole optimizer step, so gradient accumulation is exact.
+What we change in Trainer, each small and tested:
+- `compute_loss`: the memory-lean loss of loss.py, normalised by the trained tokens of the whole optimizer
+  step, so gradient accumulation is exact (tests/test_train.py compares 1×4 with 4×1);
+- `training_step`: hands each micro-step's loss to the NaN guard (callbacks.NanGuard);
+- `log`: adds validation perplexity next to validation loss;
+- `_save_checkpoint` (checkpoint.AtomicCheckpoints): a checkpoint is renamed into place only when complete.
+Everything else (evaluation, early stopping, signals, progress, metrics) is a callback.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
-import math
 import os
+import signal
 import time
 from pathlib import Path
 
-from lorafit.callbacks import TokenCounter
+from lorafit.callbacks import TokenCounter, perplexity
 from lorafit.config import RunConfig, dump_config
+from lorafit.errors import ConfigError, RunDirError, TrainingError
 from lorafit.rundir import create_run_dir, write_json
 
 log = logging.getLogger("lorafit")
@@ -26,38 +34,58 @@ def is_main_process() -> bool:
 def _trainer_class():
     from transformers import Trainer
 
-    from lorafit.loss import causal_lm_loss
+    from lorafit.checkpoint import AtomicCheckpoints
+    from lorafit.loss import trainer_compute_loss
 
-    class LorafitTrainer(Trainer):
+    class LorafitTrainer(AtomicCheckpoints, Trainer):
         loss_mode = "chunked"
-        tokens: TokenCounter
+        tokens: TokenCounter | None = None
+        nan_guard = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             inputs.pop("seq_lengths", None)
-            if model.training:
+            if model.training and self.tokens is not None:
                 self.tokens.add(inputs, self.processing_class.pad_token_id)
-            loss, _ = causal_lm_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode)
-            # Mirror Trainer.compute_loss: with tokens averaged across ranks, DDP's gradient mean must be undone.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return (loss, None) if return_outputs else loss
+            return trainer_compute_loss(self, model, inputs, return_outputs, num_items_in_batch, self.loss_mode)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.nan_guard is not None:
+                self.nan_guard.observe_loss(loss)
+            return loss
+
+        def log(self, logs, start_time=None):
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            super().log(logs, start_time)
 
     return LorafitTrainer
+
+
+def resolve_precision(setting: str) -> str:
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; an explicit setting wins."""
+    if setting != "auto":
+        return setting
+    from lorafit.model import pick_dtype
+
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(pick_dtype("auto")).removeprefix("torch."), "fp32")
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
     from transformers import TrainingArguments
 
-    from lorafit.model import pick_dtype
+    from lorafit.checkpoint import staging_dir
+
+    import torch
 
     t = cfg.training
-    precision = t.precision if t.precision != "auto" else {"bfloat16": "bf16", "float16": "fp16"}.get(
-        str(pick_dtype("auto")).removeprefix("torch."), "fp32")
+    precision = resolve_precision(t.precision)
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     evaluate_steps = has_eval and t.eval_every > 0
-    saving = t.save_every > 0
+    early = t.early_stopping_patience is not None
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(staging_dir(run_dir / "checkpoints")),  # checkpoints are sealed and moved out (checkpoint.py)
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
@@ -68,138 +96,404 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         weight_decay=t.weight_decay,
         optim=t.optimizer,
-        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+        max_grad_norm=t.max_grad_norm,  # 0 = no clipping
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        # On CPU: transformers refuses bf16 without a GPU unless told, and under torchrun accelerate only sets up
+        # DDP over gloo (MULTI_CPU) when told it is on CPU; otherwise every rank trains alone on all the data.
+        use_cpu=on_cpu,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN step must show in the logs, not be replaced by an average
         eval_strategy="steps" if evaluate_steps else "no",
         eval_steps=t.eval_every if evaluate_steps else None,
-        save_strategy="steps" if saving else "no",
-        save_steps=t.save_every if saving else None,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=False,
+        prediction_loss_only=True,  # evaluation needs the loss only; never gather logits
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        restore_callback_states_from_checkpoint=early,  # the early-stopping patience counter survives a resume
+        save_strategy="steps" if t.save_every > 0 else "no",
+        save_steps=t.save_every if t.save_every > 0 else None,
+        save_total_limit=None,  # we rotate ourselves, counting complete checkpoints only
+        load_best_model_at_end=False,  # callbacks.KeepBestAdapter does it without extra checkpoints
         report_to=list(t.report_to) or "none",
         remove_unused_columns=False,  # our collator needs seq_lengths; Trainer would drop it
         dataloader_num_workers=0,
-        disable_tqdm=True,  # our own progress bar
+        disable_tqdm=True,  # our own progress display
         gradient_checkpointing=False,  # enabled on the model before PEFT wraps it (model.attach_lora)
         ddp_find_unused_parameters=False,
     )
 
 
-def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Path:
-    """Train a LoRA adapter as the config says; returns the run directory."""
+def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
+    """Problems only visible once the data and the installed packages are known (before loading weights)."""
     import torch
-    from transformers import set_seed
 
-    from lorafit.callbacks import MetricsCallback, ProgressCallback
+    t, problems = cfg.training, []
+    if resolve_precision(t.precision) == "fp16" and not torch.cuda.is_available():
+        problems.append("`training.precision: fp16` needs a CUDA GPU; on CPU use fp32 (or bf16).")
+    if t.early_stopping_patience is not None and not (has_validation and t.eval_every > 0):
+        problems.append("`training.early_stopping_patience` needs validation data (`data.validation` or "
+                        "`data.val_fraction`) and `training.eval_every` > 0.")
+    needs = {"paged_adamw_8bit": "bitsandbytes"} if t.optimizer == "paged_adamw_8bit" else {}
+    needs.update({name: name for name in t.report_to})
+    for what, package in needs.items():
+        if importlib.util.find_spec(package) is None:
+            problems.append(f"`{what}` needs the `{package}` package: pip install {package}.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+class Session:
+    """Everything one training run is made of, built by `build_session` (tests drive the Trainer through it)."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool = False, callbacks=None,
+                  say=print) -> Session:
+    """Tokenizer, data, model with LoRA, Trainer with our callbacks; restores counters when resuming."""
+    from transformers import EarlyStoppingCallback, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from lorafit import checkpoint as ckpt
+    from lorafit.callbacks import KeepBestAdapter, MetricsCallback, NanGuard, ProgressCallback, StopOnSignal
     from lorafit.data import make_collator, prepare_data
-    from lorafit.model import (
-        attach_lora,
-        count_parameters,
-        describe_parameters,
-        load_base_model,
-        load_tokenizer,
-        pick_attention,
-    )
+    from lorafit.model import attach_lora, count_parameters, describe_parameters, load_base_model, load_tokenizer, pick_attention
 
-    started = time.time()
-    set_seed(cfg.training.seed)
-    run_dir = Path(cfg.output.dir) / (cfg.output.name or "run")
-    if is_main_process():
-        run_dir = create_run_dir(cfg.output.dir, cfg.output.name or "run", cfg.output.overwrite, resume=resume)
-    say = (lambda *a: None) if quiet or not is_main_process() else print
-
+    main = is_main_process()
+    checkpoints = run_dir / "checkpoints"
+    last = ckpt.latest_checkpoint(checkpoints) if resume else None
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
     # Data first: bad rows stop the run before minutes are spent loading weights.
     prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
+    check_training_config(cfg, prepared.validation is not None)
     say(_data_line(prepared.stats))
     model = load_base_model(cfg.model)
+    set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
     say(describe_parameters(trainable, total))
 
-    if is_main_process():
-        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    attn = pick_attention(cfg.model.attn_implementation)
-    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=attn)
+    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation))
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))  # not inside checkpoints/
     args = training_arguments(cfg, run_dir, prepared.validation is not None)
     tokens = TokenCounter()
-    metrics = MetricsCallback(run_dir / "metrics.jsonl", tokens, enabled=is_main_process())
-    trainer_cls = _trainer_class()
-    trainer_cls.loss_mode = cfg.training.loss
-    trainer_cls.tokens = tokens
-    trainer = trainer_cls(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation,
-                          data_collator=collator, processing_class=tokenizer,
-                          callbacks=[metrics, ProgressCallback(tokens, enabled=not quiet and is_main_process())])
-    last = _latest_checkpoint(run_dir / "checkpoints") if resume else None
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    metrics = MetricsCallback(run_dir / "metrics.jsonl", tokens, enabled=main)
+    progress = ProgressCallback(tokens, mode="lines" if quiet else "auto", enabled=main)
+    guard, stopper = NanGuard(cfg.training.max_bad_steps), StopOnSignal()
+    best = KeepBestAdapter() if cfg.training.early_stopping_patience is not None else None
+    extra = [EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience), best] if best else []
+    trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation,
+                               data_collator=collator, processing_class=tokenizer,
+                               callbacks=[metrics, progress, guard, stopper, *extra, *(callbacks or [])])
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
+    trainer.loss_mode, trainer.tokens, trainer.nan_guard = cfg.training.loss, tokens, guard
+    trainer.checkpoint_dir, trainer.checkpoint_keep = checkpoints, cfg.training.save_total_limit
+    trainer.checkpoint_extra = tokens.state
+    if cfg.lora.init == "eva" and last is None:
+        init_eva(model, trainer, tokenizer.pad_token_id)
+    if last is not None:
+        manifest = ckpt.read_manifest(last)
+        tokens.restore(manifest.get("tokens", 0), manifest.get("trained_tokens", 0))
+    if resume:  # the curve continues from the checkpoint: records of steps after it are redone
+        metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
+    return Session(cfg=cfg, run_dir=run_dir, checkpoints=checkpoints, last=last, tokenizer=tokenizer,
+                   prepared=prepared, model=model, trainable=trainable, total=total, trainer=trainer, tokens=tokens,
+                   metrics=metrics, progress=progress, guard=guard, stopper=stopper, best=best)
 
-    final_eval = trainer.evaluate() if prepared.validation is not None else {}
-    if is_main_process():
-        model.save_pretrained(run_dir / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-        summary = {
-            "parameters": {"trainable": trainable, "total": total},
-            "data": prepared.stats,
-            "template": prepared.template,
-            "train_loss": result.training_loss,
-            "eval_loss": final_eval.get("eval_loss"),
-            "eval_perplexity": math.exp(final_eval["eval_loss"]) if final_eval.get("eval_loss") is not None else None,
-            "steps": trainer.state.global_step,
-            "tokens": tokens.real,
-            "trained_tokens": tokens.trained,
-            "tokens_per_second": round(tokens.per_second(), 1),
-            "peak_memory_bytes": _peak_memory(),
-            "seconds": round(time.time() - started, 1),
-        }
+
+def init_eva(model, trainer, pad_id: int) -> None:
+    """EVA initialises LoRA A from the SVD of each layer's inputs on training batches; PEFT needs the data for it.
+
+    Our batches may carry a 4D packed-attention mask, so the positions used are the real, trained ones.
+    """
+    import torch
+    from peft import initialize_lora_eva_weights
+
+    def positions(inputs, peft_config):  # (N, 2) indices of the tokens the SVD sees
+        keep = inputs["input_ids"] != pad_id
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            keep &= mask.bool()
+        if peft_config.eva_config.use_label_mask and "labels" in inputs:
+            keep &= inputs["labels"] != peft_config.eva_config.label_mask_value
+        return keep.nonzero()
+
+    def forward(m, inputs):
+        with torch.no_grad():
+            return m(**{k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}, use_cache=False)
+
+    initialize_lora_eva_weights(model, dataloader=trainer.get_train_dataloader(), forward_fn=forward,
+                                prepare_model_inputs_fn=positions, show_progress_bar=False)
+
+
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, callbacks=None) -> Path:
+    """Train a LoRA adapter as the config says; returns the run directory.
+
+    `callbacks`: extra TrainerCallbacks. Raises TrainingError (exit 1) on a fault it stopped for (NaN
+    losses, out of memory, a failed save), and with exit code 128+signal after saving a checkpoint on
+    SIGTERM/SIGINT.
+    """
+    import torch
+    from transformers import set_seed
+
+    from lorafit import checkpoint as ckpt
+    from lorafit.evaluate import base_answers, generate_answers, read_generations, write_after, write_before
+
+    started = time.time()
+    main = is_main_process()
+    set_seed(cfg.training.seed)
+    run_dir = _open_run_dir(cfg, resume) if main else Path(cfg.output.dir) / (cfg.output.name or "run")
+    say = print if main else (lambda *a: None)
+    if main:
+        ckpt.clear_temporaries(run_dir)  # folders of a save that was killed: never complete, never used
+        ckpt.clear_staging(run_dir / "checkpoints")
+    s = build_session(cfg, run_dir, resume, quiet, callbacks, say)
+    if main:
+        _start_message(resume, s.last, run_dir, say)
+        _write_config(run_dir, cfg, resume)
+    trainer, model, template = s.trainer, s.model, s.prepared.template
+
+    prompts = list(cfg.eval.prompts)
+    if prompts and main and not (s.last and read_generations(run_dir)):
+        say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
+        write_before(run_dir, prompts, base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
+                                                    cfg.data.system_prompt))
+    after = None
+    try:
+        result = trainer.train(resume_from_checkpoint=str(s.last) if s.last else None)
+        s.progress.close()
+        if s.guard.failed:
+            raise _nan_error(s.guard.failed, cfg, s.checkpoints)
+        if s.stopper.received is not None:
+            raise _interrupted_error(s.stopper.received, trainer.state.global_step, s.checkpoints)
+        restored = None
+        if s.best is not None and trainer.state.global_step < trainer.state.max_steps:
+            restored = s.best.restore(model)
+            if restored is not None:
+                say(f"early stopping: keeping the adapter of step {restored} (best eval_loss {s.best.best:.4f})")
+        final_eval = _final_eval(trainer, s.prepared.validation is not None, fresh=restored is not None)
+        if prompts and main:
+            after = generate_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
+    except torch.OutOfMemoryError as err:
+        raise _oom_error(err, cfg, trainer.state.global_step, s.checkpoints) from None
+    finally:
+        s.progress.close()
+
+    if main:
+        _save_final(model, s.tokenizer, run_dir, s.checkpoints)
+        if after is not None:
+            write_after(run_dir, prompts, after)
+        summary = _summary(cfg, s, result, final_eval, started)
         write_json(run_dir / "summary.json", summary)
+        try:
+            from lorafit.report import write_report
+
+            write_report(run_dir)
+        except Exception as err:  # the report is a convenience: the adapter is already saved
+            log.warning("could not write report.html: %s (rebuild it with `lorafit report %s`)", err, run_dir)
         say(_summary_screen(run_dir, summary))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return run_dir
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def _final_eval(trainer, has_validation: bool, fresh: bool) -> dict:
+    """Validation metrics of the final adapter; the Trainer's own evaluation of the last step is reused."""
+    if not has_validation:
+        return {}
+    if not fresh:
+        for record in reversed(trainer.state.log_history):
+            if "eval_loss" in record and record.get("step") == trainer.state.global_step:
+                return record
+    return trainer.evaluate()
 
 
-def _peak_memory() -> int:
+def _open_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    name = cfg.output.name or "run"
+    try:
+        return create_run_dir(cfg.output.dir, name, cfg.output.overwrite, resume=resume)
+    except OSError as err:
+        raise RunDirError(f"cannot create the run directory {Path(cfg.output.dir) / name}: {err.strerror or err}.",
+                          "Choose a writable `output.dir` (and check the disk is not full).") from None
+
+
+def _start_message(resume: bool, last: Path | None, run_dir: Path, say) -> None:
+    if resume and last is not None:
+        say(f"resuming from {last}")
+    elif resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", run_dir / "checkpoints")
+
+
+def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    path, text = run_dir / "config.yaml", dump_config(cfg)
+    if resume and path.exists():
+        old = path.read_text(encoding="utf-8")
+        changed = [line[1:].strip() for line in difflib.unified_diff(old.splitlines(), text.splitlines(), lineterm="", n=0)
+                   if line.startswith("+") and not line.startswith("+++")]
+        if changed:
+            log.warning("--resume with a config that differs from the run's: %s", "; ".join(changed[:8]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
+    """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
+    from lorafit.checkpoint import atomic_dir, complete_checkpoints, is_write_failure, save_error
+
+    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
+                       ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
+        try:
+            with atomic_dir(run_dir / name) as tmp:
+                save(tmp)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            done = complete_checkpoints(checkpoints)
+            raise save_error(err, f"the final {name}", run_dir / name, done[-1] if done else None) from err
+
+
+def _latest_line(checkpoints: Path) -> str:
+    from lorafit.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(checkpoints)
+    return f"The last good checkpoint is {done[-1]}." if done else "No checkpoint was written (training.save_every=0)."
+
+
+def _nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
+    t = cfg.training
+    causes = [f"a learning rate too high for this model (training.learning_rate={t.learning_rate:g}; try 10× lower)"]
+    if resolve_precision(t.precision) == "fp16":
+        causes.append("fp16 overflow (use training.precision=bf16 on GPUs that have it, or fp32)")
+    if t.max_grad_norm == 0:
+        causes.append("no gradient clipping (training.max_grad_norm=0; 1.0 is the usual value)")
+    causes.append("a broken sample (check the data with `lorafit data check`)")
+    return TrainingError(
+        f"training stopped at step {failed['step']}: {t.max_bad_steps} optimizer step(s) in a row (from step "
+        f"{failed['first_step']}) had a NaN/inf {failed['reason']}; those updates were skipped. "
+        f"{_latest_line(checkpoints)} Likely causes: " + "; ".join(causes) + ".",
+        "Fix the cause, then start again, or continue from the last checkpoint with `--resume`.")
+
+
+def _interrupted_error(signum: int, step: int, checkpoints: Path) -> TrainingError:
+    from lorafit.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(checkpoints)
+    where = f"checkpoint saved at {done[-1]}" if done else "no checkpoint could be saved"
+    err = TrainingError(f"training interrupted by {signal.Signals(signum).name} at step {step}; {where}.",
+                        "Continue with the same command plus --resume: `lorafit train CONFIG --resume`.")
+    err.exit_code = 128 + signum  # the shell convention for "killed by this signal"
+    return err
+
+
+def _oom_error(err: BaseException, cfg: RunConfig, step: int, checkpoints: Path) -> TrainingError:
     import torch
 
     if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+        torch.cuda.empty_cache()
+    advice = _planner_advice(cfg) or _generic_oom_advice(cfg)
+    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
+    return TrainingError(f"out of GPU memory at step {step} ({first_line}). {_latest_line(checkpoints)}",
+                         "To fit this run:\n" + advice)
+
+
+def _planner_advice(cfg: RunConfig) -> str | None:
+    """The memory planner's suggestion for this config, when the planner is installed (lorafit.plan)."""
+    try:
+        from lorafit import plan
+    except ImportError:
+        return None
+    suggest = getattr(plan, "suggest_for_oom", None)
+    if suggest is None:
+        return None
+    try:
+        text = suggest(cfg)
+    except Exception as err:  # advice must never hide the real error
+        log.debug("planner failed: %s", err)
+        return None
+    return str(text) if text else None
+
+
+def _generic_oom_advice(cfg: RunConfig) -> str:
+    t, tips = cfg.training, []
+    if cfg.model.quantization == "none":
+        tips.append("QLoRA: model.quantization=4bit (the frozen base in 4-bit NF4, about a quarter of the memory)")
+    if not t.gradient_checkpointing:
+        tips.append("training.gradient_checkpointing=true (recompute activations in backward)")
+    if t.micro_batch_size > 1:
+        tips.append(f"training.micro_batch_size={max(1, t.micro_batch_size // 2)} "
+                    f"training.gradient_accumulation={t.gradient_accumulation * 2} (same effective batch)")
+    tips.append(f"data.max_length={max(8, cfg.data.max_length // 2)} (shorter rows)")
+    return "\n".join(f"  - {tip}" for tip in tips) + "\n`lorafit plan CONFIG` estimates the memory of a config before you run it."
+
+
+def _peak_memory() -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "GPU"
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process RSS"
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _summary(cfg, s: Session, result, final_eval: dict, started: float) -> dict:
+    peak, kind = _peak_memory()
+    eval_loss = final_eval.get("eval_loss")
+    trainer, tokens = s.trainer, s.tokens
+    return {
+        "model": cfg.model.name,
+        "parameters": {"trainable": s.trainable, "total": s.total},
+        "data": s.prepared.stats,
+        "template": s.prepared.template,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity(eval_loss),
+        "steps": trainer.state.global_step,
+        "tokens": tokens.real,
+        "trained_tokens": tokens.trained,
+        "tokens_per_second": round(tokens.per_second(), 1),
+        "peak_memory_bytes": peak,
+        "memory_kind": kind,
+        "device": _device_name(),
+        "precision": resolve_precision(cfg.training.precision),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def _data_line(stats: dict) -> str:
     parts = [f"{stats.get('train_samples', '?')} training samples"]
     if stats.get("validation_samples"):
         parts.append(f"{stats['validation_samples']} validation")
-    if stats.get("packing_efficiency") is not None:
-        parts.append(f"packed into {stats.get('train_rows', '?')} rows ({stats['packing_efficiency']:.1%} real tokens)")
-    dropped = stats.get("dropped", 0)
+    packing = stats.get("packing") or {}
+    if packing.get("efficiency") is not None:
+        parts.append(f"packed into {packing.get('rows', '?')} rows ({packing['efficiency']:.1%} real tokens)")
+    dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
     if dropped:
         parts.append(f"{dropped} dropped (see `lorafit data check`)")
     return "data: " + ", ".join(parts)
 
 
 def _summary_screen(run_dir: Path, s: dict) -> str:
+    eval_part = (f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})"
+                 if s.get("eval_loss") is not None and s.get("eval_perplexity") is not None else "")
     lines = [
         "",
         f"run directory   {run_dir}",
         f"adapter         {run_dir / 'adapter'}  (PEFT format)",
-        f"steps           {s['steps']}   train loss {s['train_loss']:.4f}"
-        + (f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})" if s.get("eval_loss") is not None else ""),
+        f"steps           {s['steps']}   train loss {s['train_loss']:.4f}" + eval_part,
         f"tokens          {s['tokens']:,} seen, {s['trained_tokens']:,} trained   {s['tokens_per_second']:,.0f} tokens/s",
-        f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB   time {s['seconds']:.0f} s",
+        f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB ({s['memory_kind']})   time {s['seconds']:.0f} s",
+        f"report          {run_dir / 'report.html'}",
         f"next            lorafit chat {run_dir}",
     ]
     return "\n".join(lines)

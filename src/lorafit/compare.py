@@ -1,0 +1,118 @@
+"""`lorafit compare`: what fine-tuning changed, on data you choose.
+
+One model in memory: the run's base with its adapter, which PEFT can switch off (`disable_adapter`), so the
+"base" answers and loss come from exactly the weights training started from. The loss is computed the way
+training computes it: the run's own data settings (template, system prompt, which turns are trained, length
+policy) tokenize the file, and the loss is the mean over trained tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+from lorafit.errors import DataError
+
+
+def conversations(data_file: str, data_cfg) -> list[dict]:
+    """{"messages": prompt turns, "reference": the last assistant answer} for every valid chat row."""
+    from lorafit.config import DataSource
+    from lorafit.data.sources import raise_for_problems, read_source
+
+    source = read_source(DataSource(path=data_file))
+    if not data_cfg.skip_invalid:
+        raise_for_problems([source], "compare")
+    rows = []
+    for row in source.dataset:
+        if row["problems"] or not row["messages"]:
+            continue
+        messages = json.loads(row["messages"])
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None:
+            rows.append({"messages": messages[:last], "reference": messages[last]["content"], "loc": row["loc"]})
+    return rows
+
+
+def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[float, int]:
+    """(mean loss per trained token, trained tokens) over tokenized rows (input_ids, labels)."""
+    import torch
+
+    from lorafit.loss import IGNORE_INDEX, causal_lm_loss
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows["input_ids"]], device=device)
+        labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows["labels"]], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows["input_ids"]], device=device)
+        with torch.no_grad():
+            _, stats = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": mask})
+        total += float(stats["loss_sum"])
+        count += int(stats["trained_tokens"])
+    return (total / count if count else float("nan")), count
+
+
+def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
+            console=None) -> dict:
+    """Answers of the base and the tuned model side by side, and both validation losses on DATA_FILE."""
+    from lorafit.config import DataSource
+    from lorafit.data import prepare_data
+    from lorafit.generate import generate_batch, load_for_inference
+    from lorafit.rundir import load_run_config
+
+    cfg = load_run_config(run_dir)
+    if not Path(data_file).exists():
+        raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
+    rows = conversations(data_file, cfg.data)
+    loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
+    model = loaded.model
+    base_mode = model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
+
+    # The run's data settings, with this file as the only source, unpacked: one row per conversation.
+    data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
+                                           "packing": False})
+    tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
+    with base_mode():
+        base_loss, tokens = validation_loss(model, loaded.tokenizer, tokenized)
+    tuned_loss, _ = validation_loss(model, loaded.tokenizer, tokenized)
+
+    shown = rows[:limit]
+    prompts = [r["messages"] for r in shown]
+    with base_mode():
+        base_answers = generate_batch(loaded, prompts, max_new_tokens) if prompts else []
+    tuned_answers = generate_batch(loaded, prompts, max_new_tokens) if prompts else []
+    result = {
+        "run": str(run_dir), "data": str(data_file), "rows": len(tokenized), "trained_tokens": tokens,
+        "base_loss": base_loss, "tuned_loss": tuned_loss,
+        "base_perplexity": math.exp(base_loss) if base_loss < 50 else float("inf"),
+        "tuned_perplexity": math.exp(tuned_loss) if tuned_loss < 50 else float("inf"),
+        "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "base": b, "tuned": t}
+                    for r, b, t in zip(shown, base_answers, tuned_answers)],
+    }
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+    else:
+        print_comparison(result, console)
+    return result
+
+
+def print_comparison(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"base vs tuned on {result['data']}", show_lines=True)
+    for name in ("question", "reference", "base", "tuned"):
+        table.add_column(name, overflow="fold")
+    for a in result["answers"]:
+        table.add_row(a["question"], a["reference"], a["base"], a["tuned"])
+    console.print(table)
+    change = result["tuned_loss"] - result["base_loss"]
+    console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
+                  f"base {result['base_loss']:.4f} (ppl {result['base_perplexity']:.2f}) -> tuned {result['tuned_loss']:.4f} "
+                  f"(ppl {result['tuned_perplexity']:.2f}), {change:+.4f}", markup=False)

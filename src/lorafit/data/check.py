@@ -1,0 +1,170 @@
+"""`lorafit data check`: what training would see, before any model is loaded (only the tokenizer).
+
+Reports rows read, formats, invalid rows, token lengths with a histogram, dropped/truncated samples, the
+trained-token fraction, exact duplicates, packing, and one rendered example with the trained tokens
+highlighted. Exit code 2 when the data cannot train as configured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.errors import LorafitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def data_check(target: str, model: str | None, max_length: int | None, as_json: bool) -> int:
+    """Check a data file/glob/folder or a run config; print the report; return the exit code."""
+    try:
+        data_cfg, model_name, tokenizer_name = _load_target(target, model, max_length)
+        report = build_report(data_cfg, model_name, tokenizer_name)
+    except LorafitError as err:
+        if as_json:
+            print(json.dumps({"ok": False, "error": err.message, "hint": err.hint}, indent=2))
+            return err.exit_code
+        raise
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
+    return 0 if report["ok"] else 2
+
+
+def _load_target(target: str, model: str | None, max_length: int | None):
+    from lorafit.config import DataSection, load_config
+
+    overrides = [f"data.max_length={max_length}"] if max_length else []
+    if Path(target).suffix.lower() in CONFIG_SUFFIXES:
+        cfg = load_config(target, overrides)
+        return cfg.data, model or cfg.model.name, None if model else cfg.model.tokenizer
+    fields = {"train": [target]}
+    if max_length:
+        fields["max_length"] = max_length
+    return DataSection(**fields), model or DEFAULT_MODEL, None
+
+
+def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -> dict:
+    """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data."""
+    from lorafit.data.prepare import prepare_data, read_source
+    from lorafit.data.readers import expand_source
+    from lorafit.model import load_tokenizer
+
+    for source in data_cfg.train + data_cfg.validation:  # a missing file fails before the tokenizer loads
+        expand_source(source.path)
+    tokenizer = load_tokenizer(model_name, tokenizer_name)
+    lenient = data_cfg.model_copy(update={"skip_invalid": True})
+    prepared = prepare_data(lenient, tokenizer, seed=0)
+    stats = dict(prepared.stats)
+    problems = []
+    if stats["invalid"] and not data_cfg.skip_invalid:
+        problems.append(f"{stats['invalid']} invalid row(s): training stops on them (fix them, or set `data.skip_invalid: true`).")
+    warnings = _warnings(stats)
+    first = read_source(data_cfg.train[0], 0)
+    return {"ok": not problems, "model": model_name, "problems": problems, "warnings": warnings, **stats,
+            "histogram": _histogram(prepared, data_cfg.max_length),
+            "example": _example(first, tokenizer, prepared.template, data_cfg)}
+
+
+def _warnings(stats: dict) -> list[str]:
+    out = []
+    if stats["dropped_too_long"]:
+        out.append(f"{stats['dropped_too_long']} sample(s) longer than max_length {stats['max_length']} are dropped: "
+                   "raise `data.max_length` or set `data.truncation: right`.")
+    if stats["dropped_no_trained_token"]:
+        out.append(f"{stats['dropped_no_trained_token']} sample(s) have no trained token and are dropped.")
+    if stats["duplicates"]:
+        out.append(f"{stats['duplicates']} exact duplicate sample(s): they are trained on more than once.")
+    if stats["trained_fraction"] < 0.02:
+        out.append(f"only {100 * stats['trained_fraction']:.1f}% of tokens carry loss: check `data.train_on` and the answers' length.")
+    return out
+
+
+def _histogram(prepared, max_length: int, buckets: int = 10) -> list[dict]:
+    lengths = prepared.lengths if prepared.lengths is not None else np.zeros(0)
+    if not len(lengths):
+        return []
+    top = max(int(lengths.max()), max_length)
+    edges = np.linspace(0, top, buckets + 1).astype(int)
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [{"from": int(a), "to": int(b), "count": int(c)} for a, b, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
+    """The first valid row of the first source, as tokens with their trained flag."""
+    from lorafit.data.sources import valid_rows
+    from lorafit.data.tokenize import IGNORE, Encoder
+
+    rows = valid_rows([source])
+    if not len(rows):
+        return None
+    row = rows[0]
+    encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt)
+    messages = json.loads(row["messages"]) if row["messages"] else None
+    ids, labels = encoder.encode_batch([messages], [row["text"]])[0]
+    spans, current, flag = [], [], None
+    for i, label in zip(ids, labels):
+        trained = label != IGNORE
+        if flag is not None and trained != flag:
+            spans.append({"text": tokenizer.decode(current), "trained": flag})
+            current = []
+        current.append(i)
+        flag = trained
+    if current:
+        spans.append({"text": tokenizer.decode(current), "trained": flag})
+    return {"loc": row["loc"], "tokens": len(ids), "spans": spans}
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"[bold]lorafit data check[/]  tokenizer of {report['model']}, template {report['template']}, "
+                  f"max_length {report['max_length']}, train_on {report['train_on']}")
+    table = Table("source", "format", "rows", "invalid", "weight", box=None)
+    for s in report["sources"] + report["validation_sources"]:
+        table.add_row(s["path"], str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val")))
+    console.print(table)
+    if report["invalid"]:
+        console.print(f"[red]invalid rows: {report['invalid']:,}[/] (first {len(report['invalid_examples'])}):")
+        for p in report["invalid_examples"]:
+            console.print(f"  {p}", markup=False)
+    ln = report["length"]
+    console.print(f"token length: p50 {ln['p50']:,}  p95 {ln['p95']:,}  max {ln['max']:,}  mean {ln['mean']:,}")
+    peak = max((b["count"] for b in report["histogram"]), default=1) or 1
+    for b in report["histogram"]:
+        bar = "█" * int(round(30 * b["count"] / peak))
+        console.print(f"  {b['from']:>6}-{b['to']:<6} {bar} {b['count']:,}", markup=False)
+    console.print(f"samples: {report['train_samples']:,} train, {report['validation_samples']:,} validation; "
+                  f"dropped {report['dropped_too_long']:,} too long, {report['dropped_no_trained_token']:,} with no trained token; "
+                  f"truncated {report['truncated']:,}; exact duplicates {report['duplicates']:,}")
+    console.print(f"trained tokens: {report['trained_tokens']:,} of {report['total_tokens']:,} "
+                  f"({100 * report['trained_fraction']:.1f}%)")
+    if "packing" in report:
+        pk = report["packing"]
+        console.print(f"packing: {pk['samples']:,} samples -> {pk['rows']:,} rows of {report['max_length']} "
+                      f"(efficiency {100 * pk['efficiency']:.1f}%)")
+    example = report.get("example")
+    if example:
+        # Without colour (a pipe, a CI log) the trained spans are bracketed instead.
+        plain = console.no_color or not console.is_terminal
+        legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
+        console.print(f"example ({example['loc']}, {example['tokens']} tokens; {legend}):")
+        text = Text()
+        for span in example["spans"]:
+            if plain:
+                text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
+            else:
+                text.append(span["text"], style="bold green" if span["trained"] else "dim")
+        console.print(text)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+    for p in report["problems"]:
+        console.print(f"[bold red]cannot train:[/] {p}")
+    console.print("[green]ok: the data can train[/]" if report["ok"] else "[red]exit 2: the data cannot train as configured[/]")

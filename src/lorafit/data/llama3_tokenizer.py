@@ -1,0 +1,106 @@
+"""Build the exact Llama 3 tokenizer offline from Meta's original `tokenizer.model` (tiktoken BPE ranks).
+
+Llama 3.x checkpoints in Meta's format ship only `original/tokenizer.model`. transformers'
+`TikTokenConverter` turns the BPE ranks into a fast tokenizer; the 256 special tokens are added here in
+Meta's order (passing them to the converter alone was seen to give wrong ids) and every id is checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorafit.errors import ModelError
+
+NUM_BASE_TOKENS = 128_000
+PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+NAMED_SPECIAL = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+SPECIAL_TOKENS = NAMED_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]  # 256 in all
+KNOWN_IDS = {"Hello world": [9906, 1917], "system": [9125], "user": [882], "assistant": [78191], "\n\n": [271]}
+
+
+def load_llama3_tokenizer(path: str | Path):
+    """A transformers fast tokenizer equal to Meta's Llama 3 tokenizer (vocabulary 128,256).
+
+    BOS is added by `tokenizer(text)` like the official Hugging Face tokenizer; the chat template is left
+    None so lorafit's built-in Llama 3.1 format is used (template `auto`). eos is `<|eot_id|>` (end of an
+    assistant turn); pad is `<|finetune_right_pad_id|>`, never an end token.
+    """
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Llama 3 tokenizer file {path} does not exist.",
+                         "Point `model.tokenizer` at the `original/tokenizer.model` file of a Llama 3.x checkpoint.")
+    # Converting the BPE ranks takes ~10 s of Python; the result is cached by the file's content hash.
+    cached = _cache_path(path)
+    if (cached / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
+        tokenizer.chat_template = None
+        _check_ids(tokenizer, path)
+        return tokenizer
+    try:
+        backend = TikTokenConverter(vocab_file=str(path), pattern=PATTERN).converted()
+    except Exception as err:  # a corrupt or foreign file: tiktoken raises many different types
+        raise ModelError(f"{path} is not a tiktoken BPE file ({type(err).__name__}: {str(err)[:200]}).",
+                         "Use Meta's `original/tokenizer.model` of a Llama 3.x checkpoint.") from None
+    if backend.get_vocab_size() != NUM_BASE_TOKENS:
+        raise ModelError(f"{path} has {backend.get_vocab_size():,} BPE tokens; a Llama 3 tokenizer has {NUM_BASE_TOKENS:,}.")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, NUM_BASE_TOKENS)]),
+    ])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+        model_max_length=131072, clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = None
+    _check_ids(tokenizer, path)
+    _save_cache(tokenizer, cached)
+    return tokenizer
+
+
+def _cache_path(path: Path) -> Path:
+    import hashlib
+
+    from lorafit.model import cache_dir
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / f"llama3-{digest}"
+
+
+def _save_cache(tokenizer, target: Path) -> None:
+    """Atomic (write then rename) so concurrent runs never read a half-written copy; a read-only cache is fine."""
+    import os
+    import shutil
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_ids(tokenizer, path: Path) -> None:
+    """The ids every Llama 3 checkpoint was trained with; a mismatch would silently train garbage."""
+    problems = []
+    for i, token in enumerate(SPECIAL_TOKENS):
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != NUM_BASE_TOKENS + i:
+            problems.append(f"{token} -> {got} (expected {NUM_BASE_TOKENS + i})")
+    for text, ids in KNOWN_IDS.items():
+        got = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if got != ids:
+            problems.append(f"{text!r} -> {got} (expected {ids})")
+    if len(tokenizer) != NUM_BASE_TOKENS + len(SPECIAL_TOKENS):
+        problems.append(f"vocabulary {len(tokenizer)} (expected {NUM_BASE_TOKENS + len(SPECIAL_TOKENS)})")
+    if problems:
+        raise ModelError(f"the tokenizer built from {path} does not match Llama 3: " + "; ".join(problems[:5]))

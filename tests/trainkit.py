@@ -1,0 +1,90 @@
+"""Helpers shared by the training, resume and fault tests: tiny chat data, tiny configs, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLACES = ["Quillmoor", "Vantreth", "Osk Hollow", "Perriwen", "Dunmarch", "Halvey Reach", "Tessaline", "Brackwater"]
+FACTS = ["was founded by the weaver Maren Ostby", "sits on the river Lune", "is famous for blue salt",
+         "holds a lantern festival every spring", "has a clock tower with nine bells", "trades in amber and wool"]
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations of deliberately different lengths (1-3 turns, short and long answers)."""
+    rows = []
+    for i in range(n):
+        place, fact = PLACES[(i + seed) % len(PLACES)], FACTS[(i * 7 + seed) % len(FACTS)]
+        answer = f"{place} {fact}." + (" It is a quiet town." * (i % 4))
+        messages = [{"role": "user", "content": f"Tell me about {place}."}, {"role": "assistant", "content": answer}]
+        if i % 3 == 2:
+            messages += [{"role": "user", "content": "And what else?"},
+                         {"role": "assistant", "content": f"{place} {FACTS[(i + 1) % len(FACTS)]}."}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, name: str = "run", n_train: int = 16, n_val: int = 0,
+                **sections) -> Path:
+    """A run config for a tiny model; `sections` maps a section to fields overriding the defaults."""
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(n_train))), "max_length": 96,
+            "packing": False}
+    if n_val:
+        data["validation"] = str(write_jsonl(tmp_path / "val.jsonl", chat_rows(n_val, seed=3)))
+    cfg = {
+        "model": {"name": str(model_dir), "dtype": "fp32"},
+        "data": data,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 6, "micro_batch_size": 2, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+                     "seed": 7, "lr_scheduler": "linear"},
+        "output": {"dir": str(tmp_path / "runs"), "name": name},
+    }
+    for section, fields in sections.items():
+        cfg.setdefault(section, {}).update(fields)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def cli_env() -> dict:
+    import lorafit
+
+    src = Path(lorafit.__file__).resolve().parents[1]  # the lorafit these tests import, installed or not
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def lorafit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from lorafit.cli import main; main()", *args]
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(lorafit_cmd(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
