@@ -98,3 +98,11 @@ def save_tiny_run(run: Path, model_dir: Path, seed: int = 1, **config) -> Path:
 def tiny_run_dir(tmp_path_factory, tiny_chat_model) -> Path:
     """A run directory on the tiny SmolLM2-tokenizer model (ChatML template, <|im_end|>)."""
     return save_tiny_run(tmp_path_factory.mktemp("runs") / "tiny", tiny_chat_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_run_dir, tmp_path_factory) -> Path:
+    """`tiny_run_dir` exported to an f16 GGUF (reading a 49k-token vocabulary back is slow: export it once)."""
+    from lorafit.gguf_export import export_gguf
+
+    return export_gguf(tiny_run_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", outtype="f16")

@@ -74,12 +74,10 @@ def test_chat_cli_reads_stdin(tiny_run_dir):
     assert "(conversation cleared)" in result.stdout and "Traceback" not in result.stderr
 
 
-def test_chat_on_a_gguf_export(tiny_run_dir, tmp_path):
+def test_chat_on_a_gguf_export(tiny_gguf):
     from lorafit.generate import load_for_inference
-    from lorafit.gguf_export import export_gguf
 
-    path = export_gguf(tiny_run_dir, tmp_path / "tiny.gguf", outtype="f16")
-    gguf = load_for_inference(str(path))
+    gguf = load_for_inference(str(tiny_gguf))
     assert gguf.kind == "gguf" and gguf.template == "model"
     assert gguf.end_ids[0] == gguf.tokenizer.convert_tokens_to_ids("<|im_end|>")
     transcript = _chat(gguf, "Hi\n")

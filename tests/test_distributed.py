@@ -133,3 +133,67 @@ def test_torchrun_ddp_matches_single_process(tmp_path, tiny_chat_model, monkeypa
     assert steps == [1, 2]
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"single", "ddp"}
     assert (ddp_run / "adapter" / "adapter_config.json").exists() and (ddp_run / "summary.json").exists()
+
+
+FSDP2 = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, sys.argv[1])
+from test_loss import batch, tiny_model
+from lorafit.loss import causal_lm_loss
+
+dist.init_process_group("gloo")
+reference, model = tiny_model(), tiny_model()  # same seed: same weights
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(model)  # the root holds the embeddings, the final norm and the LM head (sharded DTensors)
+inputs = batch([17, 9, 30])  # every rank the same batch, so averaged gradients equal one process's
+loss, _ = causal_lm_loss(model, inputs, chunk_size=7)
+loss.backward()
+ref_loss, _ = causal_lm_loss(reference, inputs, mode="plain")
+ref_loss.backward()
+torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+assert got.keys() == expected.keys() and got
+for name in got:
+    torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+print("FSDP2-OK", dist.get_rank(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_chunked_loss_under_fsdp2_matches_plain_loss(tmp_path):
+    """FSDP (v2, fully_shard) keeps the LM head sharded: the loss gathers it and still gives the plain gradients."""
+    script = tmp_path / "fsdp2_loss.py"
+    script.write_text(FSDP2, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), str(Path(__file__).parent)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(cli_env(), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "FSDP2-OK 0" in done.stdout and "FSDP2-OK 1" in done.stdout  # both ranks (their lines may interleave)
+
+
+@pytest.mark.parametrize("name", ["llama31-8b-fsdp-8xh100", "llama31-8b-multinode"])
+def test_distributed_presets_carry_their_launch_commands(name):
+    import re
+
+    from lorafit.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"-m lorafit.cli train configs/{name}.yaml" in header
+    assert "torchrun" in header and "accelerate launch" in header
+    cfg = load_config(root / "configs" / f"{name}.yaml")
+    assert cfg.training.loss == "chunked" and cfg.data.packing
+    ds = re.findall(r"configs/deepspeed/[\w.-]+\.json", header)
+    assert ds, "a DeepSpeed alternative is named"
+    for path in ds:
+        conf = json.loads((root / path).read_text(encoding="utf-8"))
+        assert conf["zero_optimization"]["stage"] in (2, 3)
+        # Trainer fills "auto" from the lorafit config, so the JSON never contradicts it
+        assert conf["train_micro_batch_size_per_gpu"] == conf["gradient_accumulation_steps"] == "auto"

@@ -18,14 +18,6 @@ def merged(tiny_run_dir, tmp_path_factory):
     return merge_run(tiny_run_dir, tmp_path_factory.mktemp("m") / "merged", dtype="fp32")
 
 
-@pytest.fixture(scope="module")
-def f16_file(tiny_run_dir, tmp_path_factory):
-    """Reading a GGUF's 49k-token vocabulary is slow in Python: export once, check it several ways."""
-    from lorafit.gguf_export import export_gguf
-
-    return export_gguf(tiny_run_dir, tmp_path_factory.mktemp("g") / "tiny-f16.gguf", outtype="f16")
-
-
 def _logits_from_gguf(path):
     from transformers import AutoModelForCausalLM
 
@@ -41,29 +33,29 @@ def _merged_logits(folder):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(IDS).logits
 
 
-def test_f16_gguf_gives_the_merged_models_logits(f16_file, merged):
+def test_f16_gguf_gives_the_merged_models_logits(tiny_gguf, merged):
     want = _merged_logits(merged)
-    got = _logits_from_gguf(f16_file)
+    got = _logits_from_gguf(tiny_gguf)
     scale = want.abs().max()
     assert (got - want).abs().max() < 5e-3 * scale  # only f16 rounding separates them
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_q8_0_gguf_from_a_merged_folder(merged, f16_file, tmp_path):
+def test_q8_0_gguf_from_a_merged_folder(merged, tiny_gguf, tmp_path):
     from lorafit.gguf_export import export_gguf
 
     q8 = export_gguf(merged, tmp_path / "a-q8.gguf", outtype="q8_0")
     want = _merged_logits(merged)
     q8_logits = _logits_from_gguf(q8)
-    assert q8.stat().st_size < 0.6 * f16_file.stat().st_size  # 8.5 bits per weight instead of 16
+    assert q8.stat().st_size < 0.6 * tiny_gguf.stat().st_size  # 8.5 bits per weight instead of 16
     assert (q8_logits - want).abs().max() < 0.05 * want.abs().max()
 
 
-def test_gguf_tokenizer_metadata_round_trips(tiny_run_dir, f16_file):
+def test_gguf_tokenizer_metadata_round_trips(tiny_run_dir, tiny_gguf):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    out = f16_file
+    out = tiny_gguf
     original = AutoTokenizer.from_pretrained(tiny_run_dir / "tokenizer")
     loaded = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
     for text in TEXTS[:3]:

@@ -151,9 +151,6 @@ def latest_checkpoint(checkpoints: Path, warn=log.warning) -> Path | None:
         if problem is None:
             return path
         warn(f"skipping {path}: not a complete checkpoint ({problem}).")
-    staged = staging_dir(checkpoints)
-    if staged.is_dir() and any(staged.iterdir()):
-        warn(f"ignoring {staged}: a checkpoint save was interrupted there.")
     return None
 
 
@@ -172,8 +169,13 @@ def rotate_checkpoints(checkpoints: Path, keep: int | None, protect: set[Path] |
     return removed
 
 
-def clear_staging(checkpoints: Path) -> None:
-    shutil.rmtree(staging_dir(checkpoints), ignore_errors=True)
+def clear_staging(checkpoints: Path, warn=log.warning) -> None:
+    """Remove what a killed save left in the staging folder (it was never a checkpoint)."""
+    staged = staging_dir(checkpoints)
+    leftovers = sorted(p.name for p in staged.iterdir()) if staged.is_dir() else []
+    if leftovers:
+        warn(f"removing {', '.join(leftovers)} from {staged}: a checkpoint save was interrupted there.")
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextmanager

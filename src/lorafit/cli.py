@@ -25,7 +25,10 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show Python trac
 
 
 def _setup_logging(debug: bool) -> None:
+    from lorafit.secrets import install_log_redaction
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    install_log_redaction()  # no token in any log line, ours or a library's
     logging.getLogger("lorafit").setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -192,10 +195,15 @@ def main() -> None:
             raise
         from rich.console import Console
 
+        from rich.markup import escape
+
+        from lorafit.secrets import redact
+
         console = Console(stderr=True, highlight=False, soft_wrap=True)
-        console.print(f"[bold red]error:[/] {err.message}", markup=True)
+        # escape: a message quoting user input such as "[/x]" is text, not rich markup (MarkupError otherwise)
+        console.print(f"[bold red]error:[/] {escape(redact(err.message))}", markup=True)
         if err.hint:
-            console.print(err.hint, markup=False)
+            console.print(redact(err.hint), markup=False)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -203,7 +211,9 @@ def main() -> None:
     except Exception as err:  # a bug of ours or a library's: short message, traceback with --debug
         if debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {err}\nRun again with --debug for the traceback, "
+        from lorafit.secrets import redact
+
+        print(f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
               "and please report it.", file=sys.stderr)
         sys.exit(1)
 

@@ -15,6 +15,7 @@ from lorafit.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1_000_000  # a run config is a few KB; anything this big is a mistake or an attack
 MAX_YAML_ALIASES = 100  # refuses "billion laughs" alias bombs before they expand
+MAX_YAML_DEPTH = 50  # a run config nests 3-4 levels
 MAX_YAML_NODES = 100_000  # values after aliases are expanded: 72 aliases can still stand for 9**9 values
 
 
@@ -148,13 +149,20 @@ class _CountingLoader(yaml.SafeLoader):
     """safe_load, refusing documents with many aliases (the expansion of an alias bomb is exponential)."""
 
     aliases_seen = 0
+    depth = 0
 
     def compose_node(self, parent, index):  # noqa: D401 - yaml hook
         if self.check_event(yaml.AliasEvent):
             self.aliases_seen += 1
             if self.aliases_seen > MAX_YAML_ALIASES:
                 raise ConfigError(f"the YAML uses more than {MAX_YAML_ALIASES} aliases; refused (possible alias bomb).")
-        return super().compose_node(parent, index)
+        self.depth += 1  # stop "[[[[..." early: PyYAML's scanner slows down the deeper a one-line flow goes
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"the YAML is nested more than {MAX_YAML_DEPTH} levels deep; refused.")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def get_single_node(self):
         node = super().get_single_node()
@@ -187,13 +195,13 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {e.message}") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML is nested too deeply; refused.") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{source}: invalid YAML value: {str(e).split(':')[0]}.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{where}: invalid YAML: {problem}.", "Fix the syntax at that line (indentation, a missing colon or quote).") from None
+    except Exception as e:  # PyYAML's constructors also raise these: `!!int ''` (IndexError), 5000-digit ints (ValueError)
+        raise ConfigError(f"{source}: invalid YAML value ({type(e).__name__}: {str(e).split(':')[0][:120]}).") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -260,7 +268,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    from lorafit.secrets import redact
+
+    return redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # config.yaml never holds a token
 
 
 def reference() -> str:

@@ -7,6 +7,9 @@ class LorafitError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        from lorafit.secrets import redact
+
+        message, hint = redact(message), redact(hint) if hint else hint  # messages quote user input: a pasted token
         super().__init__(message)
         self.message = message
         self.hint = hint

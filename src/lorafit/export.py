@@ -42,7 +42,7 @@ def merged_model(run_dir: str | Path, dtype):
     from peft import PeftModel
 
     from lorafit.model import load_base_model, load_tokenizer
-    from lorafit.rundir import is_run_dir, load_run_config
+    from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 
     path = Path(run_dir)
     cfg = load_run_config(path)
@@ -57,7 +57,7 @@ def merged_model(run_dir: str | Path, dtype):
         model_cfg = model_cfg.model_copy(update={"quantization": "none"})
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(model_cfg, dtype=dtype, device_map={"": "cpu"})
-    model = PeftModel.from_pretrained(base, str(path / "adapter")).merge_and_unload()
+    model = PeftModel.from_pretrained(base, safe_adapter(path)).merge_and_unload()
     model.eval()
     return model, tokenizer, cfg, notes
 

@@ -70,7 +70,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
         folder = resolve_model(target)
         tokenizer = load_tokenizer(folder)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)  # never unpickle
         except (OSError, ValueError) as err:
             raise ModelError(f"{folder} could not be loaded as a model: {str(err)[:300]}",
                              "Pass a run directory, a folder written by `lorafit merge`, or a .gguf file.") from None

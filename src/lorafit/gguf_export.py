@@ -57,7 +57,7 @@ def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") 
     elif (src / "config.json").exists():
         notes = []
         tokenizer = load_tokenizer(str(src))
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", use_safetensors=True)  # never unpickle
         saved = src / PROMPT_FILE
         template = json.loads(saved.read_text())["template"] if saved.exists() else resolve_template(tokenizer, "auto")
         name = src.name

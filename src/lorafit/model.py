@@ -76,6 +76,12 @@ def _embedded_copy(name: str) -> Path:
 
 def _hub_errors(name: str, err: Exception) -> ModelError:
     text = f"{type(err).__name__}: {err}"
+    if "contains custom code" in text:  # transformers refuses auto_map code when trust_remote_code is False
+        return ModelError(f"model `{name}` ships its own Python code (`auto_map` in its config), and lorafit runs no code "
+                          "from a model repository unless told to.",
+                          "Read the .py files of the model; if you trust their author, set `model.trust_remote_code: true`.")
+    if "safetensors" in text and ("no file named" in text or "does not appear to have" in text):
+        return _pickle_only_error(name, [])
     if "gated" in text.lower() or "401" in text or "403" in text:
         return ModelError(f"model `{name}` is gated: your Hugging Face account has no access to it yet.",
                           f"Accept the licence at https://huggingface.co/{name}, then run `hf auth login` or set HF_TOKEN.")
@@ -90,10 +96,29 @@ def _hub_errors(name: str, err: Exception) -> ModelError:
     return ModelError(f"model `{name}` could not be loaded: {_redact(text)}")
 
 
-def _redact(text: str) -> str:
-    import re
+def _pickle_only_error(name: str, files: list[str]) -> ModelError:
+    found = f" (it has {', '.join(files[:4])})" if files else ""
+    return ModelError(f"model `{name}` has no safetensors weights{found}: lorafit loads safetensors only, because "
+                      "unpickling a .bin/.pt file can run code.",
+                      f"Convert it once, if you trust the file: python -c \"from transformers import AutoModelForCausalLM as M; "
+                      f"M.from_pretrained('{name}', use_safetensors=False).save_pretrained('{name}-safetensors')\", "
+                      "then set `model.name` to the new folder.")
 
-    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)[:500]
+
+def _refuse_pickle_only(source: str, name: str) -> None:
+    """A local folder with pickle weights and no safetensors: say why it is refused before transformers says 'not found'."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl") for p in folder.glob(pattern))
+    if pickles:
+        raise _pickle_only_error(name, pickles)
+
+
+def _redact(text: str) -> str:
+    from lorafit.secrets import redact
+
+    return redact(text)[:500]
 
 
 def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
@@ -179,6 +204,7 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(model_cfg.name)
+    _refuse_pickle_only(source, model_cfg.name)
     dtype = dtype or pick_dtype(model_cfg.dtype)
     kwargs = dict(dtype=dtype, attn_implementation=pick_attention(model_cfg.attn_implementation),
                   trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, use_safetensors=True)

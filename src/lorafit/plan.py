@@ -10,7 +10,6 @@ PyTorch actually saves).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import time
 from pathlib import Path
 
 from lorafit.errors import RunDirError
@@ -192,6 +193,83 @@ def write_report(run_dir: str | Path) -> Path:
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build_html(run_dir, png), encoding="utf-8")
+    from lorafit.secrets import redact
+
+    tmp.write_text(redact(build_html(run_dir, png)), encoding="utf-8")  # no token in the report
     tmp.replace(out)
     return out
+
+
+# ---- the summary of a finished run (summary.json and the screen printed at the end)
+
+def _peak_memory() -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "GPU"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process RSS"
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
+    """summary.json: what the report and `lorafit` commands read back about a finished run."""
+    from lorafit.callbacks import perplexity
+    from lorafit.train import resolve_precision
+
+    peak, kind = _peak_memory()
+    eval_loss = final_eval.get("eval_loss")
+    trainer, tokens = s.trainer, s.tokens
+    return {
+        "model": cfg.model.name,
+        "parameters": {"trainable": s.trainable, "total": s.total},
+        "data": s.prepared.stats,
+        "template": s.prepared.template,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity(eval_loss),
+        "steps": trainer.state.global_step,
+        "tokens": tokens.real,
+        "trained_tokens": tokens.trained,
+        "tokens_per_second": round(tokens.per_second(), 1),
+        "peak_memory_bytes": peak,
+        "memory_kind": kind,
+        "device": _device_name(),
+        "precision": resolve_precision(cfg.training.precision),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def data_line(stats: dict) -> str:
+    parts = [f"{stats.get('train_samples', '?')} training samples"]
+    if stats.get("validation_samples"):
+        parts.append(f"{stats['validation_samples']} validation")
+    packing = stats.get("packing") or {}
+    if packing.get("efficiency") is not None:
+        parts.append(f"packed into {packing.get('rows', '?')} rows ({packing['efficiency']:.1%} real tokens)")
+    dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
+    if dropped:
+        parts.append(f"{dropped} dropped (see `lorafit data check`)")
+    return "data: " + ", ".join(parts)
+
+
+def summary_screen(run_dir: Path, s: dict) -> str:
+    eval_part = (f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})"
+                 if s.get("eval_loss") is not None and s.get("eval_perplexity") is not None else "")
+    lines = [
+        "",
+        f"run directory   {run_dir}",
+        f"adapter         {run_dir / 'adapter'}  (PEFT format)",
+        f"steps           {s['steps']}   train loss {s['train_loss']:.4f}" + eval_part,
+        f"tokens          {s['tokens']:,} seen, {s['trained_tokens']:,} trained   {s['tokens_per_second']:,.0f} tokens/s",
+        f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB ({s['memory_kind']})   time {s['seconds']:.0f} s",
+        f"report          {run_dir / 'report.html'}",
+        f"next            lorafit chat {run_dir}",
+    ]
+    return "\n".join(lines)

@@ -35,7 +35,9 @@ def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False
 def write_json(path: Path, data) -> None:
     """Atomic: a reader never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    from lorafit.secrets import redact
+
+    tmp.write_text(redact(json.dumps(data, indent=2, default=str)), encoding="utf-8")  # no token in summary.json & co
     os.replace(tmp, path)
 
 
@@ -53,6 +55,17 @@ def load_run_config(run_dir: str | Path):
     return cfg
 
 
+def safe_adapter(run_dir: str | Path) -> str:
+    """The adapter folder, if its weights are safetensors: PEFT would fall back to unpickling adapter_model.bin."""
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickle = " (only adapter_model.bin: lorafit loads no pickle files, unpickling can run code)" \
+            if (adapter / "adapter_model.bin").exists() else ""
+        raise RunDirError(f"{adapter} has no adapter_model.safetensors{pickle}.",
+                          "Use a run directory written by `lorafit train`, or save the adapter with safe_serialization=True.")
+    return str(adapter)
+
+
 def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     """(model, tokenizer, cfg) of a finished run: the base model with the adapter on top (merged if asked)."""
     from peft import PeftModel
@@ -66,7 +79,7 @@ def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
                           "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(cfg.model, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(path / "adapter"))
+    model = PeftModel.from_pretrained(base, safe_adapter(path))
     if merge:
         model = model.merge_and_unload()
     model.eval()

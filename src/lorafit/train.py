@@ -15,13 +15,15 @@ import difflib
 import importlib.util
 import logging
 import os
-import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from lorafit.callbacks import TokenCounter, perplexity
 from lorafit.config import RunConfig, dump_config
-from lorafit.errors import ConfigError, RunDirError, TrainingError
+from lorafit.errors import ConfigError, RunDirError
+from lorafit.report import data_line, summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, write_json
 
 log = logging.getLogger("lorafit")
@@ -73,11 +75,10 @@ def resolve_precision(setting: str) -> str:
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    import torch
     from transformers import TrainingArguments
 
     from lorafit.checkpoint import staging_dir
-
-    import torch
 
     t = cfg.training
     precision = resolve_precision(t.precision)
@@ -144,11 +145,21 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
         raise ConfigError("\n".join(problems))
 
 
-class Session:
+class Session(SimpleNamespace):
     """Everything one training run is made of, built by `build_session` (tests drive the Trainer through it)."""
 
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
+
+@contextmanager
+def _tensorboard_dir(path: Path):
+    """TensorBoard's callback reads its folder from the environment when the Trainer is built: the run's own,
+    unless the user chose one (never inside checkpoints/, which is staged and rotated)."""
+    key, previous = "TENSORBOARD_LOGGING_DIR", os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ[key] = previous or str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
 
 
 def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool = False, callbacks=None,
@@ -169,7 +180,7 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     # Data first: bad rows stop the run before minutes are spent loading weights.
     prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
     check_training_config(cfg, prepared.validation is not None)
-    say(_data_line(prepared.stats))
+    say(data_line(prepared.stats))
     model = load_base_model(cfg.model)
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
@@ -177,7 +188,6 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     say(describe_parameters(trainable, total))
 
     collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation))
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))  # not inside checkpoints/
     args = training_arguments(cfg, run_dir, prepared.validation is not None)
     tokens = TokenCounter()
     metrics = MetricsCallback(run_dir / "metrics.jsonl", tokens, enabled=main)
@@ -185,9 +195,10 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     guard, stopper = NanGuard(cfg.training.max_bad_steps), StopOnSignal()
     best = KeepBestAdapter() if cfg.training.early_stopping_patience is not None else None
     extra = [EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience), best] if best else []
-    trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation,
-                               data_collator=collator, processing_class=tokenizer,
-                               callbacks=[metrics, progress, guard, stopper, *extra, *(callbacks or [])])
+    with _tensorboard_dir(run_dir / "tensorboard"):
+        trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.validation,
+                                   data_collator=collator, processing_class=tokenizer,
+                                   callbacks=[metrics, progress, guard, stopper, *extra, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
     trainer.loss_mode, trainer.tokens, trainer.nan_guard = cfg.training.loss, tokens, guard
     trainer.checkpoint_dir, trainer.checkpoint_keep = checkpoints, cfg.training.save_total_limit
@@ -240,6 +251,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     from transformers import set_seed
 
     from lorafit import checkpoint as ckpt
+    from lorafit import faults
     from lorafit.evaluate import base_answers, generate_answers, read_generations, write_after, write_before
 
     started = time.time()
@@ -247,8 +259,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     set_seed(cfg.training.seed)
     run_dir = _open_run_dir(cfg, resume) if main else Path(cfg.output.dir) / (cfg.output.name or "run")
     say = print if main else (lambda *a: None)
-    if main:
-        ckpt.clear_temporaries(run_dir)  # folders of a save that was killed: never complete, never used
+    if main:  # what a killed save left: never complete, never used
+        for leftover in ckpt.clear_temporaries(run_dir):
+            log.warning("removed %s: a save was interrupted there", leftover)
         ckpt.clear_staging(run_dir / "checkpoints")
     s = build_session(cfg, run_dir, resume, quiet, callbacks, say)
     if main:
@@ -256,29 +269,33 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         _write_config(run_dir, cfg, resume)
     trainer, model, template = s.trainer, s.model, s.prepared.template
 
-    prompts = list(cfg.eval.prompts)
-    if prompts and main and not (s.last and read_generations(run_dir)):
-        say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-        write_before(run_dir, prompts, base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
-                                                    cfg.data.system_prompt))
-    after = None
+    prompts, after, phase = list(cfg.eval.prompts), None, "the base model's answers to eval.prompts"
     try:
+        if prompts and main and not (s.last and read_generations(run_dir)):
+            say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
+            write_before(run_dir, prompts, base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
+                                                        cfg.data.system_prompt))
+        phase = "training"
         result = trainer.train(resume_from_checkpoint=str(s.last) if s.last else None)
         s.progress.close()
         if s.guard.failed:
-            raise _nan_error(s.guard.failed, cfg, s.checkpoints)
+            raise faults.nan_error(s.guard.failed, cfg, s.checkpoints)
         if s.stopper.received is not None:
-            raise _interrupted_error(s.stopper.received, trainer.state.global_step, s.checkpoints)
+            raise faults.interrupted_error(s.stopper.received, trainer.state.global_step, s.checkpoints)
         restored = None
         if s.best is not None and trainer.state.global_step < trainer.state.max_steps:
             restored = s.best.restore(model)
             if restored is not None:
                 say(f"early stopping: keeping the adapter of step {restored} (best eval_loss {s.best.best:.4f})")
+        phase = "the final evaluation"
         final_eval = _final_eval(trainer, s.prepared.validation is not None, fresh=restored is not None)
+        phase = "the tuned model's answers to eval.prompts"
         if prompts and main:
             after = generate_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
     except torch.OutOfMemoryError as err:
-        raise _oom_error(err, cfg, trainer.state.global_step, s.checkpoints) from None
+        if phase == "training":
+            phase = f"step {trainer.state.global_step + 1}"
+        raise faults.oom_error(err, cfg, phase, s.checkpoints) from None
     finally:
         s.progress.close()
 
@@ -286,15 +303,13 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         _save_final(model, s.tokenizer, run_dir, s.checkpoints)
         if after is not None:
             write_after(run_dir, prompts, after)
-        summary = _summary(cfg, s, result, final_eval, started)
+        summary = summarize(cfg, s, result, final_eval, started)
         write_json(run_dir / "summary.json", summary)
         try:
-            from lorafit.report import write_report
-
             write_report(run_dir)
         except Exception as err:  # the report is a convenience: the adapter is already saved
             log.warning("could not write report.html: %s (rebuild it with `lorafit report %s`)", err, run_dir)
-        say(_summary_screen(run_dir, summary))
+        say(summary_screen(run_dir, summary))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return run_dir
@@ -354,146 +369,3 @@ def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
                 raise
             done = complete_checkpoints(checkpoints)
             raise save_error(err, f"the final {name}", run_dir / name, done[-1] if done else None) from err
-
-
-def _latest_line(checkpoints: Path) -> str:
-    from lorafit.checkpoint import complete_checkpoints
-
-    done = complete_checkpoints(checkpoints)
-    return f"The last good checkpoint is {done[-1]}." if done else "No checkpoint was written (training.save_every=0)."
-
-
-def _nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
-    t = cfg.training
-    causes = [f"a learning rate too high for this model (training.learning_rate={t.learning_rate:g}; try 10× lower)"]
-    if resolve_precision(t.precision) == "fp16":
-        causes.append("fp16 overflow (use training.precision=bf16 on GPUs that have it, or fp32)")
-    if t.max_grad_norm == 0:
-        causes.append("no gradient clipping (training.max_grad_norm=0; 1.0 is the usual value)")
-    causes.append("a broken sample (check the data with `lorafit data check`)")
-    return TrainingError(
-        f"training stopped at step {failed['step']}: {t.max_bad_steps} optimizer step(s) in a row (from step "
-        f"{failed['first_step']}) had a NaN/inf {failed['reason']}; those updates were skipped. "
-        f"{_latest_line(checkpoints)} Likely causes: " + "; ".join(causes) + ".",
-        "Fix the cause, then start again, or continue from the last checkpoint with `--resume`.")
-
-
-def _interrupted_error(signum: int, step: int, checkpoints: Path) -> TrainingError:
-    from lorafit.checkpoint import complete_checkpoints
-
-    done = complete_checkpoints(checkpoints)
-    where = f"checkpoint saved at {done[-1]}" if done else "no checkpoint could be saved"
-    err = TrainingError(f"training interrupted by {signal.Signals(signum).name} at step {step}; {where}.",
-                        "Continue with the same command plus --resume: `lorafit train CONFIG --resume`.")
-    err.exit_code = 128 + signum  # the shell convention for "killed by this signal"
-    return err
-
-
-def _oom_error(err: BaseException, cfg: RunConfig, step: int, checkpoints: Path) -> TrainingError:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    advice = _planner_advice(cfg) or _generic_oom_advice(cfg)
-    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
-    return TrainingError(f"out of GPU memory at step {step} ({first_line}). {_latest_line(checkpoints)}",
-                         "To fit this run:\n" + advice)
-
-
-def _planner_advice(cfg: RunConfig) -> str | None:
-    """The memory planner's suggestion for this config, when the planner is installed (lorafit.plan)."""
-    try:
-        from lorafit import plan
-    except ImportError:
-        return None
-    suggest = getattr(plan, "suggest_for_oom", None)
-    if suggest is None:
-        return None
-    try:
-        text = suggest(cfg)
-    except Exception as err:  # advice must never hide the real error
-        log.debug("planner failed: %s", err)
-        return None
-    return str(text) if text else None
-
-
-def _generic_oom_advice(cfg: RunConfig) -> str:
-    t, tips = cfg.training, []
-    if cfg.model.quantization == "none":
-        tips.append("QLoRA: model.quantization=4bit (the frozen base in 4-bit NF4, about a quarter of the memory)")
-    if not t.gradient_checkpointing:
-        tips.append("training.gradient_checkpointing=true (recompute activations in backward)")
-    if t.micro_batch_size > 1:
-        tips.append(f"training.micro_batch_size={max(1, t.micro_batch_size // 2)} "
-                    f"training.gradient_accumulation={t.gradient_accumulation * 2} (same effective batch)")
-    tips.append(f"data.max_length={max(8, cfg.data.max_length // 2)} (shorter rows)")
-    return "\n".join(f"  - {tip}" for tip in tips) + "\n`lorafit plan CONFIG` estimates the memory of a config before you run it."
-
-
-def _peak_memory() -> tuple[int, str]:
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated()), "GPU"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process RSS"
-
-
-def _device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def _summary(cfg, s: Session, result, final_eval: dict, started: float) -> dict:
-    peak, kind = _peak_memory()
-    eval_loss = final_eval.get("eval_loss")
-    trainer, tokens = s.trainer, s.tokens
-    return {
-        "model": cfg.model.name,
-        "parameters": {"trainable": s.trainable, "total": s.total},
-        "data": s.prepared.stats,
-        "template": s.prepared.template,
-        "train_loss": result.training_loss,
-        "eval_loss": eval_loss,
-        "eval_perplexity": perplexity(eval_loss),
-        "steps": trainer.state.global_step,
-        "tokens": tokens.real,
-        "trained_tokens": tokens.trained,
-        "tokens_per_second": round(tokens.per_second(), 1),
-        "peak_memory_bytes": peak,
-        "memory_kind": kind,
-        "device": _device_name(),
-        "precision": resolve_precision(cfg.training.precision),
-        "seconds": round(time.time() - started, 1),
-    }
-
-
-def _data_line(stats: dict) -> str:
-    parts = [f"{stats.get('train_samples', '?')} training samples"]
-    if stats.get("validation_samples"):
-        parts.append(f"{stats['validation_samples']} validation")
-    packing = stats.get("packing") or {}
-    if packing.get("efficiency") is not None:
-        parts.append(f"packed into {packing.get('rows', '?')} rows ({packing['efficiency']:.1%} real tokens)")
-    dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
-    if dropped:
-        parts.append(f"{dropped} dropped (see `lorafit data check`)")
-    return "data: " + ", ".join(parts)
-
-
-def _summary_screen(run_dir: Path, s: dict) -> str:
-    eval_part = (f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})"
-                 if s.get("eval_loss") is not None and s.get("eval_perplexity") is not None else "")
-    lines = [
-        "",
-        f"run directory   {run_dir}",
-        f"adapter         {run_dir / 'adapter'}  (PEFT format)",
-        f"steps           {s['steps']}   train loss {s['train_loss']:.4f}" + eval_part,
-        f"tokens          {s['tokens']:,} seen, {s['trained_tokens']:,} trained   {s['tokens_per_second']:,.0f} tokens/s",
-        f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB ({s['memory_kind']})   time {s['seconds']:.0f} s",
-        f"report          {run_dir / 'report.html'}",
-        f"next            lorafit chat {run_dir}",
-    ]
-    return "\n".join(lines)

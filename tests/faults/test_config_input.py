@@ -31,16 +31,20 @@ def billion_laughs(levels: int = 9) -> str:
 
 
 def refused(path: Path, match: str) -> ConfigError:
+    """load_config ends in a ConfigError naming the file, within seconds and 64 MiB of Python heap."""
     started = time.perf_counter()
-    tracemalloc.start()
+    with time_limit(10), pytest.raises(ConfigError, match=match) as info:
+        load_config(path)
+    assert time.perf_counter() - started < 5
+    assert str(path) in info.value.message
+    tracemalloc.start()  # a second run, measured (tracemalloc slows PyYAML down ~5x)
     try:
-        with time_limit(10), pytest.raises(ConfigError, match=match) as info:
+        with pytest.raises(ConfigError):
             load_config(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < 5 and peak < 64 * 2**20, (time.perf_counter() - started, peak)
-    assert str(path) in info.value.message
+    assert peak < 64 * 2**20, peak
     return info.value
 
 
@@ -77,7 +81,8 @@ def test_huge_file_refused_without_reading_it(tmp_path):
     refused(just_over, "larger than")
 
 
-@pytest.mark.parametrize("text,match", [("[" * 100_000, "nested too deeply"), ("{a: " * 50_000, "nested too deeply"),
+@pytest.mark.parametrize("text,match", [("[" * 100_000, "nested more than"), ("{a: " * 50_000, "nested more than"),
+                                        ("a:\n" + "".join(" " * i + "a:\n" for i in range(1, 300)), "nested more than"),
                                         ("lora: {r: " + "9" * 5000 + "}\n", "4300 digits"),
                                         ("model:\n\tname: x\n", r"2:1: invalid YAML")])
 def test_deep_long_and_broken_yaml(tmp_path, text, match):
@@ -143,7 +148,8 @@ def test_cli_refuses_bad_configs_with_exit_2(tmp_path, content):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(SRC))
-    done = subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", "train", str(path)], cwd=tmp_path,
+    # `data check CONFIG` reads the config with the same load_config as `train`, without importing torch first.
+    done = subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and f"error: {path}" in done.stderr, done.stderr

@@ -71,22 +71,22 @@ def test_an_isolated_bad_step_is_skipped_and_training_goes_on(tmp_path, tiny_cha
 
 
 def test_consecutive_bad_gradients_stop_the_run(tmp_path, tiny_chat_model):
-    from lorafit.train import _nan_error
+    from lorafit.faults import nan_error
 
     s = _session(tmp_path, tiny_chat_model, max_bad_steps=2)
     s.trainer.add_callback(Poison(s.model, {2, 3, 4, 5, 6}, "grads"))
     s.trainer.train()
     assert s.guard.failed == {"step": 3, "first_step": 2, "reason": "gradients"}
     assert s.trainer.state.global_step == 3
-    message = _nan_error(s.guard.failed, s.cfg, s.checkpoints).message
+    message = nan_error(s.guard.failed, s.cfg, s.checkpoints).message
     assert "step 3" in message and "gradients" in message
 
 
 def test_the_message_names_fp16_overflow_when_training_in_fp16(tmp_path, tiny_chat_model):
-    from lorafit.train import _nan_error
+    from lorafit.faults import nan_error
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model, training={"precision": "fp16", "max_grad_norm": 0}))
-    err = _nan_error({"step": 9, "first_step": 7, "reason": "loss"}, cfg, tmp_path / "none")
+    err = nan_error({"step": 9, "first_step": 7, "reason": "loss"}, cfg, tmp_path / "none")
     assert isinstance(err, TrainingError) and err.exit_code == 1
     assert "fp16 overflow" in err.message and "max_grad_norm=0" in err.message and "step 9" in err.message
-    assert "No checkpoint was written" in err.message
+    assert "No checkpoint had been written" in err.message

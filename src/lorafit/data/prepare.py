@@ -55,6 +55,15 @@ def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
                     new_fingerprint=fp, desc="tokenizing")
 
 
+def status_masks(ds) -> dict[str, np.ndarray]:
+    """One boolean array per status, computed in Arrow (a million Python strings would cost ~60 MB)."""
+    import pyarrow.compute as pc
+
+    column = ds.with_format("arrow")["status"]
+    return {name: pc.equal(column, name).to_numpy(zero_copy_only=False).astype(bool) if len(ds) else np.zeros(0, bool)
+            for name in ("ok", "truncated", "too_long", "no_trained")}
+
+
 def _column(ds, name: str) -> np.ndarray:
     return ds.with_format("arrow")[name].to_numpy(zero_copy_only=False) if len(ds) else np.zeros(0)
 
@@ -158,15 +167,16 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
                             "Run `lorafit data check` on the data to see every problem.") from None
         raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
     train_tok = tokenize_source_rows(valid_rows(train_sources), tokenizer, data_cfg, template, tok_fp)
-    status = _column(train_tok, "status")
-    keep = np.isin(status, ["ok", "truncated"])
+    status = status_masks(train_tok)
+    keep = status["ok"] | status["truncated"]
     all_idx = np.arange(len(train_tok))
     val_tok, val_idx = None, None
     if val_sources:
         if sum(s.rows - s.invalid for s in val_sources) == 0:
             raise DataError("no valid validation rows.", "Check `data.validation`.")
         val_tok = tokenize_source_rows(valid_rows(val_sources), tokenizer, data_cfg, template, tok_fp)
-        val_idx = np.flatnonzero(np.isin(_column(val_tok, "status"), ["ok", "truncated"]))
+        val_status = status_masks(val_tok)
+        val_idx = np.flatnonzero(val_status["ok"] | val_status["truncated"])
         train_idx = all_idx
     elif data_cfg.val_fraction > 0:
         order = rng.permutation(len(all_idx))
@@ -192,13 +202,15 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         validation = val_tok.select(val_idx, new_fingerprint=stable_hash(val_tok._fingerprint, "val", val_idx.tobytes()))
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
+    for source in train_sources + val_sources:  # unmap the raw rows' Arrow files before packing touches the tokens
+        source.dataset = None
     train, validation = _final_columns(train, validation, data_cfg, seed, stats)
     return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths)
 
 
-def _nothing_left_message(status: np.ndarray, data_cfg) -> str:
-    too_long = int((status == "too_long").sum())
-    untrained = int((status == "no_trained").sum())
+def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
+    too_long = int(status["too_long"].sum())
+    untrained = int(status["no_trained"].sum())
     return (f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
             f"{untrained} with no trained token.")
 
@@ -228,9 +240,9 @@ def _stats(train_sources, val_sources, train_tok, status, train, validation, tem
         "rows_read": sum(s.rows for s in train_sources),
         "invalid": sum(s.invalid for s in train_sources),
         "invalid_examples": [p for s in train_sources for p in s.problems][:MAX_LISTED],
-        "dropped_too_long": int((status == "too_long").sum()),
-        "dropped_no_trained_token": int((status == "no_trained").sum()),
-        "truncated": int((status == "truncated").sum()),
+        "dropped_too_long": int(status["too_long"].sum()),
+        "dropped_no_trained_token": int(status["no_trained"].sum()),
+        "truncated": int(status["truncated"].sum()),
         "duplicates": int(len(digests) - len(np.unique(digests))),
         "train_samples": len(train),
         "validation_samples": len(validation) if validation is not None else 0,
