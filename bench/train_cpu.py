@@ -39,6 +39,7 @@ LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_LENGTH = 1024
 LEARNING_RATE = 2e-4
 VARIANTS = ("lorafit", "trl", "trl_packing")
+PAD = 128_004  # <|finetune_right_pad_id|>
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,33 +94,12 @@ def lorafit_config(work: Path, rows_per_step: int, name: str, data: Path):
 
 
 # -- one measured run (child) -----------------------------------------------------------------------
-def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
-    from lorafit.train import run_training
-
-    run_dir = run_training(lorafit_config(work, rows_per_step, "lorafit", data), quiet=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = [r for r in records if "loss" in r][-1]
-    real = last["tokens"]
-    return {"real_tokens": real, "seconds": real / last["tokens_per_second"], "steps": summary["steps"],
-            "padding_efficiency": summary["data"]["packing"]["efficiency"], "final_loss": last["loss"],
-            "train_loss": summary["train_loss"]}
+STARTED = time.perf_counter()
 
 
-def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from lorafit.data import prepare_data
-    from lorafit.model import load_tokenizer
-
-    cfg = lorafit_config(work, 1, "trl", data)
-    cfg.data.packing = False
-    tokenizer = load_tokenizer(str(work / "model"))
-    dataset = prepare_data(cfg.data, tokenizer, seed=0).train  # the same input_ids and labels lorafit trains
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa")
+def clock_callback():
+    """Seconds from the start of the first optimizer step to the end of the last (same for every trainer)."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         first = last = None
@@ -130,7 +110,49 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.last = time.perf_counter()
 
-    clock = Clock()
+    return Clock()
+
+
+def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
+    import lorafit.loss
+    from lorafit.train import run_training
+
+    counts = {"real": 0, "computed": 0}
+    real_loss = lorafit.loss.causal_lm_loss
+
+    def counting_loss(model, inputs, *args, **kwargs):  # what each micro-batch really computed
+        if model.training:
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            counts["real"] += int(mask.sum()) if mask is not None and mask.dim() == 2 else int((ids != PAD).sum())
+            counts["computed"] += ids.numel()
+        return real_loss(model, inputs, *args, **kwargs)
+
+    lorafit.loss.causal_lm_loss = counting_loss  # train.py looks it up at call time
+    clock = clock_callback()
+    run_dir = run_training(lorafit_config(work, rows_per_step, "lorafit", data), quiet=True, callbacks=[clock])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"real_tokens": counts["real"], "seconds": clock.last - clock.first, "steps": summary["steps"],
+            "padding_efficiency": round(counts["real"] / counts["computed"], 4),
+            "final_loss": [r for r in losses if "loss" in r][-1]["loss"], "train_loss": summary["train_loss"],
+            "first_step_s": clock.first - STARTED}
+
+
+def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from lorafit.data import prepare_data
+    from lorafit.model import load_tokenizer
+
+    cfg = lorafit_config(work, 1, "trl", data)
+    cfg.data.packing = False
+    tokenizer = load_tokenizer(str(work / "model"))
+    dataset = prepare_data(cfg.data, tokenizer, seed=0).train  # the same input_ids and labels lorafit trains
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa")
+    clock = clock_callback()
     args = SFTConfig(output_dir=str(work / "runs" / "trl"), max_length=MAX_LENGTH, packing=packing, num_train_epochs=1,
                      per_device_train_batch_size=batch, learning_rate=LEARNING_RATE, logging_steps=1, seed=0,
                      bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none",
@@ -151,7 +173,7 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"real_tokens": real, "seconds": clock.last - clock.first, "steps": trainer.state.global_step,
             "padding_efficiency": round(real / computed, 4), "final_loss": losses[-1],
-            "train_loss": result.training_loss}
+            "train_loss": result.training_loss, "first_step_s": clock.first - STARTED}
 
 
 def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path) -> None:
@@ -185,7 +207,7 @@ def run_child(variant: str, work: Path, rows_per_step: int, batch: int, data: Pa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=160, help="Training rows (one epoch each run).")
+    p.add_argument("--samples", type=int, default=64, help="Training rows (one epoch each run).")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="TRL's per-device batch without packing (its default: 8).")
     p.add_argument("--quick", action="store_true", help="Smoke test: 24 samples, 1 repeat, BENCHMARKS.md untouched.")
@@ -228,7 +250,7 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
             results[variant].append(r)
             print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
                   f"{r['steps']} steps  padding eff {r['padding_efficiency']:.3f}  rss {r['peak_rss_mb']} MB  "
-                  f"final loss {r['final_loss']:.3f}", flush=True)
+                  f"final loss {r['final_loss']:.3f}  first step after {r['first_step_s']:.1f} s", flush=True)
     return results, rows_per_step
 
 
@@ -254,16 +276,17 @@ def report(results: dict, a, rows_per_step: int) -> None:
         m = med[v]
         ratio = "—" if v == "lorafit" else f"**{statistics.median(ratios[v]):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios[v])})"
         rows.append([names[v], f"{m['tokens_per_second']:.0f}", f"{m['padding_efficiency']:.3f}", f"{m['peak_rss_mb']:.0f}",
-                     f"{m['final_loss']:.3f}", f"{m['train_loss']:.3f}", int(m["steps"]), ratio])
+                     f"{m['final_loss']:.3f}", f"{m['train_loss']:.3f}", int(m["steps"]), f"{m['first_step_s']:.1f}", ratio])
     headers = ["trainer", "real tokens/s", "padding efficiency", "peak RSS MB", "final loss", "mean train loss",
-               "steps", "lorafit / this (per pair)"]
+               "steps", "s to first step", "lorafit / this (per pair)"]
     body = "\n".join([
         "## Training throughput on CPU: lorafit vs TRL",
         "",
         f"`PYTHONPATH=src python bench/train_cpu.py --samples {a.samples} --repeats {a.repeats}` "
         f"(medians of {a.repeats} alternating repeats; {time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {machine()}. TRL {_version('trl')}, transformers {_version('transformers')}, peft {_version('peft')}.",
+        f"Machine: {machine()}; load average {os.getloadavg()[1]:.1f} over the last 5 min (a shared machine slows "
+        f"every trainer alike; the ratios come from back-to-back pairs). TRL {_version('trl')}, transformers {_version('transformers')}, peft {_version('peft')}.",
         f"Model: random Llama, vocab 128,256, hidden 256, 4 layers, 8/2 heads, intermediate 688, fp32; LoRA r=16 "
         f"all-linear; max_length {MAX_LENGTH}; {a.samples} Alpaca-like samples, 1 epoch; TRL batch {a.batch} samples, "
         f"packed runs {rows_per_step} row(s) per step. TRL: defaults but fp32 and no gradient checkpointing (as lorafit).",

@@ -189,6 +189,7 @@ def test_liger_falls_back_to_chunked_on_cpu(caplog):
     inputs = batch([8, 13])
     with caplog.at_level(logging.WARNING, logger="lorafit"):
         liger = loss_and_grads(model, inputs, "liger")
+    assert "liger" in caplog.text  # the user is told, not silently switched
     assert_same(liger, loss_and_grads(model, inputs, "chunked"))
 
 
@@ -206,3 +207,20 @@ def test_bf16_autocast_close_to_plain():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="loss mode"):
         causal_lm_loss(None, {"labels": torch.zeros(1, 2, dtype=torch.long)}, mode="fast")
+
+
+def test_model_with_capped_logits_uses_the_full_logits_path(caplog):
+    """Gemma 2 soft-caps its logits: hidden @ W^T alone would be a wrong loss, so the plain path is taken."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0,
+                       attn_implementation="eager")
+    model = get_peft_model(Gemma2ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    inputs = batch([12, 7])
+    with caplog.at_level(logging.WARNING, logger="lorafit"):
+        ours, _ = causal_lm_loss(model, inputs)
+    assert "final_logit_softcapping" in caplog.text
+    torch.testing.assert_close(ours, model(**inputs).loss)  # transformers' own (capped) loss

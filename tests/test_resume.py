@@ -62,6 +62,7 @@ def _assert_same_as_reference(run: Path, reference: Path) -> None:
         assert loss == pytest.approx(ref[step], rel=1e-4), step
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_chat_model, reference):
     config = tiny_config(tmp_path, tiny_chat_model, name="killed", **FIELDS)
     run = tmp_path / "runs" / "killed"
@@ -79,6 +80,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_chat_mod
     _assert_same_as_reference(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(tmp_path, tiny_chat_model, reference):
     fields = {**FIELDS, "training": {**FIELDS["training"], "save_every": 5}}  # the signal lands between saves
     config = tiny_config(tmp_path, tiny_chat_model, name="preempted", **fields)

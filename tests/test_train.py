@@ -70,6 +70,14 @@ def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"]
     assert summary["peak_memory_bytes"] > 0 and summary["precision"] == "fp32"
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    ckpt = run / "checkpoints" / "checkpoint-3"  # everything an exact resume needs
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json", "lorafit_checkpoint.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["epoch"] > 0  # the data position: step and epoch
+    manifest = json.loads((ckpt / "lorafit_checkpoint.json").read_text())
+    assert manifest["tokens"] == train[2]["tokens"] and manifest["step"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").exists() and (run / "tokenizer").is_dir()
     assert (run / "report.html").exists() and (run / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
@@ -264,3 +272,37 @@ def test_keep_best_adapter_restores_the_best_weights(tiny_chat_model):
     assert keep.restore(model) == 1
     for k, v in get_peft_model_state_dict(model).items():
         torch.testing.assert_close(v, snapshot[k])
+
+
+# ---------------------------------------------------------------- progress and metrics
+
+class FakeState:
+    def __init__(self, step, max_steps=10):
+        self.global_step, self.max_steps, self.is_world_process_zero, self.epoch = step, max_steps, True, 0.1 * step
+
+
+@pytest.mark.parametrize("mode", ["bar", "lines"])
+def test_progress_shows_step_loss_lr_throughput_and_eta(mode, capsys, caplog):
+    from lorafit.callbacks import ProgressCallback, TokenCounter
+
+    tokens = TokenCounter()
+    tokens.add({"input_ids": torch.ones(2, 50, dtype=torch.long), "labels": torch.ones(2, 50, dtype=torch.long)}, 0)
+    progress = ProgressCallback(tokens, mode=mode)
+    with caplog.at_level("INFO", logger="lorafit"):
+        progress.on_train_begin(None, FakeState(0), None)
+        for step in (1, 2, 3):
+            progress.on_step_end(None, FakeState(step), None)
+            progress.on_log(None, FakeState(step), None, logs={"loss": 2.0 / step, "learning_rate": 1e-4})
+        progress.on_train_end(None, FakeState(3), None)
+    shown = capsys.readouterr().err + caplog.text
+    for part in ("3/10", "loss 0.6667", "lr 1.00e-04", "tok/s", "eta"):
+        assert part in shown, (part, shown)
+
+
+def test_metrics_truncate_to_the_checkpoint_on_resume(tmp_path):
+    from lorafit.callbacks import MetricsCallback, TokenCounter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    MetricsCallback(path, TokenCounter()).truncate_after(4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

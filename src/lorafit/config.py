@@ -95,7 +95,7 @@ class TrainingSection(Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final adapter).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive NaN/inf losses.")
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many optimizer steps in a row with a NaN/inf loss or gradients (each is skipped).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Extra experiment trackers.")
 
 
@@ -108,6 +108,15 @@ class OutputSection(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: str | None = Field(None, description="Run directory name; default: config file stem.")
     overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        """The run directory is `dir/name`: a name with `/`, `..` or an absolute path would write outside `dir`."""
+        if value is not None and (value.strip() in ("", ".", "..") or any(c in value for c in "/\\\0")):
+            raise ValueError("must be a plain folder name (no `/`, `\\`, `..` or absolute path): the run directory is "
+                             "created inside `output.dir`; set `output.dir` to choose where")
+        return value
 
 
 class RunConfig(Section):
@@ -242,12 +251,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
     if path is not None and cfg.output.name is None:
-        cfg.output.name = Path(path).stem
+        try:
+            cfg.output.name = Path(path).stem
+        except ValidationError:  # a config file named `..yaml`
+            raise ConfigError(f"{source}: the file name `{Path(path).stem}` cannot be the run name (`output.name`).",
+                              "Set `output.name` in the config, or rename the file.") from None
     return cfg
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
-    """Data paths in a config are relative to the config file, unless they exist relative to the cwd."""
+    """Local paths in a config are relative to the config file, unless they exist relative to the cwd. Both are
+    made absolute, so the saved config.yaml and the reports name exactly the files a run used."""
+    model = raw.get("model")
+    if isinstance(model, dict):
+        from lorafit.model import EMBEDDED
+
+        for key in ("name", "tokenizer"):
+            if isinstance(model.get(key), str) and model[key] not in EMBEDDED:
+                model[key] = _absolute(model[key], base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -260,11 +281,22 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         fixed = []
         for s in sources:
             path = s if isinstance(s, str) else s.get("path") if isinstance(s, dict) else None
-            if isinstance(path, str) and not Path(path).is_absolute() and not Path(path).exists() and (base / path).exists():
-                path = str(base / path)
+            if isinstance(path, str):
+                path = _absolute(path, base)
                 s = path if isinstance(s, str) else {**s, "path": path}
             fixed.append(s)
         data[key] = fixed
+
+
+def _absolute(path: str, base: Path) -> str:
+    """An existing local path, absolute (cwd first, then the config's folder); anything else (Hub id, glob) unchanged."""
+    p = Path(path)  # `~` is left to the reader, which expands it
+    if p.is_absolute() or not path.strip():
+        return path
+    for candidate in (p, base / p):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return path
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -27,7 +27,7 @@ def resolve_model(name: str) -> str:
     """A local folder, a converted copy of an embedded model, or a Hub id (returned unchanged)."""
     if name in EMBEDDED:
         return str(_embedded_copy(name))
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))  # Path.expanduser raises RuntimeError on `~unknownuser`
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise ModelError(f"model path {path} is not a model folder (no config.json in it).",

@@ -22,7 +22,7 @@ from lorafit.errors import RunDirError
 
 def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
-    path = Path(parent).expanduser() / name
+    path = Path(os.path.expanduser(parent)) / name  # os.path: `~unknownuser` stays as is instead of raising
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists.",

@@ -125,6 +125,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_really_full_disk(tmp_path, tiny_chat_model, small_disk):
     # safetensors and torch.save do not raise OSError on a full disk (SafetensorError, RuntimeError): both must be caught
     from lorafit.train import run_training

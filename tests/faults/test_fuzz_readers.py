@@ -62,9 +62,9 @@ def load(path: Path, fmt: str = "auto"):
         tracemalloc.start()
         try:  # the pure-Python part (parse + validate), measured: the Arrow part is bounded by the file
             for _, row, _ in read_rows(str(path)):
-                fmt = detect_format(row) if row is not None else None
-                if fmt:
-                    normalize_row(row, fmt)
+                kind = detect_format(row) if row is not None else None
+                if kind:
+                    normalize_row(row, kind)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -117,12 +117,19 @@ def _newlines(text: str, style: str) -> str:
     return text.replace("\n", style)
 
 
+# Whole lines that parse badly on their own: nesting past the recursion limit, a 5000-digit number, NaN.
+HOSTILE_LINES = ["[" * 3000, "[" * 3000 + "]" * 3000, '{"a":' * 2000 + "1" + "}" * 2000, '{"text": ' + "1" * 5000 + "}",
+                 '{"text": NaN}', '{"text": "\\ud800"}', '{"messages": [{"role": "user", "content": "\\udfff"}]}', "\x00", "\ufeff{}"]
+
+
 @FUZZ
 @given(items=st.lists(rows | json_values, min_size=0, max_size=8), newline=st.sampled_from(["\n", "\r\n", "\r", "\n\r\n"]),
        bom=st.booleans(), junk=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(NASTY)), max_size=3),
-       escape=st.booleans())
-def test_jsonl_shapes_load_or_data_error(workdir, items, newline, bom, junk, escape):
+       hostile=st.lists(st.tuples(st.integers(0, 8), st.sampled_from(HOSTILE_LINES)), max_size=3), escape=st.booleans())
+def test_jsonl_shapes_load_or_data_error(workdir, items, newline, bom, junk, hostile, escape):
     lines = [json.dumps(item, ensure_ascii=escape) for item in items]
+    for at, line in hostile:
+        lines.insert(at, line)
     data = _newlines("\n".join(lines) + "\n", newline).encode("utf-8", "surrogatepass")
     for at, fragment in junk:  # splice hostile bytes anywhere
         at %= len(data) + 1

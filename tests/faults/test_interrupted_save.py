@@ -63,6 +63,7 @@ def kill_while_saving(tmp_path: Path, config: Path, stall_on: str) -> str:
     return flag.read_text()
 
 
+@pytest.mark.slow
 def test_killed_while_writing_the_final_adapter(tmp_path, tiny_chat_model, caplog):
     config = tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 4, "save_every": 2})
     run = tmp_path / "runs" / "run"
@@ -79,6 +80,7 @@ def test_killed_while_writing_the_final_adapter(tmp_path, tiny_chat_model, caplo
     assert model.peft_config["default"].r == 4
 
 
+@pytest.mark.slow
 def test_killed_while_writing_a_checkpoint(tmp_path, tiny_chat_model, caplog, capsys):
     config = tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 6, "save_every": 2})
     run = tmp_path / "runs" / "run"

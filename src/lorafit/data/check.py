@@ -121,15 +121,16 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
 
 def print_report(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape  # paths and names are text: `a[/b]c.jsonl` is not rich markup
     from rich.table import Table
     from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"[bold]lorafit data check[/]  tokenizer of {report['model']}, template {report['template']}, "
+    console.print(f"[bold]lorafit data check[/]  tokenizer of {escape(str(report['model']))}, template {report['template']}, "
                   f"max_length {report['max_length']}, train_on {report['train_on']}")
     table = Table("source", "format", "rows", "invalid", "weight", box=None)
     for s in report["sources"] + report["validation_sources"]:
-        table.add_row(s["path"], str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val")))
+        table.add_row(escape(s["path"]), str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val")))
     console.print(table)
     if report["invalid"]:
         console.print(f"[red]invalid rows: {report['invalid']:,}[/] (first {len(report['invalid_examples'])}):")
@@ -155,7 +156,7 @@ def print_report(report: dict) -> None:
         # Without colour (a pipe, a CI log) the trained spans are bracketed instead.
         plain = console.no_color or not console.is_terminal
         legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
-        console.print(f"example ({example['loc']}, {example['tokens']} tokens; {legend}):")
+        console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
         text = Text()
         for span in example["spans"]:
             if plain:

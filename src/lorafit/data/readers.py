@@ -29,7 +29,7 @@ def expand_source(path: str) -> list[str]:
         if not files:
             raise DataError(f"no file matches the data path `{path}`.", "Check the pattern (quote it in the shell).")
         return [_checked_file(f) for f in files]
-    p = Path(path).expanduser()
+    p = Path(os.path.expanduser(path))  # os.path leaves `~unknownuser` as is; Path.expanduser raises RuntimeError
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return [str(p)]
