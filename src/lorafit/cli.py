@@ -33,6 +33,8 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars read this too
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         for noisy in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings

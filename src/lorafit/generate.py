@@ -66,7 +66,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
         ensure_pad_token(tokenizer)
         template = resolve_template(tokenizer, "auto")
         loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="gguf")
-    elif path.is_dir() or target in EMBEDDED:
+    elif path.is_dir() or target in EMBEDDED or (not path.exists() and target.count("/") == 1):  # folder, embedded, Hub id
         folder = resolve_model(target)
         tokenizer = load_tokenizer(folder)
         try:

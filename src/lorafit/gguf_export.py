@@ -80,6 +80,7 @@ def write_gguf(model, tokenizer, end_ids: list[int], out: Path, outtype: str, na
                          "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temporary file
     writer = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)  # tensors spill to disk, not RAM
     try:
         _write_hparams(writer, config, name, outtype)

@@ -214,7 +214,7 @@ def memory_terms(cfg, arch: Arch, counts: dict) -> dict:
         # fp32 log-softmax, its gradient and the logits' gradient: 12 bytes per vocabulary entry
         loss = tokens * arch.vocab * 12 + head_copy
     else:
-        chunk = CHUNK_ELEMENTS["cuda"]
+        chunk = CHUNK_ELEMENTS["cuda"] if isinstance(CHUNK_ELEMENTS, dict) else CHUNK_ELEMENTS  # logits per chunk
         buffers = min(chunk, tokens * arch.vocab) * (act + 4 if act != 4 else 4)  # one chunk of logits: matmul dtype + fp32
         grad_h = tokens * arch.hidden * residual  # d loss / d hidden, computed in the forward, kept for backward
         hidden_list = tokens * (arch.layers + 1) * arch.hidden * residual  # output_hidden_states at the end of forward

@@ -186,7 +186,8 @@ def _column_types():
         (turn("role", "content", pa.int32(), pa.binary()),
          st.lists(st.fixed_dictionaries({"role": st.integers(0, 9), "content": st.binary(max_size=5)}), max_size=3)),
         (pa.map_(pa.string(), pa.int64()), st.lists(st.tuples(st.text(max_size=4), st.integers(0, 9)), max_size=3)),
-        (pa.timestamp("s"), st.integers(0, 2**31)), (pa.list_(pa.list_(pa.int8())), st.lists(st.lists(st.integers(-128, 127), max_size=3), max_size=3)),
+        (pa.timestamp("s"), st.integers(0, 2**31)),
+        (pa.list_(pa.list_(pa.int8())), st.lists(st.lists(st.integers(-128, 127), max_size=3), max_size=3)),
     ]
 
 

@@ -3,6 +3,8 @@ with a message naming the step and the likely causes, and the last good checkpoi
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -10,16 +12,20 @@ from transformers import TrainerCallback
 from lorafit.checkpoint import complete_checkpoints
 from lorafit.config import load_config
 from lorafit.errors import TrainingError
-from trainkit import metrics, run_cli, tiny_config
+from trainkit import metrics, tiny_config
 
 
-def test_a_learning_rate_that_explodes_stops_the_run_with_causes(tmp_path, tiny_chat_model):
+def test_a_learning_rate_that_explodes_stops_the_run_with_causes(tmp_path, tiny_chat_model, monkeypatch, capsys):
+    from lorafit.cli import main
+
     # lr 1e30: the first update is finite, and from then on every forward overflows to NaN
     config = tiny_config(tmp_path, tiny_chat_model, training={"learning_rate": 1e30, "max_steps": 10, "save_every": 1,
                                                               "max_bad_steps": 3})
-    done = run_cli("train", str(config), "--quiet")
-    assert done.returncode == 1, done.stderr[-3000:]
-    err = done.stderr
+    monkeypatch.setattr(sys, "argv", ["lorafit", "train", str(config), "--quiet"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
     assert "training stopped at step 4" in err and "from step 2" in err and "NaN/inf" in err
     assert "learning rate" in err and "training.learning_rate=1e+30" in err and "Traceback" not in err
     run = tmp_path / "runs" / "run"

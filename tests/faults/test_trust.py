@@ -32,7 +32,8 @@ def remote_code_folder(folder: Path, tokenizer_dir: Path, marker: Path, model_ty
     """A model folder whose config and tokenizer point (auto_map) at Python files that write `marker` on import."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in tokenizer_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or (model_type == "llama" and f.suffix in (".json", ".safetensors")):
+        weights = model_type == "llama" and f.suffix in (".json", ".safetensors")  # a loadable Llama, or tokenizer only
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or weights:
             shutil.copy(f, folder / f.name)
     code = write_marker_code(marker)
     (folder / "configuration_evil.py").write_text(code + "from transformers import PretrainedConfig\n"

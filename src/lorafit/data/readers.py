@@ -154,8 +154,8 @@ def _json_rows(obj) -> list:
 
 def _read_csv(p: Path) -> Iterator[Raw]:
     delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-    # surrogateescape keeps reading past a bad byte so the row holding it can be named.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
+    # surrogateescape keeps reading past a bad byte so the row holding it can be named.
     with open(p, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         start = 2
