@@ -51,9 +51,10 @@ def train(
 ):
     """Fine-tune a LoRA adapter as CONFIG says; writes runs/<name>/."""
     from lorafit.config import load_config
+
+    cfg = load_config(config, overrides or [])  # config errors come before torch is even imported
     from lorafit.train import run_training
 
-    cfg = load_config(config, overrides or [])
     run_training(cfg, resume=resume, quiet=quiet)
 
 
