@@ -102,13 +102,14 @@ def clock_callback():
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
-        first = last = None
+        first = last = cpu_first = cpu_last = None  # wall clock, and CPU time of this process (all its threads)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.first = self.first or time.perf_counter()
+            if self.first is None:
+                self.first, self.cpu_first = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.last = time.perf_counter()
+            self.last, self.cpu_last = time.perf_counter(), time.process_time()
 
     return Clock()
 
@@ -133,6 +134,7 @@ def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"real_tokens": counts["real"], "seconds": clock.last - clock.first, "steps": summary["steps"],
+            "cpu_seconds": clock.cpu_last - clock.cpu_first,
             "padding_efficiency": round(counts["real"] / counts["computed"], 4),
             "final_loss": [r for r in losses if "loss" in r][-1]["loss"], "train_loss": summary["train_loss"],
             "first_step_s": clock.first - STARTED}
@@ -172,6 +174,7 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
             computed += b["input_ids"].numel()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"real_tokens": real, "seconds": clock.last - clock.first, "steps": trainer.state.global_step,
+            "cpu_seconds": clock.cpu_last - clock.cpu_first,
             "padding_efficiency": round(real / computed, 4), "final_loss": losses[-1],
             "train_loss": result.training_loss, "first_step_s": clock.first - STARTED}
 
@@ -189,6 +192,7 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path) 
         out = child_trl(work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["tokens_per_second"] = out["real_tokens"] / out["seconds"]
+    out["tokens_per_cpu_second"] = out["real_tokens"] / out["cpu_seconds"]
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -249,6 +253,7 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
             r = run_child(variant, work, rows_per_step, a.batch, data)
             results[variant].append(r)
             print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
+                  f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
                   f"{r['steps']} steps  padding eff {r['padding_efficiency']:.3f}  rss {r['peak_rss_mb']} MB  "
                   f"final loss {r['final_loss']:.3f}  first step after {r['first_step_s']:.1f} s", flush=True)
     return results, rows_per_step
@@ -267,26 +272,35 @@ def report(results: dict, a, rows_per_step: int) -> None:
     from _report import machine, table, write_section
 
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in results.items()}
-    ratios = {v: [lf["tokens_per_second"] / t["tokens_per_second"] for lf, t in zip(results["lorafit"], results[v])]
-              for v in ("trl", "trl_packing")}
+
+    def pair_ratios(v: str, key: str) -> list[float]:
+        return [lf[key] / t[key] for lf, t in zip(results["lorafit"], results[v])]
+
     names = {"lorafit": "lorafit (packing, chunked loss)", "trl": "TRL SFTTrainer (defaults)",
              "trl_packing": "TRL SFTTrainer (packing=True)"}
     rows = []
     for v in VARIANTS:
         m = med[v]
-        ratio = "—" if v == "lorafit" else f"**{statistics.median(ratios[v]):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios[v])})"
-        rows.append([names[v], f"{m['tokens_per_second']:.0f}", f"{m['padding_efficiency']:.3f}", f"{m['peak_rss_mb']:.0f}",
-                     f"{m['final_loss']:.3f}", f"{m['train_loss']:.3f}", int(m["steps"]), f"{m['first_step_s']:.1f}", ratio])
-    headers = ["trainer", "real tokens/s", "padding efficiency", "peak RSS MB", "final loss", "mean train loss",
-               "steps", "s to first step", "lorafit / this (per pair)"]
+        ratios = []
+        for key in ("tokens_per_cpu_second", "tokens_per_second"):
+            r = pair_ratios(v, key) if v != "lorafit" else []
+            ratios.append("—" if not r else f"**{statistics.median(r):.2f}x** ({', '.join(f'{x:.2f}' for x in r)})")
+        rows.append([names[v], f"{m['tokens_per_second']:.0f}", f"{m['tokens_per_cpu_second']:.0f}", *ratios,
+                     f"{m['padding_efficiency']:.3f}", f"{m['peak_rss_mb']:.0f}", f"{m['final_loss']:.3f}",
+                     f"{m['train_loss']:.3f}", int(m["steps"]), f"{m['first_step_s']:.1f}"])
+    headers = ["trainer", "real tokens/s", "real tokens per CPU-second", "lorafit / this, CPU time (per pair)",
+               "lorafit / this, wall time (per pair)", "padding efficiency", "peak RSS MB", "final loss",
+               "mean train loss", "steps", "s to first step"]
     body = "\n".join([
         "## Training throughput on CPU: lorafit vs TRL",
         "",
         f"`PYTHONPATH=src python bench/train_cpu.py --samples {a.samples} --repeats {a.repeats}` "
         f"(medians of {a.repeats} alternating repeats; {time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {machine()}; load average {os.getloadavg()[1]:.1f} over the last 5 min (a shared machine slows "
-        f"every trainer alike; the ratios come from back-to-back pairs). TRL {_version('trl')}, transformers {_version('transformers')}, peft {_version('peft')}.",
+        f"Machine: {machine()}; load average {os.getloadavg()[1]:.1f} over the last 5 min. On a shared machine wall "
+        f"time swings with other jobs; CPU time (user + sys of the training process, first step to last) much less, "
+        f"so the headline ratio is on CPU time (both trainers keep both cores busy, so on an idle machine the two "
+        f"ratios coincide). TRL {_version('trl')}, transformers {_version('transformers')}, peft {_version('peft')}.",
         f"Model: random Llama, vocab 128,256, hidden 256, 4 layers, 8/2 heads, intermediate 688, fp32; LoRA r=16 "
         f"all-linear; max_length {MAX_LENGTH}; {a.samples} Alpaca-like samples, 1 epoch; TRL batch {a.batch} samples, "
         f"packed runs {rows_per_step} row(s) per step. TRL: defaults but fp32 and no gradient checkpointing (as lorafit).",

