@@ -80,3 +80,8 @@ def test_every_preset_is_valid_and_documents_its_command(path):
 def test_reference_lists_every_field():
     text = reference()
     assert "`lora.r`" in text and "`training.micro_batch_size`" in text and "`data.train[].path`" in text
+
+
+def test_readme_carries_the_current_config_reference():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert reference() in readme, "README's config table is stale: paste `lorafit config-reference` into it"
