@@ -7,7 +7,10 @@ runs/<name>/
   metrics.jsonl      one JSON object per logged step / evaluation
   summary.json       parameter counts, data statistics, final losses, throughput, peak memory
   generations.json   before/after answers to eval prompts (when configured)
+  loss.png           train/validation loss against steps and tokens
+  report.html        self-contained report: config, counts, data statistics, curves, throughput, generations
   checkpoints/       resumable checkpoints (when training.save_every > 0)
+  tensorboard/       event files (when training.report_to includes tensorboard)
 """
 
 from __future__ import annotations
