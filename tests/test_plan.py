@@ -197,3 +197,19 @@ def _offline():
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def test_out_of_memory_advice_names_changes_that_fit():
+    """`lorafit train` prints this on CUDA OOM (tests/faults/test_oom.py checks it is shown)."""
+    from lorafit.config import load_config
+    from lorafit.plan import GiB, changes_to_fit, count_parameters, suggest_for_oom
+
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(configs / "llama31-8b-lora.yaml", ["training.gradient_checkpointing=false"])
+    advice = suggest_for_oom(cfg, device_gib=24)
+    assert "lorafit train CONFIG" in advice and "training.gradient_checkpointing=true" in advice
+    counts, _, arch, _ = count_parameters(cfg)
+    changes, after = changes_to_fit(cfg, arch, counts, 24)
+    assert after <= 0.9 * 24 * GiB and " ".join(changes) in advice

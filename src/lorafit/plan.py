@@ -400,3 +400,21 @@ def print_plan(p: dict, console=None) -> None:
         elif "changes" in row:
             console.print(f"  {row['gpu']}: does not fit even with checkpointing, 4-bit, micro-batch 1 and 512 tokens", markup=False)
     console.print("Changes are overrides for `lorafit train CONFIG key=value ...`.", markup=False)
+
+
+def suggest_for_oom(cfg, device_gib: float | None = None) -> str | None:
+    """What `lorafit train` prints on out-of-memory: the estimate and the changes that fit this GPU's memory."""
+    if device_gib is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    counts, _, arch, _ = count_parameters(cfg)
+    total = memory_terms(cfg, arch, counts)["total"]
+    found = changes_to_fit(cfg, arch, counts, device_gib)
+    head = f"  the planner estimates {total / GiB:.1f} GiB for this config on a {device_gib:.0f} GiB device"
+    if found is None:
+        return head + "; none of the usual changes fits it: use a larger GPU or several (FSDP, see configs/)."
+    changes, after = found
+    return f"{head}; this fits ({after / GiB:.1f} GiB):\n    lorafit train CONFIG " + " ".join(changes)
