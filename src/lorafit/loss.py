@@ -3,7 +3,7 @@
 With Llama 3's 128,256-token vocabulary the logits dominate memory and time: 8 x 2048 tokens of fp32 logits
 are 8.4 GB, and their gradient as much again. Here the final hidden states are computed by the model as usual
 (through whatever wraps it: PEFT, DDP, FSDP, so gradient sync still works), but the model is asked for no
-logits at all (`logits_to_keep` = an all-False mask). Then, for the positions whose next-token label is
+logits at all (`logits_to_keep` = no positions). Then, for the positions whose next-token label is
 trained only, the LM-head matmul, the log-sum-exp and the gradient are done `chunk` tokens at a time:
 
     loss = sum over trained t of  logsumexp(h_t W^T) - (h_t W^T)[y_t]      divided by num_items_in_batch
