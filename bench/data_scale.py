@@ -166,11 +166,15 @@ def main() -> None:
         lines.append([name, f"{r['rows']:,}", f"{r['seconds']:.0f}", f"{rate:,.0f}", f"{rate / base_rate:.2f}x",
                       f"{r['peak_rss_mib']:,.0f}", f"{r['peak_anon_mib']:,.0f}", f"{r['peak_anon_mib'] / base['peak_anon_mib']:.2f}x"])
     check = results["data check (cold)"]
+    from lorafit.data.prepare import worker_count
+
+    procs = worker_count("auto", args.rows) or 1
     body = "\n".join([
         "## Data pipeline at scale (`bench/data_scale.py`)", "",
         f"Command: `python bench/data_scale.py --rows {args.rows}" + (f" --baseline-rows {base_rows}" if base_rows != args.rows else "") + "`",
         f"Machine: {machine()} (shared with other jobs while measured). Tokenizer: {MODEL} (ChatML template), "
-        f"max_length {MAX_LENGTH}, packing on, 1-3 turn chats of 5-60 words.", "",
+        f"max_length {MAX_LENGTH}, packing on, 1-3 turn chats of 5-60 words; default settings, so `data.num_proc: auto` "
+        f"tokenized with {procs} process(es) here (the baseline uses one).", "",
         table(["phase", "rows", "seconds", "rows/s", "vs baseline", "peak RSS MiB", "peak anon MiB", "anon vs baseline"], lines), "",
         "Peak RSS (ru_maxrss) includes the pages of memory-mapped Arrow files, which the kernel reclaims under pressure; "
         "peak anon (RssAnon, sampled every 0.1 s) is the heap alone. ~450 MiB of either is torch + transformers + tokenizer.",

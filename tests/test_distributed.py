@@ -36,6 +36,19 @@ def install(trace_dir):
         return loss, stats
 
     loss_module.causal_lm_loss = spy
+
+    import time
+    import lorafit.data as data_module
+    prepare = data_module.prepare_data
+
+    def timed_prepare(*args, **kwargs):
+        started = time.time()
+        out = prepare(*args, **kwargs)
+        with open(os.path.join(trace_dir, f"prepare{os.environ.get('RANK', '0')}.json"), "w") as f:
+            json.dump({"start": started, "end": time.time()}, f)
+        return out
+
+    data_module.prepare_data = timed_prepare
     return real
 """
 LAUNCH = """
@@ -81,6 +94,7 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
 
 def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, Path]:
     """The reference: one process, micro-batch 4 = the DDP run's global batch (in this process: no start-up cost)."""
+    import lorafit.data
     import lorafit.loss
     from lorafit.config import load_config
     from lorafit.train import run_training
@@ -91,6 +105,7 @@ def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, P
     exec(SPY, namespace)  # noqa: S102 - the same spy the DDP ranks run
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(lorafit.loss, "causal_lm_loss", lorafit.loss.causal_lm_loss)  # restored after the test
+    monkeypatch.setattr(lorafit.data, "prepare_data", lorafit.data.prepare_data)
     namespace["install"](str(trace))
     run_training(load_config(_config(tmp_path, model_dir, "single", micro_batch=4)), quiet=True)
     return tmp_path / "runs" / "single", trace
@@ -127,6 +142,10 @@ def test_torchrun_ddp_matches_single_process(tmp_path, tiny_chat_model, monkeypa
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert (ours[key] - theirs[key]).abs().max() < 1e-4, key
+
+    # Rank 0 prepared the data (and wrote the Arrow cache) before rank 1 started on it.
+    first, second = (json.loads((ddp_trace / f"prepare{r}.json").read_text()) for r in (0, 1))
+    assert second["start"] >= first["end"]
 
     # Run files written once, by rank 0: one record per step, no stray run folder from rank 1.
     steps = [r["step"] for r in metrics(ddp_run) if "loss" in r]

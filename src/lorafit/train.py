@@ -33,6 +33,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@contextmanager
+def main_process_first(cfg: RunConfig, run_dir: Path):
+    """Under torchrun/accelerate each node's main process prepares the data first; the other ranks then read its
+    Arrow cache instead of tokenizing the same rows at once (ranks x num_proc workers) and racing on the cache files.
+
+    TrainingArguments sets the process group up exactly as the Trainer will (backend, CPU or GPU), and its barrier
+    sits in a `finally`: when the main process fails on bad data, the others are released and fail the same way."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    with training_arguments(cfg, run_dir, has_eval=False).main_process_first(desc="data preparation"):
+        yield
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -178,7 +192,8 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     last = ckpt.latest_checkpoint(checkpoints) if resume else None
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
     # Data first: bad rows stop the run before minutes are spent loading weights.
-    prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
+    with main_process_first(cfg, run_dir):
+        prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
     check_training_config(cfg, prepared.validation is not None)
     say(data_line(prepared.stats))
     model = load_base_model(cfg.model)

@@ -124,6 +124,25 @@ def test_empty_config_and_all_invalid(tmp_path, smollm2_tokenizer):
 def test_num_proc_gives_the_same_tokens(tmp_path, smollm2_tokenizer):
     """Workers get a pickled encoder (the compiled template is rebuilt there) and must produce identical rows."""
     path = write_jsonl(tmp_path / "d.jsonl", rows(1000))
-    one = prepare_data(cfg([str(path)], packing=False), smollm2_tokenizer, seed=0)
+    one = prepare_data(cfg([str(path)], packing=False, num_proc=1), smollm2_tokenizer, seed=0)
     two = prepare_data(cfg([str(path)], packing=False, num_proc=2), smollm2_tokenizer, seed=0)
     assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]
+
+
+def test_worker_count(monkeypatch):
+    """auto: one process per usable core (at most 8), only for datasets big enough to repay the start-up."""
+    from lorafit.data.prepare import worker_count
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert worker_count("auto", 19_999) is None
+    assert worker_count("auto", 1_000_000) == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert worker_count("auto", 1_000_000) == 2
+    assert worker_count(1, 1_000_000) is None
+    assert worker_count(4, 1_000) == 2  # every worker gets a full batch of rows
+    assert worker_count(4, 100) is None
+    with pytest.raises(ValueError):
+        DataSection(num_proc=0)
+    with pytest.raises(ValueError):
+        DataSection(num_proc="many")
+    assert DataSection().num_proc == "auto" and DataSection(num_proc=3).num_proc == 3

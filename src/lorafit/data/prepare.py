@@ -7,6 +7,7 @@ million rows are handled with bounded memory; the Python lists kept here are one
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,9 @@ from lorafit.data.tokenize import Encoder, token_features, tokenize_rows
 from lorafit.errors import DataError
 
 log = logging.getLogger("lorafit")
+AUTO_PROC_MIN_ROWS = 20_000  # below this, starting worker processes costs more than it saves
+MAX_AUTO_PROCS = 8
+ROWS_PER_BATCH = 500
 
 
 @dataclass
@@ -49,10 +53,20 @@ def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
 
     features = token_features({"length": Value("int32"), "n_tokens": Value("int32"), "trained": Value("int32"),
                                "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32")})
-    return rows.map(tokenize_rows, batched=True, batch_size=500, fn_kwargs={"encoder": encoder, "max_length": data_cfg.max_length,
-                    "truncation": data_cfg.truncation}, remove_columns=["messages", "text", "problems"], features=features,
-                    num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 and len(rows) >= 500 * data_cfg.num_proc else None,
-                    new_fingerprint=fp, desc="tokenizing")
+    return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
+                    "max_length": data_cfg.max_length, "truncation": data_cfg.truncation}, remove_columns=["messages", "text", "problems"],
+                    features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
+
+
+def worker_count(setting: int | str, rows: int) -> int | None:
+    """Tokenization processes for `rows` rows (None = in this process); each worker gets at least one batch."""
+    if setting == "auto":
+        if rows < AUTO_PROC_MIN_ROWS:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        setting = min(cores, MAX_AUTO_PROCS)
+    setting = min(int(setting), max(1, rows // ROWS_PER_BATCH))
+    return setting if setting > 1 else None
 
 
 def status_masks(ds) -> dict[str, np.ndarray]:
