@@ -256,6 +256,9 @@ def data_line(stats: dict) -> str:
     dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
     if dropped:
         parts.append(f"{dropped} dropped (see `lorafit data check`)")
+    special = (stats.get("special_token_text") or {}).get("rows")
+    if special:
+        parts.append(f"{special} with special-token text in their content, read as special tokens (see `lorafit data check`)")
     return "data: " + ", ".join(parts)
 
 

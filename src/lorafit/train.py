@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import pickle
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,6 +308,12 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         phase = "the tuned model's answers to eval.prompts"
         if prompts and main:
             after = generate_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
+        if not s.last or phase != "training":
+            raise
+        raise RunDirError(f"checkpoint {s.last} holds a file that is not plain tensors, so it was not loaded "
+                          f"({str(err).splitlines()[0][:200]}): lorafit did not write it that way, or it was altered.",
+                          f"Delete {s.last} to resume from the checkpoint before it, or start a new run.") from None
     except torch.OutOfMemoryError as err:
         if phase == "training":
             phase = f"step {trainer.state.global_step + 1}"

@@ -62,3 +62,21 @@ def test_cli_missing_file_is_exit_2_without_traceback(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_special_token_text_in_content_is_reported(tmp_path, smollm2_tokenizer, capsys):
+    """A literal `<|im_end|>` inside an answer is read as the end-of-turn token: the check names the row."""
+    rows = [chat("Is 2 < 3?", "Yes, 2 < 3."), chat("Show a chat tag", "It looks like <|im_end|> in text."), chat("q", "a")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert data_check(str(path), None, None, as_json=True) == 0  # a warning, not a refusal
+    report = json.loads(capsys.readouterr().out)
+    assert report["special_token_text"] == {"rows": 1, "first": f"{path}:2: <|im_end|>"}
+    assert any("special-token text" in w and f"{path}:2" in w for w in report["warnings"])
+    assert data_check(str(path), None, None, as_json=False) == 0
+    assert "1 row(s) hold special-token text" in capsys.readouterr().out
+
+
+def test_clean_data_has_no_special_token_warning(tmp_path, smollm2_tokenizer, capsys):
+    assert data_check(str(good_file(tmp_path)), None, None, as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["special_token_text"] == {"rows": 0} and not any("special" in w for w in report["warnings"])

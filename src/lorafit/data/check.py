@@ -79,6 +79,11 @@ def _warnings(stats: dict) -> list[str]:
         out.append(f"{stats['dropped_no_trained_token']} sample(s) have no trained token and are dropped.")
     if stats["duplicates"]:
         out.append(f"{stats['duplicates']} exact duplicate sample(s): they are trained on more than once.")
+    special = stats.get("special_token_text", {})
+    if special.get("rows"):
+        out.append(f"{special['rows']} row(s) hold special-token text in their content (first: {special['first']}); the "
+                   "tokenizer reads it as that special token, not as text (an end-of-turn token there ends the turn "
+                   "early). Remove it unless this is intended.")
     if stats["trained_fraction"] < 0.02:
         out.append(f"only {100 * stats['trained_fraction']:.1f}% of tokens carry loss: check `data.train_on` and the answers' length.")
     return out
@@ -133,7 +138,8 @@ def print_report(report: dict) -> None:
         table.add_row(escape(s["path"]), str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val")))
     console.print(table)
     if report["invalid"]:
-        console.print(f"[red]invalid rows: {report['invalid']:,}[/] (first {len(report['invalid_examples'])}):")
+        listed = len(report["invalid_examples"])
+        console.print(f"[red]invalid rows: {report['invalid']:,}[/]" + (f" (the first {listed} problems shown):" if report["invalid"] > listed else ":"))
         for p in report["invalid_examples"]:
             console.print(f"  {p}", markup=False)
     ln = report["length"]

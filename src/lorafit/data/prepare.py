@@ -52,7 +52,8 @@ def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
     from datasets import Value
 
     features = token_features({"length": Value("int32"), "n_tokens": Value("int32"), "trained": Value("int32"),
-                               "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32")})
+                               "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32"),
+                               "special": Value("string")})
     return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
                     "max_length": data_cfg.max_length, "truncation": data_cfg.truncation}, remove_columns=["messages", "text", "problems"],
                     features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
@@ -242,6 +243,19 @@ def _final_columns(train, validation, data_cfg, seed: int, stats: dict):
     return packed, validation
 
 
+def _special_text(ds) -> dict:
+    """Rows whose content holds special-token text, and the first of them (file:line and the token)."""
+    import pyarrow.compute as pc
+
+    if not len(ds):
+        return {"rows": 0}
+    found = np.flatnonzero(pc.not_equal(ds.with_format("arrow")["special"], "").to_numpy(zero_copy_only=False))
+    if not len(found):
+        return {"rows": 0}
+    first = ds.select_columns(["loc", "special"])[int(found[0])]
+    return {"rows": int(len(found)), "first": f"{first['loc']}: {first['special']}"}
+
+
 def _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg) -> dict:
     lengths = _column(train_tok, "length")
     digests = _column(train_tok, "digest")
@@ -258,6 +272,7 @@ def _stats(train_sources, val_sources, train_tok, status, train, validation, tem
         "dropped_no_trained_token": int(status["no_trained"].sum()),
         "truncated": int(status["truncated"].sum()),
         "duplicates": int(len(digests) - len(np.unique(digests))),
+        "special_token_text": _special_text(train_tok),
         "train_samples": len(train),
         "validation_samples": len(validation) if validation is not None else 0,
         "trained_tokens": int(trained.sum()),

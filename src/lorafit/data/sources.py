@@ -20,7 +20,7 @@ from lorafit.data.readers import expand_source, file_signature, read_rows
 from lorafit.errors import DataError
 
 MAX_LISTED = 20  # problems listed in an error; the total is always given
-PIPELINE_VERSION = "4"  # bump when the stored output changes, so old caches are not reused
+PIPELINE_VERSION = "5"  # bump when the stored output changes, so old caches are not reused
 
 
 @dataclass

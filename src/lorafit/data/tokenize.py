@@ -12,6 +12,7 @@ answer follows. Each trained turn keeps its end-of-turn token; anything the temp
 from __future__ import annotations
 
 import json
+import re
 
 from lorafit.data.templates import end_of_turn_ids, render, token_id
 from lorafit.errors import DataError
@@ -60,6 +61,9 @@ class Encoder:
         self.text_end = text_end_id(tokenizer)
         self._special = dict(tokenizer.special_tokens_map)
         self._jinja = self._fast_jinja()
+        specials = sorted(special_token_strings(tokenizer), key=len, reverse=True)
+        self._special_firsts = "".join(sorted({t[0] for t in specials}))
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def __getstate__(self):  # compiled jinja templates do not pickle; datasets ships the encoder to workers
         state = dict(self.__dict__)
@@ -100,6 +104,18 @@ class Encoder:
         if backend is not None:
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def special_text(self, messages: list[dict] | None, text: str | None) -> str:
+        """The first special-token string written literally in the data ('' if none). The tokenizer turns such
+        text into the special token itself: a `<|eot_id|>` inside an answer ends the turn early in training."""
+        if self._special_re is None:
+            return ""
+        for content in [m["content"] for m in messages] if messages else [text or ""]:
+            if any(c in content for c in self._special_firsts):  # cheap pre-check: most text has no `<`
+                found = self._special_re.search(content)
+                if found:
+                    return found.group(0)
+        return ""
 
     # -- one conversation -------------------------------------------------------------------------
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -162,6 +178,12 @@ class Encoder:
         return list(piece[: last + 1]) + [IGNORE] * (len(piece) - last - 1)
 
 
+def special_token_strings(tokenizer) -> set[str]:
+    """Texts the tokenizer reads as special tokens (Llama 3 has 256, most of them reserved)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special and t.content}
+
+
 def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str) -> tuple[list[int], list[int], str]:
     """Apply the length policy: (ids, labels, status) with status ok, truncated, too_long or no_trained."""
     status = "ok"
@@ -185,8 +207,9 @@ def tokenize_rows(batch: dict, encoder: Encoder, max_length: int, truncation: st
     """`datasets.map(batched=True)` function: normalised rows -> token columns + status for the report.
 
     length = tokens before the length policy; n_tokens = after it (0 when dropped)."""
-    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": []}
+    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": [], "special": []}
     messages = [json.loads(m) if m else None for m in batch["messages"]]
+    out["special"] = [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])]
     for ids, labels in encoder.encode_batch(messages, batch["text"]):
         full_length = len(ids)
         out["digest"].append(hash(tuple(ids)))  # exact-duplicate detection (int hashing is not salted per process)
