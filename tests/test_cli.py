@@ -1,5 +1,6 @@
 """The CLI: fast help, errors as one paragraph with exit code 2 and no traceback."""
 
+import os
 import subprocess
 import sys
 import time
@@ -44,3 +45,12 @@ def test_missing_config_and_unknown_model(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = run("--debug", "train", str(tmp_path / "nope.yaml"))
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["chat", "~nouser-lorafit/run"], ["export", "~nouser-lorafit/run", "--out", "x.gguf"],
+                                  ["plan", "~nouser-lorafit/c.yaml"]])
+def test_unknown_home_directory_is_a_plain_error(tmp_path, args):
+    """`~name` of a user that does not exist: pathlib raises RuntimeError; the path is simply not found."""
+    result = run(*args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "~nouser-lorafit" in result.stderr, result.stderr
+    assert "unexpected" not in result.stderr and "Traceback" not in result.stderr

@@ -143,6 +143,11 @@ def test_torchrun_ddp_matches_single_process(tmp_path, tiny_chat_model, monkeypa
     for key in ours:
         assert (ours[key] - theirs[key]).abs().max() < 1e-4, key
 
+    # Token counts are the whole job's, not rank 0's share.
+    ddp_summary, single_summary = (json.loads((r / "summary.json").read_text()) for r in (ddp_run, single_run))
+    assert ddp_summary["tokens"] == single_summary["tokens"] > 0
+    assert ddp_summary["trained_tokens"] == single_summary["trained_tokens"] == sum(step["count"] for step in single)
+
     # Rank 0 prepared the data (and wrote the Arrow cache) before rank 1 started on it.
     first, second = (json.loads((ddp_trace / f"prepare{r}.json").read_text()) for r in (0, 1))
     assert second["start"] >= first["end"]

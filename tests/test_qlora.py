@@ -89,3 +89,42 @@ def test_qlora_on_gpu_uses_bf16(tmp_path, tiny_chat_model):
     assert resolve_precision("auto") in ("bf16", "fp16")
     out = s.trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
+
+
+@pytest.mark.parametrize("launcher", ["fsdp", "zero3"])
+def test_4bit_under_fsdp_or_zero3_stores_weights_in_the_model_dtype(tmp_path, tiny_chat_model, monkeypatch, launcher):
+    """FSDP and ZeRO-3 shard floating-point tensors of one dtype: 4-bit weights stored as bf16 (quant_storage),
+    no device map (the launcher places the shards), no fp32 up-cast of the other weights; it still learns."""
+    from lorafit.config import LoraSection, ModelSection
+    from lorafit.model import attach_lora, load_base_model, sharded_launch
+
+    if launcher == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    else:
+        ds = tmp_path / "zero3.json"
+        ds.write_text('{"zero_optimization": {"stage": 3}}')
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    assert sharded_launch() in ("FSDP", "DeepSpeed ZeRO-3")
+    model = load_base_model(ModelSection(name=str(tiny_chat_model), quantization="4bit", dtype="bf16"))
+    assert model.config.quantization_config.bnb_4bit_quant_storage == torch.bfloat16
+    base = model.model.layers[0].self_attn.q_proj
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.bfloat16
+    model = attach_lora(model, LoraSection(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    frozen = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert frozen == {torch.bfloat16}  # one dtype to shard by
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for n, p in model.named_parameters() if "lora_B" in n or "lora_A" in n)
+
+
+def test_8bit_cannot_be_sharded(tiny_chat_model, monkeypatch):
+    from lorafit.config import ModelSection
+    from lorafit.errors import ModelError
+    from lorafit.model import load_base_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ModelError, match="8bit` cannot be sharded by FSDP"):
+        load_base_model(ModelSection(name=str(tiny_chat_model), quantization="8bit"))

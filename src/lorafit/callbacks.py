@@ -23,12 +23,15 @@ log = logging.getLogger("lorafit")
 class TokenCounter:
     """Real (non-pad) and trained tokens seen in training, counted by the trainer's loss step.
 
-    Totals survive a resume (restored from the checkpoint manifest); the rate counts this session only.
+    Under DDP/FSDP each rank counts its own micro-batches; `sync` (every optimizer step, on every rank) adds
+    them up, so totals and the rate are those of the whole job. Totals survive a resume (restored from the
+    checkpoint manifest); the rate counts this session only.
     """
 
     def __init__(self) -> None:
         self.real = 0
         self.trained = 0
+        self._pending = [0, 0]  # this rank's counts not yet summed over ranks
         self._session_start_real = 0
         self.started: float | None = None
 
@@ -42,10 +45,28 @@ class TokenCounter:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         if mask is not None and mask.dim() == ids.dim():
-            self.real += int(mask.sum())
+            self._pending[0] += int(mask.sum())
         else:  # packed rows carry no padding mask; pad tokens are the only non-real ones
-            self.real += int(ids.numel() if pad_id is None else ids.ne(pad_id).sum())
-        self.trained += int(inputs["labels"][..., 1:].ne(-100).sum())
+            self._pending[0] += int(ids.numel() if pad_id is None else ids.ne(pad_id).sum())
+        self._pending[1] += int(inputs["labels"][..., 1:].ne(-100).sum())
+        if _world_size() == 1:
+            self.sync()
+
+    def sync(self) -> None:
+        """Fold the counts since the last sync into the totals, summed over all ranks (a collective call)."""
+        real, trained = self._pending
+        if _world_size() > 1:
+            import torch
+            import torch.distributed as dist
+
+            nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+            both = torch.tensor([real, trained], dtype=torch.int64,
+                                device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+            dist.all_reduce(both)
+            real, trained = (int(v) for v in both.tolist())
+        self.real += real
+        self.trained += trained
+        self._pending = [0, 0]
 
     def per_second(self) -> float:
         if self.started is None:
@@ -54,6 +75,12 @@ class TokenCounter:
 
     def state(self) -> dict:
         return {"tokens": self.real, "trained_tokens": self.trained}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -82,6 +109,9 @@ class MetricsCallback(TrainerCallback):
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(self.path)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.tokens.sync()  # on every rank, enabled or not: it is a collective call under DDP/FSDP
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.enabled or not logs:

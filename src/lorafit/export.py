@@ -84,7 +84,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     from lorafit.data.templates import end_of_turn_ids, resolve_template
     from lorafit.generate import PROMPT_FILE
 
-    out = Path(out).expanduser()
+    out = Path(os.path.expanduser(out))
     torch_dtype = _torch_dtype(dtype)
     check_empty_target(out)
     model, tokenizer, cfg, notes = merged_model(run_dir, torch_dtype)

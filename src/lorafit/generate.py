@@ -8,6 +8,7 @@ answers are rendered exactly as the model learned them.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
     from lorafit.model import EMBEDDED, ensure_pad_token, load_tokenizer, pick_dtype, resolve_model
     from lorafit.rundir import load_run_config, load_tuned
 
-    path = Path(target).expanduser()
+    path = Path(os.path.expanduser(target))
     dtype = dtype or pick_dtype("auto")
     if path.is_dir() and (path / "config.yaml").exists():
         cfg = load_run_config(path)

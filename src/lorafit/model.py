@@ -212,8 +212,14 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
     kwargs = dict(dtype=dtype, attn_implementation=pick_attention(model_cfg.attn_implementation),
                   trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, use_safetensors=True)
     if model_cfg.quantization != "none":
-        kwargs["quantization_config"] = quantization_config(model_cfg.quantization, dtype)
-        if device_map is None:
+        sharded = sharded_launch()
+        if sharded and model_cfg.quantization == "8bit":
+            raise ModelError(f"`model.quantization: 8bit` cannot be sharded by {sharded}.",
+                             "Use `model.quantization: 4bit` (QLoRA shards under FSDP and ZeRO-3), or launch plain DDP.")
+        # FSDP / ZeRO-3 shard only floating-point tensors of one dtype: the 4-bit weights are stored in the
+        # model's dtype, and the launcher, not a device map, places them.
+        kwargs["quantization_config"] = quantization_config(model_cfg.quantization, dtype, storage=dtype if sharded else None)
+        if device_map is None and not sharded:
             device_map = _default_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -237,8 +243,29 @@ def _default_device_map():
     return {"": "cpu"}
 
 
-def quantization_config(kind: str, compute_dtype):
+def sharded_launch() -> str | None:
+    """`FSDP` or `DeepSpeed ZeRO-3` when accelerate launched one (they shard the weights), else None."""
+    import json
+
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file:
+        try:
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return "DeepSpeed ZeRO-3" if stage == "3" else None
+
+
+def quantization_config(kind: str, compute_dtype, storage=None):
     import importlib.util
+
+    import torch
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"`model.quantization: {kind}` needs bitsandbytes.", "Install it: pip install 'lorafit[qlora]'.")
@@ -247,7 +274,7 @@ def quantization_config(kind: str, compute_dtype):
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage or torch.uint8)
 
 
 def lora_config(lora_cfg):
@@ -266,7 +293,10 @@ def attach_lora(model, lora_cfg, gradient_checkpointing: bool = False):
     """Wrap the base in a PEFT model; k-bit bases are prepared the way PEFT intends."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    # Under FSDP / ZeRO-3 the k-bit preparation (all other weights up-cast to fp32) would break the one dtype
+    # they shard by; the 4-bit weights are stored in the model's dtype instead (load_base_model).
+    if kbit and not sharded_launch():
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:

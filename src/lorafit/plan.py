@@ -10,6 +10,7 @@ PyTorch actually saves).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def load_architecture(model_cfg):
         if cached.exists():
             return AutoConfig.from_pretrained(cached.parent)
         return _embedded_gguf_config(name)
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json.", "Point `model.name` at a folder written by save_pretrained.")
