@@ -272,7 +272,10 @@ CHILD = textwrap.dedent("""
             if fmt:
                 normalize_row(row, fmt)
         print(path, n, flush=True)
-    print("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    # VmHWM: this program's own peak. ru_maxrss would also count the parent's RSS at the fork (Linux keeps it
+    # across exec), which is a big pytest worker's, not the reader's.
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+    print("peak_rss_mib", int(hwm.split()[1]) // 1024)
 """)
 
 
