@@ -146,7 +146,8 @@ def phase(name: str, path: str) -> dict:
 
 
 def run_phase(name: str, path: Path, cache: Path) -> dict:
-    env = {**os.environ, "LORAFIT_DATA_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true",
+    # TOKENIZERS_PARALLELISM as the CLI sets it.
+    env = {**os.environ, "LORAFIT_DATA_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, __file__, "--phase", name, str(path)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
