@@ -49,21 +49,12 @@ class TokenCounter:
         else:  # packed rows carry no padding mask; pad tokens are the only non-real ones
             self._pending[0] += int(ids.numel() if pad_id is None else ids.ne(pad_id).sum())
         self._pending[1] += int(inputs["labels"][..., 1:].ne(-100).sum())
-        if _world_size() == 1:
+        if not _distributed():
             self.sync()
 
     def sync(self) -> None:
         """Fold the counts since the last sync into the totals, summed over all ranks (a collective call)."""
-        real, trained = self._pending
-        if _world_size() > 1:
-            import torch
-            import torch.distributed as dist
-
-            nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
-            both = torch.tensor([real, trained], dtype=torch.int64,
-                                device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
-            dist.all_reduce(both)
-            real, trained = (int(v) for v in both.tolist())
+        real, trained = over_ranks(self._pending, "sum")
         self.real += real
         self.trained += trained
         self._pending = [0, 0]
@@ -77,10 +68,24 @@ class TokenCounter:
         return {"tokens": self.real, "trained_tokens": self.trained}
 
 
-def _world_size() -> int:
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def over_ranks(values: list[int], op: str) -> list[int]:
+    """`values` summed ("sum") or maxed ("max") over all ranks; as they are in a single process.
+    A collective call under DDP/FSDP: every rank must make it at the same point."""
+    if not _distributed():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()  # NCCL reduces CUDA tensors only
+    tensor = torch.tensor(values, dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -106,9 +111,9 @@ class MetricsCallback(TrainerCallback):
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and _step_of(line) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        from lorafit.rundir import write_text_atomic
+
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.tokens.sync()  # on every rank, enabled or not: it is a collective call under DDP/FSDP
@@ -293,18 +298,10 @@ class StopOnSignal(TrainerCallback):
 
     def _agreed(self) -> bool:
         """Every rank must stop at the same step, or the others wait forever in the next all-reduce."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.received is not None
-        import torch
-
-        flag = torch.tensor([1.0 if self.received is not None else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.received is None:
+        stop = over_ranks([int(self.received is not None)], "max")[0] > 0
+        if stop and self.received is None:  # another rank was signalled
             self.received = signal.SIGTERM
-        return flag.item() > 0
+        return stop
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()

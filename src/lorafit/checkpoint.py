@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lorafit.errors import TrainingError
+from lorafit.rundir import write_text_atomic
 
 log = logging.getLogger("lorafit")
 
@@ -89,9 +90,7 @@ def finalize_checkpoint(staged: Path, final: Path, extra: dict | None = None) ->
     """Seal a fully written checkpoint: manifest last, fsync, then rename it into `checkpoints/`."""
     staged, final = Path(staged), Path(final)
     manifest = {"step": checkpoint_step(final), "files": _file_sizes(staged), **(extra or {})}
-    tmp = staged / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, staged / MANIFEST)
+    write_text_atomic(staged / MANIFEST, json.dumps(manifest, indent=1))
     fsync_tree(staged)
     final.parent.mkdir(parents=True, exist_ok=True)
     _replace_dir(staged, final)

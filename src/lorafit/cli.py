@@ -197,7 +197,6 @@ def main() -> None:
         if debug:
             raise
         from rich.console import Console
-
         from rich.markup import escape
 
         from lorafit.secrets import redact

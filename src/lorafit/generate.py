@@ -8,12 +8,13 @@ answers are rendered exactly as the model learned them.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import DataError, ModelError
+from lorafit.rundir import write_text_atomic
 
 log = logging.getLogger("lorafit")
 PROMPT_FILE = "lorafit_prompt.json"  # prompt settings a merged model keeps from its run
@@ -212,12 +213,11 @@ def generate(target: str, prompts_file: str, out_file: str, max_new_tokens: int 
                                                     do_sample, temperature, top_p)):
             answers[k] = answer
         log.info("generated %d/%d", min(start + batch_size, len(rows)), len(rows))
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for k, row in enumerate(rows):
-            record = {"prompt": row["prompt"], "response": answers[k]}
-            if len(row["messages"]) > 1:
-                record["messages"] = row["messages"]
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    records = []
+    for k, row in enumerate(rows):
+        record = {"prompt": row["prompt"], "response": answers[k]}
+        if len(row["messages"]) > 1:
+            record["messages"] = row["messages"]
+        records.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text_atomic(out, "".join(records))
     return out

@@ -192,11 +192,10 @@ def write_report(run_dir: str | Path) -> Path:
                           "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
+    from lorafit.rundir import write_text_atomic
     from lorafit.secrets import redact
 
-    tmp.write_text(redact(build_html(run_dir, png)), encoding="utf-8")  # no token in the report
-    tmp.replace(out)
+    write_text_atomic(out, redact(build_html(run_dir, png)))  # no token in the report
     return out
 
 

@@ -35,13 +35,18 @@ def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False
     return path
 
 
-def write_json(path: Path, data) -> None:
-    """Atomic: a reader never sees a half-written file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """A reader (or a crash) never sees a half-written file: write a sibling, then rename it over."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
     from lorafit.secrets import redact
 
-    tmp.write_text(redact(json.dumps(data, indent=2, default=str)), encoding="utf-8")  # no token in summary.json & co
-    os.replace(tmp, path)
+    write_text_atomic(path, redact(json.dumps(data, indent=2, default=str)))  # no token in summary.json & co
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -25,7 +25,7 @@ from lorafit.callbacks import TokenCounter, perplexity
 from lorafit.config import RunConfig, dump_config
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.report import data_line, summarize, summary_screen, write_report
-from lorafit.rundir import create_run_dir, write_json
+from lorafit.rundir import create_run_dir, write_json, write_text_atomic
 
 log = logging.getLogger("lorafit")
 
@@ -372,9 +372,7 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
                    if line.startswith("+") and not line.startswith("+++")]
         if changed:
             log.warning("--resume with a config that differs from the run's: %s", "; ".join(changed[:8]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:

@@ -34,6 +34,12 @@ def token_id(tokenizer, token: str) -> int | None:
     return i if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token else None
 
 
+def special_token_strings(tokenizer) -> set[str]:
+    """Texts the tokenizer reads as special tokens (Llama 3 has 256, most of them reserved)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special and t.content}
+
+
 def resolve_template(tokenizer, setting: str = "auto") -> str:
     """`model` when the tokenizer has a chat template (or `model` is asked for), else the built-in `llama3`."""
     if setting == "llama3":
@@ -107,7 +113,7 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     full = render(tokenizer, probe, template)
     if full.startswith(prompt):
         answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special = {tokenizer.convert_tokens_to_ids(t) for t in special_token_strings(tokenizer)}
         ids += [i for i in answer if i in special][:1]
     from lorafit.model import end_token_ids
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from lorafit.data.templates import end_of_turn_ids, render, token_id
+from lorafit.data.templates import end_of_turn_ids, render, special_token_strings, token_id
 from lorafit.errors import DataError
 
 IGNORE = -100
@@ -176,12 +176,6 @@ class Encoder:
             return list(piece)
         last = max((k for k, t in enumerate(piece) if t in self.end_ids), default=len(piece) - 1)
         return list(piece[: last + 1]) + [IGNORE] * (len(piece) - last - 1)
-
-
-def special_token_strings(tokenizer) -> set[str]:
-    """Texts the tokenizer reads as special tokens (Llama 3 has 256, most of them reserved)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special and t.content}
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str) -> tuple[list[int], list[int], str]:
