@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lorafit.rundir import write_text_atomic
+
 log = logging.getLogger("lorafit")
 
 
@@ -111,8 +113,6 @@ class MetricsCallback(TrainerCallback):
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and _step_of(line) <= step]
-        from lorafit.rundir import write_text_atomic
-
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_step_end(self, args, state, control, **kwargs):

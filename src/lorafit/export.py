@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from lorafit.errors import ConfigError, RunDirError
+from lorafit.paths import user_path
 
 log = logging.getLogger("lorafit")
 
@@ -84,7 +85,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     from lorafit.data.templates import end_of_turn_ids, resolve_template
     from lorafit.generate import PROMPT_FILE
 
-    out = Path(os.path.expanduser(out))
+    out = user_path(out)
     torch_dtype = _torch_dtype(dtype)
     check_empty_target(out)
     model, tokenizer, cfg, notes = merged_model(run_dir, torch_dtype)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import DataError, ModelError
+from lorafit.paths import user_path
 from lorafit.rundir import write_text_atomic
 
 log = logging.getLogger("lorafit")
@@ -47,7 +47,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
     from lorafit.model import EMBEDDED, ensure_pad_token, load_tokenizer, pick_dtype, resolve_model
     from lorafit.rundir import load_run_config, load_tuned
 
-    path = Path(os.path.expanduser(target))
+    path = user_path(target)
     dtype = dtype or pick_dtype("auto")
     if path.is_dir() and (path / "config.yaml").exists():
         cfg = load_run_config(path)

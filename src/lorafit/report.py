@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lorafit.errors import RunDirError
+from lorafit.rundir import write_text_atomic
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -192,7 +193,6 @@ def write_report(run_dir: str | Path) -> Path:
                           "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
-    from lorafit.rundir import write_text_atomic
     from lorafit.secrets import redact
 
     write_text_atomic(out, redact(build_html(run_dir, png)))  # no token in the report

@@ -21,11 +21,12 @@ import shutil
 from pathlib import Path
 
 from lorafit.errors import RunDirError
+from lorafit.paths import user_path
 
 
 def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
-    path = Path(os.path.expanduser(parent)) / name  # os.path: `~unknownuser` stays as is instead of raising
+    path = user_path(parent) / name
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists.",

@@ -156,9 +156,9 @@ def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
         if bars:
             datasets.enable_progress_bars()
     log.debug("data: %s rows read, %s invalid, %s train samples%s in %.1f s", f"{prepared.stats['rows_read']:,}",
-             f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}",
-             f" packed into {prepared.stats['packing']['rows']:,} rows" if "packing" in prepared.stats else "",
-             time.perf_counter() - started)
+              f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}",
+              f" packed into {prepared.stats['packing']['rows']:,} rows" if "packing" in prepared.stats else "",
+              time.perf_counter() - started)
     return prepared
 
 

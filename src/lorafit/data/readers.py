@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lorafit.errors import DataError
+from lorafit.paths import user_path
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape decodes an invalid UTF-8 byte to
@@ -29,7 +30,7 @@ def expand_source(path: str) -> list[str]:
         if not files:
             raise DataError(f"no file matches the data path `{path}`.", "Check the pattern (quote it in the shell).")
         return [_checked_file(f) for f in files]
-    p = Path(os.path.expanduser(path))  # os.path leaves `~unknownuser` as is; Path.expanduser raises RuntimeError
+    p = user_path(path)
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return [str(p)]

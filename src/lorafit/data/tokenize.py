@@ -201,9 +201,9 @@ def tokenize_rows(batch: dict, encoder: Encoder, max_length: int, truncation: st
     """`datasets.map(batched=True)` function: normalised rows -> token columns + status for the report.
 
     length = tokens before the length policy; n_tokens = after it (0 when dropped)."""
-    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": [], "special": []}
     messages = [json.loads(m) if m else None for m in batch["messages"]]
-    out["special"] = [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])]
+    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": [],
+           "special": [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])]}
     for ids, labels in encoder.encode_batch(messages, batch["text"]):
         full_length = len(ids)
         out["digest"].append(hash(tuple(ids)))  # exact-duplicate detection (int hashing is not salted per process)
