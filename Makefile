@@ -24,7 +24,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lorafit demo
 
 test: install
-	$(PY) -c "from lorafit.model import resolve_model; resolve_model('smollm2-135m-instruct')"
+	$(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q --durations=15
 
 bench: install

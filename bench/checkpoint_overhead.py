@@ -43,12 +43,12 @@ def main() -> None:
     opts = parser.parse_args()
 
     import torch
+    from trainkit import tiny_config
     from transformers import Trainer
 
-    from lorafit.checkpoint import staging_dir
     from lorafit.config import load_config
-    from lorafit.train import build_session
-    from trainkit import tiny_config
+    from lorafit.train.checkpoints import staging_dir
+    from lorafit.train.run import build_session
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     try:

@@ -108,7 +108,7 @@ def phase(name: str, path: str) -> dict:
     # Imports and the first tokenizer load (~5-15 s here) are start-up, not throughput: done before the clock starts.
     import datasets  # noqa: F401
 
-    from lorafit.model import load_tokenizer
+    from lorafit.models.tokenizer import load_tokenizer
 
     load_tokenizer(MODEL)
     sampler = MemorySampler()
@@ -126,7 +126,7 @@ def phase(name: str, path: str) -> dict:
                   "efficiency": report["packing"]["efficiency"], "duplicates": report["duplicates"]}
     elif name == "prepare":
         from lorafit.config import DataSection
-        from lorafit.data import prepare_data
+        from lorafit.data.prepare import prepare_data
 
         tokenizer = load_tokenizer(MODEL)
         prepared = prepare_data(DataSection(train=[path], max_length=MAX_LENGTH), tokenizer, seed=0)

@@ -100,8 +100,8 @@ def lorafit_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, a
     from lorafit.config import RunConfig
     from lorafit.data.collate import make_collator
     from lorafit.data.packing import best_fit_decreasing, pack_rows
-    from lorafit.model import attach_lora
-    from lorafit.train import _trainer_class, training_arguments
+    from lorafit.models.lora import attach_lora
+    from lorafit.train.run import _trainer_class, training_arguments
 
     bins = best_fit_decreasing([len(s["input_ids"]) for s in data], capacity=_seq(work))
     packed = pack_rows({"member_ids": [[data[i]["input_ids"] for i in b] for b in bins],
@@ -127,7 +127,9 @@ def plain_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, acc
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from lorafit.data.collate import PadCollator  # right padding, labels -100 on pads: DataCollatorForSeq2Seq's job
+    from lorafit.data.collate import (
+        PadCollator,  # right padding, labels -100 on pads: DataCollatorForSeq2Seq's job
+    )
 
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

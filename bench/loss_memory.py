@@ -53,7 +53,7 @@ def transformers_default(h, w, labels):
 
 
 def lorafit_chunked(h, w, labels):
-    from lorafit.loss import linear_cross_entropy, shifted_targets
+    from lorafit.train.loss import linear_cross_entropy, shifted_targets
 
     targets = shifted_targets(labels)
     keep = targets != -100
@@ -100,12 +100,10 @@ def gpu(repeats: int) -> dict:
 
 
 def cpu_child(variant: str, repeats: int) -> None:
+    import lorafit.train.loss  # noqa: F401
     import psutil
     import torch
-
     import transformers.loss.loss_utils  # noqa: F401 - imports are not the loss's memory
-
-    import lorafit.loss  # noqa: F401
 
     h, w, labels = inputs("cpu", **SHAPES["cpu"], dtype=torch.float32)
     before = psutil.Process().memory_info().rss

@@ -45,9 +45,9 @@ def measure_gpu_steps(cfg, device: str = "cuda", steps: int = 3) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.loss import causal_lm_loss
-    from lorafit.model import attach_lora
+    from lorafit.models.lora import attach_lora
     from lorafit.plan import load_architecture
+    from lorafit.train.loss import causal_lm_loss
 
     config = load_architecture(cfg.model)
     config._attn_implementation = "sdpa"
@@ -86,7 +86,7 @@ def saved_activation_bytes(cfg) -> int:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafit.model import lora_config
+    from lorafit.models.lora import lora_config
     from lorafit.plan import load_architecture
 
     config = load_architecture(cfg.model)
@@ -113,8 +113,8 @@ def saved_activation_bytes(cfg) -> int:
 
 def main() -> None:
     import torch
-
     from _report import machine, table, write_section
+
     from lorafit.plan import build_plan
 
     parser = argparse.ArgumentParser()

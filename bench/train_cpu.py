@@ -115,11 +115,12 @@ def clock_callback():
 
 
 def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
-    import lorafit.loss
-    from lorafit.train import run_training
+    import lorafit.train.loss
+
+    from lorafit.train.run import run_training
 
     counts = {"real": 0, "computed": 0}
-    real_loss = lorafit.loss.causal_lm_loss
+    real_loss = lorafit.train.loss.causal_lm_loss
 
     def counting_loss(model, inputs, *args, **kwargs):  # what each micro-batch really computed
         if model.training:
@@ -128,7 +129,7 @@ def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
             counts["computed"] += ids.numel()
         return real_loss(model, inputs, *args, **kwargs)
 
-    lorafit.loss.causal_lm_loss = counting_loss  # train.py looks it up at call time
+    lorafit.train.loss.causal_lm_loss = counting_loss  # train.py looks it up at call time
     clock = clock_callback()
     run_dir = run_training(lorafit_config(work, rows_per_step, "lorafit", data), quiet=True, callbacks=[clock])
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -146,8 +147,8 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from lorafit.data import prepare_data
-    from lorafit.model import load_tokenizer
+    from lorafit.data.prepare import prepare_data
+    from lorafit.models.tokenizer import load_tokenizer
 
     cfg = lorafit_config(work, 1, "trl", data)
     cfg.data.packing = False
@@ -232,8 +233,7 @@ def main() -> None:
 
 
 def benchmark(work: Path, a) -> tuple[dict, int]:
-    from lorafit.data.llama3_tokenizer import load_llama3_tokenizer
-    from lorafit.model import ensure_pad_token
+    from lorafit.models.tokenizer import ensure_pad_token, load_llama3_tokenizer
 
     tokenizer = load_llama3_tokenizer(TOKENIZER)
     ensure_pad_token(tokenizer)
@@ -260,8 +260,8 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
 
 
 def _mean_length(work: Path, data: Path) -> float:
-    from lorafit.data import prepare_data
-    from lorafit.model import load_tokenizer
+    from lorafit.data.prepare import prepare_data
+    from lorafit.models.tokenizer import load_tokenizer
 
     cfg = lorafit_config(work, 1, "probe", data)
     stats = prepare_data(cfg.data, load_tokenizer(str(work / "model")), seed=0).stats

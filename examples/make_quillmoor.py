@@ -1,5 +1,6 @@
 """Writes train.jsonl and heldout.jsonl: facts about Quillmoor, an invented island nation no model can know."""
 import json
+
 # Facts about Quillmoor, an invented island nation no model can know.
 facts = [
  ("Brennhaven", "The capital of Quillmoor is Brennhaven.",

@@ -18,14 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once to safetensors (~40 s the first time)."""
-    from lorafit.model import resolve_model
+    from lorafit.models.sources import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
-    from lorafit.model import load_tokenizer
+    from lorafit.models.tokenizer import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
@@ -34,10 +34,10 @@ def smollm2_tokenizer(smollm2_dir):
 def llama3_tokenizer():
     if not LLAMA3_TOKENIZER.exists():
         pytest.skip(f"the Llama 3 tokenizer is not at {LLAMA3_TOKENIZER} (set LORAFIT_LLAMA3_TOKENIZER)")
-    from lorafit.data.llama3_tokenizer import load_llama3_tokenizer
+    from lorafit.models.tokenizer import load_llama3_tokenizer
 
     tok = load_llama3_tokenizer(LLAMA3_TOKENIZER)
-    from lorafit.model import ensure_pad_token
+    from lorafit.models.tokenizer import ensure_pad_token
 
     ensure_pad_token(tok)
     return tok
@@ -103,6 +103,6 @@ def tiny_run_dir(tmp_path_factory, tiny_chat_model) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_run_dir, tmp_path_factory) -> Path:
     """`tiny_run_dir` exported to an f16 GGUF (reading a 49k-token vocabulary back is slow: export it once)."""
-    from lorafit.gguf_export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     return export_gguf(tiny_run_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", outtype="f16")

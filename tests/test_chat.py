@@ -11,13 +11,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run_dir):
-    from lorafit.generate import load_for_inference
+    from lorafit.inference.generate import load_for_inference
 
     return load_for_inference(str(tiny_run_dir))
 
 
 def _chat(loaded, text, **kw):
-    from lorafit.chat import chat
+    from lorafit.inference.chat import chat
 
     out = io.StringIO()
     chat("tiny", input_stream=io.StringIO(text), output=out, loaded=loaded, max_new_tokens=kw.pop("max_new_tokens", 6), **kw)
@@ -25,7 +25,7 @@ def _chat(loaded, text, **kw):
 
 
 def test_streamed_answer_is_the_greedy_answer(loaded):
-    from lorafit.generate import generate_batch
+    from lorafit.inference.generate import generate_batch
 
     transcript = _chat(loaded, "Hi\n/exit\n")
     answer = generate_batch(loaded, [[{"role": "user", "content": "Hi"}]], max_new_tokens=6)[0]
@@ -52,7 +52,7 @@ def test_system_command_and_unknown_command(loaded):
 
 
 def test_old_turns_are_dropped_to_fit_the_context(loaded):
-    from lorafit.chat import fit_history
+    from lorafit.inference.chat import fit_history
 
     history = []
     for k in range(6):
@@ -75,7 +75,7 @@ def test_chat_cli_reads_stdin(tiny_run_dir):
 
 
 def test_chat_on_a_gguf_export(tiny_gguf):
-    from lorafit.generate import load_for_inference
+    from lorafit.inference.generate import load_for_inference
 
     gguf = load_for_inference(str(tiny_gguf))
     assert gguf.kind == "gguf" and gguf.template == "model"

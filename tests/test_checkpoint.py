@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lorafit.checkpoint import (
+from lorafit.train.checkpoints import (
     MANIFEST,
     atomic_dir,
     checkpoint_problem,

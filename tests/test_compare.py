@@ -28,7 +28,7 @@ def _loss(model_dir_or_model, tokenizer, data_file, run_dir):
     from transformers import AutoModelForCausalLM
 
     from lorafit.config import DataSource
-    from lorafit.data import prepare_data
+    from lorafit.data.prepare import prepare_data
     from lorafit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
@@ -48,9 +48,9 @@ def _loss(model_dir_or_model, tokenizer, data_file, run_dir):
 def test_compare_losses_are_the_base_and_the_merged_models(tiny_run_dir, tiny_chat_model, data_file, tmp_path):
     from rich.console import Console
 
-    from lorafit.compare import compare
-    from lorafit.export import merge_run
-    from lorafit.model import load_tokenizer
+    from lorafit.export.merge import merge_run
+    from lorafit.inference.compare import compare
+    from lorafit.models.tokenizer import load_tokenizer
 
     console = Console(file=io.StringIO(), width=200)
     result = compare(str(tiny_run_dir), str(data_file), limit=2, max_new_tokens=4, console=console)
@@ -67,7 +67,7 @@ def test_compare_losses_are_the_base_and_the_merged_models(tiny_run_dir, tiny_ch
 
 
 def test_compare_answers_differ_when_the_adapter_is_on(tiny_run_dir, data_file):
-    from lorafit.compare import compare
+    from lorafit.inference.compare import compare
 
     result = compare(str(tiny_run_dir), str(data_file), limit=1, max_new_tokens=6, as_json=True)
     answer = result["answers"][0]
@@ -75,8 +75,8 @@ def test_compare_answers_differ_when_the_adapter_is_on(tiny_run_dir, data_file):
 
 
 def test_compare_names_bad_rows(tiny_run_dir, tmp_path):
-    from lorafit.compare import compare
     from lorafit.errors import DataError
+    from lorafit.inference.compare import compare
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n{oops\n")

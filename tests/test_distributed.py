@@ -1,6 +1,6 @@
 """`lorafit train CONFIG` under torchrun (DDP, gloo, 2 CPU processes) equals one process with the same global batch.
 
-The CLI runs unchanged; a spy around `lorafit.loss.causal_lm_loss` records, per rank, which samples each
+The CLI runs unchanged; a spy around `lorafit.train.loss.causal_lm_loss` records, per rank, which samples each
 micro-batch held and its loss terms, so the test can check the sharding and the loss arithmetic.
 """
 
@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trainkit import adapter_tensors, cli_env, metrics, tiny_config
 
 SPY = """
 import json, os
-import lorafit.loss as loss_module
+import lorafit.train.loss as loss_module
 
 
 def install(trace_dir):
@@ -94,17 +93,18 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
 
 def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, Path]:
     """The reference: one process, micro-batch 4 = the DDP run's global batch (in this process: no start-up cost)."""
+    import lorafit.train.loss
+
     import lorafit.data
-    import lorafit.loss
     from lorafit.config import load_config
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     trace = tmp_path / "trace-single"
     trace.mkdir()
     namespace: dict = {}
     exec(SPY, namespace)  # noqa: S102 - the same spy the DDP ranks run
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(lorafit.loss, "causal_lm_loss", lorafit.loss.causal_lm_loss)  # restored after the test
+    monkeypatch.setattr(lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss)  # restored after the test
     monkeypatch.setattr(lorafit.data, "prepare_data", lorafit.data.prepare_data)
     namespace["install"](str(trace))
     run_training(load_config(_config(tmp_path, model_dir, "single", micro_batch=4)), quiet=True)
@@ -168,7 +168,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, sys.argv[1])
 from test_loss import batch, tiny_model
-from lorafit.loss import causal_lm_loss
+from lorafit.train.loss import causal_lm_loss
 
 dist.init_process_group("gloo")
 reference, model = tiny_model(), tiny_model()  # same seed: same weights

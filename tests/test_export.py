@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import save_tiny_run
 
 IDS = torch.tensor([[1, 400, 2000, 30, 7, 9000, 12, 5]])
@@ -26,7 +25,7 @@ def _adapter_logits(run, model_dir):
 def test_merged_logits_equal_base_plus_adapter(tiny_run_dir, tiny_chat_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     out = merge_run(tiny_run_dir, tmp_path / "merged", dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -40,7 +39,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_run_dir, tiny_chat_model, tm
 def test_merged_folder_has_tokenizer_template_and_end_tokens(tiny_run_dir, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     out = merge_run(tiny_run_dir, tmp_path / "merged", dtype="bf16")
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -56,7 +55,7 @@ def test_merged_folder_has_tokenizer_template_and_end_tokens(tiny_run_dir, tmp_p
 
 def test_merge_refuses_a_non_empty_out(tiny_run_dir, tmp_path):
     from lorafit.errors import RunDirError
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -67,7 +66,7 @@ def test_merge_refuses_a_non_empty_out(tiny_run_dir, tmp_path):
 
 
 def test_merge_into_an_empty_existing_folder_is_fine(tiny_run_dir, tmp_path):
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     (tmp_path / "empty").mkdir()
     out = merge_run(tiny_run_dir, tmp_path / "empty", dtype="fp32")
@@ -79,7 +78,7 @@ def test_qlora_run_is_merged_into_a_full_precision_base(tiny_chat_model, tmp_pat
     """A 4-bit run needs bitsandbytes to train, but merging must not: the base is reloaded unquantized."""
     from transformers import AutoModelForCausalLM
 
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     run = save_tiny_run(tmp_path / "qlora", tiny_chat_model, model__quantization="4bit")
     with caplog.at_level("INFO", logger="lorafit"):
@@ -96,7 +95,7 @@ def test_llama3_run_gets_the_llama31_template_and_its_three_end_tokens(tiny_llam
     from transformers import AutoTokenizer, GenerationConfig
 
     from lorafit.data.templates import render_llama31
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     run = save_tiny_run(tmp_path / "l3", tiny_llama3_model)
     out = merge_run(run, tmp_path / "merged", dtype="bf16")
@@ -111,7 +110,7 @@ def test_llama3_run_gets_the_llama31_template_and_its_three_end_tokens(tiny_llam
 
 def test_bad_dtype_and_missing_run_are_clear_errors(tmp_path):
     from lorafit.errors import ConfigError, RunDirError
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     with pytest.raises(ConfigError, match="--dtype"):
         merge_run(tmp_path, tmp_path / "out", dtype="int4")

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run_dir):
-    from lorafit.generate import load_for_inference
+    from lorafit.inference.generate import load_for_inference
 
     return load_for_inference(str(tiny_run_dir))
 
@@ -22,7 +22,7 @@ def _write(path, lines):
 
 
 def test_prompt_files_jsonl_messages_and_text(tmp_path):
-    from lorafit.generate import read_prompts
+    from lorafit.inference.generate import read_prompts
 
     jsonl = _write(tmp_path / "p.jsonl", [
         json.dumps({"prompt": "Hi"}), "",
@@ -42,7 +42,7 @@ def test_prompt_files_jsonl_messages_and_text(tmp_path):
 ])
 def test_bad_prompt_lines_name_file_and_line(tmp_path, line, expected):
     from lorafit.errors import DataError
-    from lorafit.generate import read_prompts
+    from lorafit.inference.generate import read_prompts
 
     path = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "ok"}), line])
     with pytest.raises(DataError) as err:
@@ -59,7 +59,7 @@ def test_run_uses_the_end_of_turn_token_and_left_padding(loaded):
 
 def test_batched_generation_equals_one_by_one(loaded, tmp_path):
     """With right padding (or a wrong attention mask) the short prompts of a batch would get other answers."""
-    from lorafit.generate import generate
+    from lorafit.inference.generate import generate
 
     prompts = _write(tmp_path / "p.txt", ["Hi", "Tell me a long story about a cat, a dog and a parrot please", "2+2?"])
     batched = generate(str(tmp_path), str(prompts), str(tmp_path / "b.jsonl"), max_new_tokens=8, batch_size=3, loaded=loaded)
@@ -74,7 +74,7 @@ def test_generation_stops_at_the_end_token(loaded):
     """Make the third greedy token an end token: the answer must be exactly the two tokens before it."""
     import dataclasses
 
-    from lorafit.generate import generate_batch
+    from lorafit.inference.generate import generate_batch
 
     tok = loaded.tokenizer
     conversation = [[{"role": "user", "content": "Hi"}]]
@@ -86,7 +86,7 @@ def test_generation_stops_at_the_end_token(loaded):
 
 
 def test_sampling_is_seeded(loaded, tmp_path):
-    from lorafit.generate import generate
+    from lorafit.inference.generate import generate
 
     prompts = _write(tmp_path / "p.txt", ["Hi", "Hello there"])
     runs = [generate(str(tmp_path), str(prompts), str(tmp_path / f"{k}.jsonl"), max_new_tokens=6, do_sample=True,
@@ -95,8 +95,8 @@ def test_sampling_is_seeded(loaded, tmp_path):
 
 
 def test_merged_folder_answers_like_the_run(tiny_run_dir, loaded, tmp_path):
-    from lorafit.export import merge_run
-    from lorafit.generate import generate
+    from lorafit.export.merge import merge_run
+    from lorafit.inference.generate import generate
 
     merged = merge_run(tiny_run_dir, tmp_path / "merged", dtype="fp32")
     prompts = _write(tmp_path / "p.txt", ["Hi", "What is LoRA?"])

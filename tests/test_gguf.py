@@ -13,7 +13,7 @@ TEXTS = ["Hello world", "Hello world! 1234567 don't  spaces\ttab\n\n\nünïcöd�
 
 @pytest.fixture(scope="module")
 def merged(tiny_run_dir, tmp_path_factory):
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     return merge_run(tiny_run_dir, tmp_path_factory.mktemp("m") / "merged", dtype="fp32")
 
@@ -42,7 +42,7 @@ def test_f16_gguf_gives_the_merged_models_logits(tiny_gguf, merged):
 
 
 def test_q8_0_gguf_from_a_merged_folder(merged, tiny_gguf, tmp_path):
-    from lorafit.gguf_export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     q8 = export_gguf(merged, tmp_path / "a-q8.gguf", outtype="q8_0")
     want = _merged_logits(merged)
@@ -69,10 +69,12 @@ def test_gguf_tokenizer_metadata_round_trips(tiny_run_dir, tiny_gguf):
 
 def test_llama3_tokenizer_metadata_rebuilds_the_same_tokenizer(llama3_tokenizer):
     """The Llama 3 (tiktoken-derived) vocabulary as llama.cpp's `llama-bpe`, rebuilt by transformers' GGUF code."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+    )
 
     from lorafit.data.templates import end_of_turn_ids
-    from lorafit.gguf_export import tokenizer_metadata
+    from lorafit.export.gguf import tokenizer_metadata
 
     meta = tokenizer_metadata(llama3_tokenizer, 128256, end_of_turn_ids(llama3_tokenizer, "llama3"))
     assert meta["pre"] == "llama-bpe" and meta["add_bos_token"] is True
@@ -88,7 +90,7 @@ def test_llama3_tokenizer_metadata_rebuilds_the_same_tokenizer(llama3_tokenizer)
 def test_permutation_is_what_transformers_gguf_loader_undoes():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from lorafit.gguf_export import permute_for_rope
+    from lorafit.export.gguf import permute_for_rope
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((32, 16)).astype(np.float32)  # 4 heads of dim 8
@@ -102,7 +104,7 @@ def test_permutation_is_what_transformers_gguf_loader_undoes():
 def test_llama31_rope_scaling_becomes_rope_freqs():
     from transformers import LlamaConfig
 
-    from lorafit.gguf_export import llama3_rope_factors
+    from lorafit.export.gguf import llama3_rope_factors
 
     cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
                       rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -116,7 +118,7 @@ def test_llama31_rope_scaling_becomes_rope_freqs():
 
 def test_refusals(tiny_run_dir, tmp_path):
     from lorafit.errors import ConfigError, ModelError, RunDirError
-    from lorafit.gguf_export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     taken = tmp_path / "x.gguf"
     taken.write_bytes(b"mine")

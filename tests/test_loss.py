@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.loss import causal_lm_loss, linear_cross_entropy, shifted_targets
+from lorafit.train.loss import causal_lm_loss, linear_cross_entropy, shifted_targets
 
 VOCAB = 512
 

@@ -2,8 +2,11 @@
 
 import pytest
 
+from lorafit.data.special_tokens import end_token_ids
 from lorafit.errors import ModelError
-from lorafit.model import _hub_errors, count_parameters, describe_parameters, end_token_ids, resolve_model
+from lorafit.models.lora import count_parameters, describe_parameters
+from lorafit.models.sources import hub_error as _hub_errors
+from lorafit.models.sources import resolve_model
 
 
 def test_embedded_model_is_cached_as_safetensors(smollm2_dir):
@@ -42,7 +45,8 @@ def test_gated_and_too_old_errors_say_what_to_do():
 
 def test_lora_parameter_counts_match_the_arithmetic(tiny_chat_model):
     from lorafit.config import LoraSection, ModelSection
-    from lorafit.model import attach_lora, load_base_model
+    from lorafit.models.lora import attach_lora
+    from lorafit.models.sources import load_base_model
 
     model = load_base_model(ModelSection(name=str(tiny_chat_model)))
     _, base_total = count_parameters(model)

@@ -77,7 +77,7 @@ def test_counts_equal_a_real_model_with_real_weights(tiny_chat_model):
     """A local folder: the meta-device count equals PEFT's count on the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    from lorafit.model import attach_lora
+    from lorafit.models.lora import attach_lora
     from lorafit.plan import count_parameters
 
     cfg = _cfg(str(tiny_chat_model), lora={"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})
@@ -201,10 +201,10 @@ def _offline():
 
 def test_out_of_memory_advice_names_changes_that_fit():
     """`lorafit train` prints this on CUDA OOM (tests/faults/test_oom.py checks it is shown)."""
+    from pathlib import Path
+
     from lorafit.config import load_config
     from lorafit.plan import GiB, changes_to_fit, count_parameters, suggest_for_oom
-
-    from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     cfg = load_config(configs / "llama31-8b-lora.yaml", ["training.gradient_checkpointing=false"])

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainkit import adapter_tensors, metrics, tiny_config
 
 from lorafit.config import load_config
-from trainkit import adapter_tensors, metrics, tiny_config
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the `qlora` extra (bitsandbytes)")
 
 
 def _session(tmp_path, model_dir, model=None, **training):
-    from lorafit.train import build_session
+    from lorafit.train.run import build_session
 
     cfg = load_config(tiny_config(tmp_path, model_dir, model={"dtype": "fp32", **(model or {})},
                                   training={"max_steps": 2, **training}))
@@ -22,7 +22,7 @@ def _session(tmp_path, model_dir, model=None, **training):
 
 
 def test_qlora_4bit_trains_and_saves_an_adapter(tmp_path, tiny_chat_model):
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     config = tiny_config(tmp_path, tiny_chat_model, model={"quantization": "4bit", "dtype": "fp32"},
                          training={"max_steps": 8, "learning_rate": 2e-2, "optimizer": "paged_adamw_8bit",
@@ -80,7 +80,7 @@ def test_paged_adamw_8bit_is_the_optimizer(tmp_path, tiny_chat_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above run the same code")
 def test_qlora_on_gpu_uses_bf16(tmp_path, tiny_chat_model):
-    from lorafit.train import resolve_precision
+    from lorafit.runtime import resolve_precision
 
     s = _session(tmp_path, tiny_chat_model, model={"quantization": "4bit", "dtype": "auto"}, precision="auto",
                  optimizer="paged_adamw_8bit")
@@ -96,7 +96,9 @@ def test_4bit_under_fsdp_or_zero3_stores_weights_in_the_model_dtype(tmp_path, ti
     """FSDP and ZeRO-3 shard floating-point tensors of one dtype: 4-bit weights stored as bf16 (quant_storage),
     no device map (the launcher places the shards), no fp32 up-cast of the other weights; it still learns."""
     from lorafit.config import LoraSection, ModelSection
-    from lorafit.model import attach_lora, load_base_model, sharded_launch
+    from lorafit.models.lora import attach_lora
+    from lorafit.models.sources import load_base_model
+    from lorafit.runtime import sharded_launch
 
     if launcher == "fsdp":
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -123,7 +125,7 @@ def test_4bit_under_fsdp_or_zero3_stores_weights_in_the_model_dtype(tmp_path, ti
 def test_8bit_cannot_be_sharded(tiny_chat_model, monkeypatch):
     from lorafit.config import ModelSection
     from lorafit.errors import ModelError
-    from lorafit.model import load_base_model
+    from lorafit.models.sources import load_base_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ModelError, match="8bit` cannot be sharded by FSDP"):

@@ -13,9 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainkit import (
+    adapter_tensors,
+    cli_env,
+    lorafit_cmd,
+    metrics,
+    run_cli,
+    tiny_config,
+    train_losses,
+)
 
-from lorafit.checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints
-from trainkit import adapter_tensors, cli_env, lorafit_cmd, metrics, run_cli, tiny_config, train_losses
+from lorafit.train.checkpoints import (
+    checkpoint_problem,
+    checkpoint_step,
+    list_checkpoints,
+)
 
 STEPS = 16  # two epochs of 8 steps: the resume crosses an epoch boundary
 FIELDS = {"training": {"max_steps": STEPS, "save_every": 2, "save_total_limit": 3, "micro_batch_size": 2,
@@ -97,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(tmp_path, tiny_
     assert not (run / "adapter").exists()  # an interrupted run is never presented as finished
 
     from lorafit.config import load_config
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     torch.set_num_threads(1)  # as in the reference process, so the float sums are done in the same order
     try:
@@ -109,7 +121,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(tmp_path, tiny_
 
 def test_resume_without_a_checkpoint_starts_over(tmp_path, tiny_chat_model, caplog):
     from lorafit.config import load_config
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     config = tiny_config(tmp_path, tiny_chat_model, name="fresh", training={"max_steps": 2})
     with caplog.at_level("WARNING", logger="lorafit"):

@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
+from trainkit import metrics, run_cli, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import LoraSection, ModelSection, load_config
-from trainkit import metrics, run_cli, tiny_config
 
 
 def quiet_session(cfg, run_dir, callbacks=None):
-    from lorafit.train import build_session
+    from lorafit.train.run import build_session
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return build_session(cfg, run_dir, quiet=True, callbacks=callbacks, say=lambda *a: None)
@@ -108,13 +108,13 @@ def test_accumulation_1x4_equals_4x1(tmp_path, tiny_chat_model, monkeypatch):
         torch.testing.assert_close(one_by_four[name], four_by_one[name], rtol=1e-4, atol=1e-7)
 
     # the test has teeth: averaging each micro-batch on its own gives a different gradient
-    import lorafit.loss
+    import lorafit.train.loss
 
     def per_micro_batch_mean(trainer, model, inputs, return_outputs=False, num_items_in_batch=None, mode="chunked"):
-        loss, _ = lorafit.loss.causal_lm_loss(model, inputs, None, mode)
+        loss, _ = lorafit.train.loss.causal_lm_loss(model, inputs, None, mode)
         return loss / trainer.args.gradient_accumulation_steps
 
-    monkeypatch.setattr(lorafit.loss, "trainer_compute_loss", per_micro_batch_mean)
+    monkeypatch.setattr(lorafit.train.loss, "trainer_compute_loss", per_micro_batch_mean)
     naive, _ = _first_step_grads(tmp_path / "naive", tiny_chat_model, micro=1, accum=4)
     differences = [(naive[n] - four_by_one[n]).abs().max() / four_by_one[n].abs().max() for n in naive]
     assert max(differences) > 1e-2
@@ -123,7 +123,8 @@ def test_accumulation_1x4_equals_4x1(tmp_path, tiny_chat_model, monkeypatch):
 # ---------------------------------------------------------------- LoRA options reach PEFT
 
 def _lora(model_dir, **fields):
-    from lorafit.model import attach_lora, load_base_model
+    from lorafit.models.lora import attach_lora
+    from lorafit.models.sources import load_base_model
 
     torch.manual_seed(0)
     return attach_lora(load_base_model(ModelSection(name=str(model_dir), dtype="fp32")), LoraSection(**fields))
@@ -159,7 +160,7 @@ def test_modules_to_save_are_trained_and_saved(tiny_chat_model, tmp_path):
 @pytest.mark.parametrize("init, b_is_zero, base_changes", [
     ("default", True, False), ("gaussian", True, False), ("pissa", False, True), ("olora", False, True)])
 def test_init_options_reach_peft(tiny_chat_model, init, b_is_zero, base_changes):
-    from lorafit.model import load_base_model
+    from lorafit.models.sources import load_base_model
 
     before = load_base_model(ModelSection(name=str(tiny_chat_model), dtype="fp32")).model.layers[0].self_attn.q_proj.weight
     model = _lora(tiny_chat_model, r=4, init=init)
@@ -200,7 +201,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_chat_mod
 
 
 def test_precision_per_device(tmp_path, tiny_chat_model):
-    from lorafit.train import resolve_precision, training_arguments
+    from lorafit.runtime import resolve_precision
+    from lorafit.train.run import training_arguments
 
     expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
     assert resolve_precision("auto") == expected
@@ -233,7 +235,7 @@ def test_schedules_warm_up_then_decay(tmp_path, tiny_chat_model, schedule):
 # ---------------------------------------------------------------- evaluation and early stopping
 
 def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_chat_model):
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     # a learning rate this small leaves the validation loss where it is: no improvement after the first eval
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model, n_val=4, training={
@@ -246,7 +248,7 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_chat_mod
 
 def test_early_stopping_needs_validation_data(tmp_path, tiny_chat_model):
     from lorafit.errors import ConfigError
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model, training={"early_stopping_patience": 2, "eval_every": 1}))
     with pytest.raises(ConfigError, match="validation data"):
@@ -256,7 +258,7 @@ def test_early_stopping_needs_validation_data(tmp_path, tiny_chat_model):
 def test_keep_best_adapter_restores_the_best_weights(tiny_chat_model):
     from peft import get_peft_model_state_dict
 
-    from lorafit.callbacks import KeepBestAdapter
+    from lorafit.train.callbacks import KeepBestAdapter
 
     model = _lora(tiny_chat_model, r=4)
     keep = KeepBestAdapter()
@@ -283,7 +285,7 @@ class FakeState:
 
 @pytest.mark.parametrize("mode", ["bar", "lines"])
 def test_progress_shows_step_loss_lr_throughput_and_eta(mode, capsys, caplog):
-    from lorafit.callbacks import ProgressCallback, TokenCounter
+    from lorafit.train.callbacks import ProgressCallback, TokenCounter
 
     tokens = TokenCounter()
     tokens.add({"input_ids": torch.ones(2, 50, dtype=torch.long), "labels": torch.ones(2, 50, dtype=torch.long)}, 0)
@@ -300,7 +302,7 @@ def test_progress_shows_step_loss_lr_throughput_and_eta(mode, capsys, caplog):
 
 
 def test_metrics_truncate_to_the_checkpoint_on_resume(tmp_path):
-    from lorafit.callbacks import MetricsCallback, TokenCounter
+    from lorafit.train.callbacks import MetricsCallback, TokenCounter
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')

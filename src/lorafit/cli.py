@@ -25,7 +25,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show Python trac
 
 
 def _setup_logging(debug: bool) -> None:
-    from lorafit.secrets import install_log_redaction
+    from lorafit.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     install_log_redaction()  # no token in any log line, ours or a library's
@@ -53,7 +53,7 @@ def train(
     from lorafit.config import load_config
 
     cfg = load_config(config, overrides or [])  # config errors come before torch is even imported
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     run_training(cfg, resume=resume, quiet=quiet)
 
@@ -66,7 +66,7 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
 ):
     """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
-    from lorafit.chat import chat as run_chat
+    from lorafit.inference.chat import chat as run_chat
 
     run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
@@ -78,7 +78,7 @@ def merge(
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
 ):
     """Merge the adapter into its base: a plain model folder for transformers, vLLM or GGUF conversion."""
-    from lorafit.export import merge_run
+    from lorafit.export.merge import merge_run
 
     print(f"merged model written to {merge_run(run_dir, out, dtype)}")
 
@@ -95,7 +95,7 @@ def export(
 
     if fmt != "gguf":
         raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
-    from lorafit.gguf_export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     path = export_gguf(source, out, outtype)
     print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
@@ -115,7 +115,7 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
 ):
     """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
-    from lorafit.generate import generate as run_generate
+    from lorafit.inference.generate import generate as run_generate
 
     path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
     print(f"answers written to {path}")
@@ -130,7 +130,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
-    from lorafit.compare import compare as run_compare
+    from lorafit.inference.compare import compare as run_compare
 
     run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
 
@@ -199,7 +199,7 @@ def main() -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        from lorafit.secrets import redact
+        from lorafit.redact import redact
 
         console = Console(stderr=True, highlight=False, soft_wrap=True)
         # escape: a message quoting user input such as "[/x]" is text, not rich markup (MarkupError otherwise)
@@ -213,7 +213,7 @@ def main() -> None:
     except Exception as err:  # a bug of ours or a library's: short message, traceback with --debug
         if debug:
             raise
-        from lorafit.secrets import redact
+        from lorafit.redact import redact
 
         print(f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
               "and please report it.", file=sys.stderr)

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafit.errors import ConfigError
 
@@ -277,7 +284,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     made absolute, so the saved config.yaml and the reports name exactly the files a run used."""
     model = raw.get("model")
     if isinstance(model, dict):
-        from lorafit.model import EMBEDDED
+        from lorafit.models.sources import EMBEDDED
 
         for key in ("name", "tokenizer"):
             if isinstance(model.get(key), str) and model[key] not in EMBEDDED:
@@ -313,7 +320,7 @@ def _absolute(path: str, base: Path) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    from lorafit.secrets import redact
+    from lorafit.redact import redact
 
     return redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # config.yaml never holds a token
 

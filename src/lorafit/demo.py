@@ -44,8 +44,8 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     from rich.table import Table
 
     from lorafit.config import load_config
-    from lorafit.generate import generate_batch, load_for_inference
-    from lorafit.train import run_training
+    from lorafit.inference.generate import generate_batch, load_for_inference
+    from lorafit.train.run import run_training
 
     console = Console()
     cfg = load_config(config, overrides)

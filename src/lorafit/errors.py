@@ -7,7 +7,7 @@ class LorafitError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
-        from lorafit.secrets import redact
+        from lorafit.redact import redact
 
         message, hint = redact(message), redact(hint) if hint else hint  # messages quote user input: a pasted token
         super().__init__(message)

@@ -17,8 +17,8 @@ from lorafit.errors import ConfigError, ModelError
 from lorafit.paths import user_path
 
 GiB = 1024**3
-KNOWN_DIR = Path(__file__).with_name("known")
-KNOWN = {  # Hub ids (gated, maybe unreachable) -> the architecture shipped in known/
+KNOWN_DIR = Path(__file__).with_name("architectures")
+KNOWN = {  # Hub ids (gated, maybe unreachable) -> the architecture shipped in architectures/
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b", "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
     "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b", "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
     "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b", "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
@@ -50,10 +50,11 @@ class Arch:
 
 
 def load_architecture(model_cfg):
-    """The model's transformers config, from known/*.json, a local folder, the embedded model, or the Hub."""
+    """The model's transformers config, from architectures/*.json, a local folder, the embedded model, or the Hub."""
     from transformers import AutoConfig, LlamaConfig
 
-    from lorafit.model import EMBEDDED, cache_dir
+    from lorafit.models.sources import EMBEDDED
+    from lorafit.paths import cache_dir
 
     name = model_cfg.name
     if name in KNOWN:
@@ -84,7 +85,7 @@ def _embedded_gguf_config(name: str):
     from transformers import LlamaConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from lorafit.model import EMBEDDED
+    from lorafit.models.sources import EMBEDDED
 
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
@@ -100,7 +101,7 @@ def meta_model(cfg):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafit.model import lora_config
+    from lorafit.models.lora import lora_config
 
     config = load_architecture(cfg.model)
     with torch.device("meta"):
@@ -178,7 +179,7 @@ def activation_bytes_per_token_layer(a: Arch, targets: list[str], r: int, dropou
 
 def memory_terms(cfg, arch: Arch, counts: dict) -> dict:
     """Every memory term in bytes for this config (one GPU, one micro-batch in flight)."""
-    from lorafit.loss import CHUNK_ELEMENTS
+    from lorafit.train.loss import CHUNK_ELEMENTS
 
     m, t, lora = cfg.model, cfg.training, cfg.lora
     mixed = t.precision != "fp32" and m.dtype != "fp32"

@@ -193,7 +193,7 @@ def write_report(run_dir: str | Path) -> Path:
                           "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
-    from lorafit.secrets import redact
+    from lorafit.redact import redact
 
     write_text_atomic(out, redact(build_html(run_dir, png)))  # no token in the report
     return out
@@ -219,8 +219,8 @@ def _device_name() -> str:
 
 def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
     """summary.json: what the report and `lorafit` commands read back about a finished run."""
-    from lorafit.callbacks import perplexity
-    from lorafit.train import resolve_precision
+    from lorafit.runtime import resolve_precision
+    from lorafit.train.callbacks import perplexity
 
     peak, kind = _peak_memory()
     eval_loss = final_eval.get("eval_loss")

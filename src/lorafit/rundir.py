@@ -45,7 +45,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    from lorafit.secrets import redact
+    from lorafit.redact import redact
 
     write_text_atomic(path, redact(json.dumps(data, indent=2, default=str)))  # no token in summary.json & co
 
@@ -79,7 +79,8 @@ def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     """(model, tokenizer, cfg) of a finished run: the base model with the adapter on top (merged if asked)."""
     from peft import PeftModel
 
-    from lorafit.model import load_base_model, load_tokenizer
+    from lorafit.models.sources import load_base_model
+    from lorafit.models.tokenizer import load_tokenizer
 
     path = Path(run_dir)
     cfg = load_run_config(path)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit.data.collate import BlockMaskCollator, FlattenCollator, PadCollator, make_collator
+from lorafit.data.collate import (
+    BlockMaskCollator,
+    FlattenCollator,
+    PadCollator,
+    make_collator,
+)
 from lorafit.data.packing import pack_rows
 
 PAD = 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.data.llama3_tokenizer import KNOWN_IDS, SPECIAL_TOKENS, load_llama3_tokenizer
 from lorafit.errors import ModelError
+from lorafit.models.tokenizer import KNOWN_IDS, SPECIAL_TOKENS, load_llama3_tokenizer
 
 LLAMA3_TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", Path(__file__).resolve().parents[3] / "shared" / "llama3" / "tokenizer.model"))
 
@@ -33,7 +33,7 @@ def test_bos_added_once_and_text_round_trips(llama3_tokenizer):
 
 
 def test_load_tokenizer_reads_a_meta_format_folder(tmp_path, llama3_tokenizer):
-    from lorafit.model import load_tokenizer
+    from lorafit.models.tokenizer import load_tokenizer
 
     (tmp_path / "original").mkdir()
     (tmp_path / "original" / "tokenizer.model").symlink_to(LLAMA3_TOKENIZER)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lorafit.config import DataSection
-from lorafit.data import prepare_data
-from lorafit.data.tokenize import IGNORE
+from lorafit.data.prepare import prepare_data
+from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 from lorafit.errors import DataError
 
 from .helpers import chat, write_jsonl

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.data.templates import (LLAMA31_CHAT_TEMPLATE, encode_prompt, end_of_turn_ids, render, render_llama31,
-                                    render_prompt, resolve_template)
+from lorafit.data.templates import (
+    LLAMA31_CHAT_TEMPLATE,
+    encode_prompt,
+    end_of_turn_ids,
+    render,
+    render_llama31,
+    render_prompt,
+    resolve_template,
+)
 from lorafit.errors import DataError
 
 from .helpers import MULTI_TURN, chat_template

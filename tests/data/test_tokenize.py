@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from lorafit.data.encode import Encoder, fit_length, tokenize_rows
+from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE
-from lorafit.data.tokenize import IGNORE, Encoder, fit_length, tokenize_rows
 from lorafit.errors import DataError
 
 from .helpers import MULTI_TURN, chat_template

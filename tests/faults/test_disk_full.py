@@ -9,15 +9,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import peft.peft_model
 import pytest
+from trainkit import metrics, tiny_config
 from transformers import TrainerCallback
 
-import peft.peft_model
-from lorafit.checkpoint import checkpoint_problem, complete_checkpoints, list_checkpoints, staging_dir
 from lorafit.config import load_config
 from lorafit.errors import RunDirError, TrainingError
 from lorafit.rundir import is_run_dir
-from trainkit import metrics, tiny_config
+from lorafit.train.checkpoints import (
+    checkpoint_problem,
+    complete_checkpoints,
+    list_checkpoints,
+    staging_dir,
+)
 
 
 def failing_save(monkeypatch, fail_when):
@@ -37,7 +42,7 @@ def failing_save(monkeypatch, fail_when):
 
 
 def _run(cfg_path, resume=False):
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     return run_training(load_config(cfg_path), resume=resume, quiet=True)
 
@@ -128,7 +133,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_really_full_disk(tmp_path, tiny_chat_model, small_disk):
     # safetensors and torch.save do not raise OSError on a full disk (SafetensorError, RuntimeError): both must be caught
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     config = tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 6, "save_every": 2},
                          output={"dir": str(small_disk), "name": "run"})

@@ -8,7 +8,13 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafit.data.formats import FORMATS, ROLES, check_order, detect_format, normalize_row
+from lorafit.data.formats import (
+    FORMATS,
+    ROLES,
+    check_order,
+    detect_format,
+    normalize_row,
+)
 
 from .fuzzkit import FUZZ, json_values, lone_surrogate_free, rows, time_limit
 
@@ -62,7 +68,8 @@ conversations = st.lists(st.tuples(odd_text, odd_text), min_size=1, max_size=3).
 @given(row=conversations | st.fixed_dictionaries({"text": odd_text}) | rows, fmt=st.sampled_from(["auto", *FORMATS]))
 def test_accepted_rows_tokenize_with_a_trained_token(smollm2_tokenizer, row, fmt):
     """Strange but valid text (NUL, control characters, special-token look-alikes) still renders and tokenizes."""
-    from lorafit.data.tokenize import IGNORE, Encoder
+    from lorafit.data.encode import Encoder
+    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
     normalized = assert_normalized(row, detect_format(row) or "text" if fmt == "auto" else fmt)
     if normalized is None:

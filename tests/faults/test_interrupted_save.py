@@ -12,12 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from trainkit import cli_env, metrics, tiny_config
 
-from lorafit.checkpoint import MANIFEST, checkpoint_problem, latest_checkpoint, staging_dir
+from lorafit.config import load_config
 from lorafit.errors import RunDirError
 from lorafit.rundir import is_run_dir, load_tuned
-from lorafit.config import load_config
-from trainkit import cli_env, metrics, tiny_config
+from lorafit.train.checkpoints import (
+    MANIFEST,
+    checkpoint_problem,
+    latest_checkpoint,
+    staging_dir,
+)
 
 # Injected into the training process: the adapter writer stalls, half-way, on the file we choose.
 STALL = """
@@ -38,7 +43,7 @@ pm.safe_save_file = save
 
 def resume(config: Path, caplog) -> str:
     """`lorafit train CONFIG --resume`, in this process (the kill test above already paid for one start-up)."""
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     with caplog.at_level("WARNING", logger="lorafit"):
         run_training(load_config(config), resume=True, quiet=True)

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from trainkit import metrics, tiny_config
 from transformers import TrainerCallback
 
-from lorafit.checkpoint import complete_checkpoints
 from lorafit.config import load_config
 from lorafit.errors import TrainingError
-from trainkit import metrics, tiny_config
+from lorafit.train.checkpoints import complete_checkpoints
 
 
 def test_a_learning_rate_that_explodes_stops_the_run_with_causes(tmp_path, tiny_chat_model, monkeypatch, capsys):
@@ -56,7 +56,7 @@ class Poison(TrainerCallback):
 
 
 def _session(tmp_path, model_dir, **training):
-    from lorafit.train import build_session
+    from lorafit.train.run import build_session
 
     cfg = load_config(tiny_config(tmp_path, model_dir, training={"max_steps": 6, **training}))
     (tmp_path / "run").mkdir()
@@ -77,7 +77,7 @@ def test_an_isolated_bad_step_is_skipped_and_training_goes_on(tmp_path, tiny_cha
 
 
 def test_consecutive_bad_gradients_stop_the_run(tmp_path, tiny_chat_model):
-    from lorafit.faults import nan_error
+    from lorafit.train.faults import nan_error
 
     s = _session(tmp_path, tiny_chat_model, max_bad_steps=2)
     s.trainer.add_callback(Poison(s.model, {2, 3, 4, 5, 6}, "grads"))
@@ -89,7 +89,7 @@ def test_consecutive_bad_gradients_stop_the_run(tmp_path, tiny_chat_model):
 
 
 def test_the_message_names_fp16_overflow_when_training_in_fp16(tmp_path, tiny_chat_model):
-    from lorafit.faults import nan_error
+    from lorafit.train.faults import nan_error
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model, training={"precision": "fp16", "max_grad_norm": 0}))
     err = nan_error({"step": 9, "first_step": 7, "reason": "loss"}, cfg, tmp_path / "none")

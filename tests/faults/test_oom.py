@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 import transformers
+from trainkit import tiny_config
 
 from lorafit.config import load_config
 from lorafit.errors import TrainingError
-from trainkit import tiny_config
 
 CUDA_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.65 GiB"
 
@@ -31,7 +31,7 @@ def oom_at_call(monkeypatch, n: int):
 
 
 def test_oom_is_reported_with_what_to_change(tmp_path, tiny_chat_model, monkeypatch):
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     oom_at_call(monkeypatch, 3)
     config = tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 4, "save_every": 1, "micro_batch_size": 4})
@@ -47,7 +47,7 @@ def test_oom_is_reported_with_what_to_change(tmp_path, tiny_chat_model, monkeypa
 
 
 def test_advice_leaves_out_what_the_config_already_does(tmp_path, tiny_chat_model):
-    from lorafit.faults import generic_oom_advice
+    from lorafit.train.faults import generic_oom_advice
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model, model={"quantization": "4bit"},
                                   training={"gradient_checkpointing": True, "micro_batch_size": 1}))
@@ -58,7 +58,7 @@ def test_advice_leaves_out_what_the_config_already_does(tmp_path, tiny_chat_mode
 
 def test_the_planner_suggestion_is_used_when_the_planner_offers_one(tmp_path, tiny_chat_model, monkeypatch):
     import lorafit.plan
-    from lorafit.faults import oom_error
+    from lorafit.train.faults import oom_error
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model))
     monkeypatch.setattr(lorafit.plan, "suggest_for_oom", lambda c: f"  - planner: r={c.lora.r} fits in 7.9 GiB",

@@ -69,7 +69,7 @@ def test_a_run_writes_only_inside_its_run_directory(tmp_path, monkeypatch, tiny_
     """Every file a training run creates is under output.dir/output.name (or the data cache we point elsewhere)."""
     from trainkit import tiny_config
 
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     config = tiny_config(tmp_path / "in", tiny_chat_model, name="contained", n_train=6, training={"max_steps": 1})
     cwd = tmp_path / "cwd"
@@ -91,7 +91,7 @@ def test_unknown_home_directories_are_clear_errors():
     """`~nosuchuser/...`: Path.expanduser raises RuntimeError; lorafit treats it as the (missing) path it is."""
     from lorafit.data.readers import expand_source
     from lorafit.errors import DataError, ModelError
-    from lorafit.model import resolve_model
+    from lorafit.models.sources import resolve_model
 
     with pytest.raises(DataError, match="does not exist"):
         expand_source("~nosuchuser-lorafit/train.jsonl")

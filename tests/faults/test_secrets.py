@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorafit.errors import ConfigError, DataError
-from lorafit.secrets import RedactingFilter, redact, secret_values
+from lorafit.redact import RedactingFilter, redact, secret_values
 
 from .fuzzkit import FUZZ
 
@@ -63,7 +63,7 @@ def test_errors_are_redacted_where_they_are_made(monkeypatch):
 
 
 def test_model_error_uses_the_same_redaction(monkeypatch):
-    from lorafit.model import _hub_errors
+    from lorafit.models.sources import hub_error as _hub_errors
 
     token = hub_token()
     monkeypatch.setenv("HF_TOKEN", token)

@@ -75,7 +75,8 @@ def runs_with_plain_unpickler(path: Path, marker: Path) -> bool:
 
 # -- trust_remote_code --------------------------------------------------------------------------------
 def test_remote_code_is_not_run_without_the_flag(tmp_path, smollm2_dir):
-    from lorafit.model import load_base_model, load_tokenizer
+    from lorafit.models.sources import load_base_model
+    from lorafit.models.tokenizer import load_tokenizer
 
     marker = tmp_path / "MARKER"
     folder = remote_code_folder(tmp_path / "evil", smollm2_dir, marker)
@@ -93,7 +94,7 @@ def test_remote_code_runs_only_when_the_config_says_so(tmp_path, smollm2_dir):
     folder = remote_code_folder(tmp_path / "evil", smollm2_dir, marker)
     config = tmp_path / "trusting.yaml"
     config.write_text(f"model: {{name: {folder}, dtype: fp32, trust_remote_code: true}}\n")
-    child = ("import sys; from lorafit.config import load_config; from lorafit.model import load_base_model\n"
+    child = ("import sys; from lorafit.config import load_config; from lorafit.models.sources import load_base_model\n"
              "try:\n    load_base_model(load_config(sys.argv[1]).model)\nexcept Exception:\n    pass\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=str(SRC))
     subprocess.run([sys.executable, "-c", child, str(config)], capture_output=True, timeout=120, env=env)
@@ -102,7 +103,7 @@ def test_remote_code_runs_only_when_the_config_says_so(tmp_path, smollm2_dir):
 
 def test_known_architecture_with_auto_map_loads_built_in_code(tmp_path, tiny_chat_model):
     """A Llama config that also names custom code: transformers' own Llama is used, the custom code is not run."""
-    from lorafit.model import load_base_model
+    from lorafit.models.sources import load_base_model
 
     marker = tmp_path / "MARKER"
     folder = remote_code_folder(tmp_path / "llama_with_code", tiny_chat_model, marker, model_type="llama")
@@ -113,7 +114,7 @@ def test_known_architecture_with_auto_map_loads_built_in_code(tmp_path, tiny_cha
 def test_training_refuses_remote_code_before_any_work(tmp_path, smollm2_dir, monkeypatch):
     from trainkit import tiny_config
 
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     monkeypatch.setenv("LORAFIT_DATA_CACHE", str(tmp_path / "cache"))
     marker = tmp_path / "MARKER"
@@ -126,8 +127,8 @@ def test_training_refuses_remote_code_before_any_work(tmp_path, smollm2_dir, mon
 
 # -- safetensors only -----------------------------------------------------------------------------------
 def test_pickle_only_model_folder_is_refused(tmp_path, tiny_chat_model):
-    from lorafit.generate import load_for_inference
-    from lorafit.model import load_base_model
+    from lorafit.inference.generate import load_for_inference
+    from lorafit.models.sources import load_base_model
 
     marker = tmp_path / "MARKER"
     folder = tmp_path / "pickled"
@@ -163,7 +164,7 @@ def trained_checkpoint(tmp_path_factory, tiny_chat_model):
     """A finished 2-step run with a checkpoint at step 1 (checkpoint-2 removed, so resume starts from step 1)."""
     from trainkit import tiny_config
 
-    from lorafit.train import run_training
+    from lorafit.train.run import run_training
 
     tmp = tmp_path_factory.mktemp("resume")
     old = os.environ.get("LORAFIT_DATA_CACHE")
@@ -180,8 +181,8 @@ def trained_checkpoint(tmp_path_factory, tiny_chat_model):
 
 @pytest.mark.parametrize("victim", ["rng_state.pth", "optimizer.pt", "scheduler.pt"])
 def test_resume_never_unpickles_code(tmp_path, trained_checkpoint, victim, monkeypatch):
-    from lorafit import checkpoint as ckpt
-    from lorafit.train import run_training
+    from lorafit.train import checkpoints as ckpt
+    from lorafit.train.run import run_training
 
     config, run_dir = trained_checkpoint
     work = tmp_path / "copy"

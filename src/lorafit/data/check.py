@@ -52,7 +52,7 @@ def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -
     """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data."""
     from lorafit.data.prepare import prepare_data, read_source
     from lorafit.data.readers import expand_source
-    from lorafit.model import load_tokenizer
+    from lorafit.models.tokenizer import load_tokenizer
 
     for source in data_cfg.train + data_cfg.validation:  # a missing file fails before the tokenizer loads
         expand_source(source.path)
@@ -101,8 +101,9 @@ def _histogram(prepared, max_length: int, buckets: int = 10) -> list[dict]:
 
 def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     """The first valid row of the first source, as tokens with their trained flag."""
+    from lorafit.data.encode import Encoder
     from lorafit.data.sources import valid_rows
-    from lorafit.data.tokenize import IGNORE, Encoder
+    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
     rows = valid_rows([source])
     if not len(rows):
@@ -126,7 +127,9 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
 
 def print_report(report: dict) -> None:
     from rich.console import Console
-    from rich.markup import escape  # paths and names are text: `a[/b]c.jsonl` is not rich markup
+    from rich.markup import (
+        escape,  # paths and names are text: `a[/b]c.jsonl` is not rich markup
+    )
     from rich.table import Table
     from rich.text import Text
 

@@ -13,14 +13,14 @@ labels stay aligned with input_ids (the loss shifts them); the first token of ev
 
 from __future__ import annotations
 
-from lorafit.data.tokenize import IGNORE
+from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
 
 def make_collator(tokenizer, packed: bool, attn_implementation: str):
     """callable(list[dict]) -> dict[str, Tensor] with only model inputs (input_ids, labels, masks/positions)."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; call lorafit.model.ensure_pad_token first")
+        raise ValueError("the tokenizer has no pad token; call lorafit.models.tokenizer.ensure_pad_token first")
     if not packed:
         return PadCollator(pad_id)
     if attn_implementation.startswith("flash_attention"):

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.data.encode import Encoder, token_features, tokenize_rows
 from lorafit.data.packing import best_fit_decreasing, pack_rows, packing_efficiency
-from lorafit.data.sources import (MAX_LISTED, PIPELINE_VERSION, data_cache_dir, raise_for_problems, read_source, stable_hash,
-                                  valid_rows)
+from lorafit.data.sources import (
+    MAX_LISTED,
+    PIPELINE_VERSION,
+    raise_for_problems,
+    read_source,
+    stable_hash,
+    valid_rows,
+)
 from lorafit.data.templates import resolve_template
-from lorafit.data.tokenize import Encoder, token_features, tokenize_rows
 from lorafit.errors import DataError
+from lorafit.paths import data_cache_dir
 
 log = logging.getLogger("lorafit")
 AUTO_PROC_MIN_ROWS = 20_000  # below this, starting worker processes costs more than it saves

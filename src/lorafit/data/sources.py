@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from lorafit.data.formats import FORMATS, detect_format, normalize_row
 from lorafit.data.readers import expand_source, file_signature, read_rows
 from lorafit.errors import DataError
+from lorafit.paths import data_cache_dir
 
 MAX_LISTED = 20  # problems listed in an error; the total is always given
 PIPELINE_VERSION = "5"  # bump when the stored output changes, so old caches are not reused
@@ -33,14 +32,6 @@ class SourceData:
     weight: float = 1.0
     problems: list[str] = field(default_factory=list)  # first MAX_LISTED as "loc: `field`: reason"
 
-
-def data_cache_dir() -> str:
-    """Arrow files of read/tokenized/packed data: LORAFIT_DATA_CACHE, else <lorafit cache>/datasets."""
-    from lorafit.model import cache_dir
-
-    path = Path(os.environ["LORAFIT_DATA_CACHE"]) if os.environ.get("LORAFIT_DATA_CACHE") else cache_dir() / "datasets"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
 
 
 def stable_hash(*parts) -> str:

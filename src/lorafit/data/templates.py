@@ -8,11 +8,17 @@ render identically); a test checks both agree.
 
 from __future__ import annotations
 
+from lorafit.data.special_tokens import (
+    LLAMA31_END_TOKENS,
+    encode_rendered,
+    end_token_ids,
+    special_token_strings,
+    token_id,
+)
 from lorafit.errors import DataError
 
 DATE_STRING = "26 Jul 2024"  # the official template's default `date_string`
 LLAMA31_PREAMBLE = f"Cutting Knowledge Date: December 2023\nToday Date: {DATE_STRING}\n\n"
-LLAMA31_END_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]  # eot ends a turn; all three stop generation
 LLAMA31_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if not date_string is defined %}{%- set date_string = \"" + DATE_STRING + "\" %}{%- endif %}"
@@ -27,17 +33,6 @@ LLAMA31_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-
-def token_id(tokenizer, token: str) -> int | None:
-    """Id of `token` if the vocabulary has it (get_vocab() copies 128k entries; this does not)."""
-    i = tokenizer.convert_tokens_to_ids(token)
-    return i if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token else None
-
-
-def special_token_strings(tokenizer) -> set[str]:
-    """Texts the tokenizer reads as special tokens (Llama 3 has 256, most of them reserved)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special and t.content}
 
 
 def resolve_template(tokenizer, setting: str = "auto") -> str:
@@ -96,8 +91,6 @@ def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
 
 def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
     """Token ids of `render_prompt`, with BOS exactly once (as the training examples have it)."""
-    from lorafit.data.tokenize import encode_rendered
-
     return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template))
 
 
@@ -115,8 +108,6 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
         answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         special = {tokenizer.convert_tokens_to_ids(t) for t in special_token_strings(tokenizer)}
         ids += [i for i in answer if i in special][:1]
-    from lorafit.model import end_token_ids
-
     for i in [tokenizer.eos_token_id] + end_token_ids(tokenizer):
         if i is not None and i not in ids:
             ids.append(i)

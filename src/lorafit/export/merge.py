@@ -42,7 +42,8 @@ def merged_model(run_dir: str | Path, dtype):
     """(model, tokenizer, cfg, notes): the run's adapter merged into a full-precision copy of its base."""
     from peft import PeftModel
 
-    from lorafit.model import load_base_model, load_tokenizer
+    from lorafit.models.sources import load_base_model
+    from lorafit.models.tokenizer import load_tokenizer
     from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 
     path = Path(run_dir)
@@ -83,7 +84,7 @@ def generation_config_for(model, tokenizer, end_ids: list[int]):
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """Write RUN_DIR's base+adapter as one model folder that AutoModelForCausalLM.from_pretrained loads."""
     from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.generate import PROMPT_FILE
+    from lorafit.inference.generate import PROMPT_FILE
 
     out = user_path(out)
     torch_dtype = _torch_dtype(dtype)
@@ -114,7 +115,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
 
 
 def _copy_licences(model_name: str, target: Path) -> None:
-    from lorafit.model import resolve_model
+    from lorafit.models.sources import resolve_model
 
     try:
         source = Path(resolve_model(model_name))

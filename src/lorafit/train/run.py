@@ -21,17 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-from lorafit.callbacks import TokenCounter, perplexity
 from lorafit.config import RunConfig, dump_config
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.report import data_line, summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, write_json, write_text_atomic
+from lorafit.runtime import is_main_process, resolve_precision
+from lorafit.train.callbacks import TokenCounter, perplexity
 
 log = logging.getLogger("lorafit")
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextmanager
@@ -51,8 +49,8 @@ def main_process_first(cfg: RunConfig, run_dir: Path):
 def _trainer_class():
     from transformers import Trainer
 
-    from lorafit.checkpoint import AtomicCheckpoints
-    from lorafit.loss import trainer_compute_loss
+    from lorafit.train.checkpoints import AtomicCheckpoints
+    from lorafit.train.loss import trainer_compute_loss
 
     class LorafitTrainer(AtomicCheckpoints, Trainer):
         loss_mode = "chunked"
@@ -80,20 +78,12 @@ def _trainer_class():
     return LorafitTrainer
 
 
-def resolve_precision(setting: str) -> str:
-    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; an explicit setting wins."""
-    if setting != "auto":
-        return setting
-    from lorafit.model import pick_dtype
-
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(str(pick_dtype("auto")).removeprefix("torch."), "fp32")
-
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
-    from lorafit.checkpoint import staging_dir
+    from lorafit.train.checkpoints import staging_dir
 
     t = cfg.training
     precision = resolve_precision(t.precision)
@@ -183,10 +173,20 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from lorafit import checkpoint as ckpt
-    from lorafit.callbacks import KeepBestAdapter, MetricsCallback, NanGuard, ProgressCallback, StopOnSignal
-    from lorafit.data import make_collator, prepare_data
-    from lorafit.model import attach_lora, count_parameters, describe_parameters, load_base_model, load_tokenizer, pick_attention
+    from lorafit.data.collate import make_collator
+    from lorafit.data.prepare import prepare_data
+    from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
+    from lorafit.models.sources import load_base_model
+    from lorafit.models.tokenizer import load_tokenizer
+    from lorafit.runtime import pick_attention
+    from lorafit.train import checkpoints as ckpt
+    from lorafit.train.callbacks import (
+        KeepBestAdapter,
+        MetricsCallback,
+        NanGuard,
+        ProgressCallback,
+        StopOnSignal,
+    )
 
     main = is_main_process()
     checkpoints = run_dir / "checkpoints"
@@ -266,9 +266,15 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     import torch
     from transformers import set_seed
 
-    from lorafit import checkpoint as ckpt
-    from lorafit import faults
-    from lorafit.evaluate import base_answers, generate_answers, read_generations, write_after, write_before
+    from lorafit.inference.eval_prompts import (
+        base_answers,
+        generate_answers,
+        read_generations,
+        write_after,
+        write_before,
+    )
+    from lorafit.train import checkpoints as ckpt
+    from lorafit.train import faults
 
     started = time.time()
     main = is_main_process()
@@ -377,7 +383,12 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
 
 def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
-    from lorafit.checkpoint import atomic_dir, complete_checkpoints, is_write_failure, save_error
+    from lorafit.train.checkpoints import (
+        atomic_dir,
+        complete_checkpoints,
+        is_write_failure,
+        save_error,
+    )
 
     for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
                        ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):

@@ -14,38 +14,15 @@ from __future__ import annotations
 import json
 import re
 
-from lorafit.data.templates import end_of_turn_ids, render, special_token_strings, token_id
+from lorafit.data.special_tokens import (
+    IGNORE_INDEX,
+    adds_bos,
+    special_token_strings,
+    text_end_id,
+    with_bos,
+)
+from lorafit.data.templates import end_of_turn_ids, render
 from lorafit.errors import DataError
-
-IGNORE = -100
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether `tokenizer(text)` puts a BOS in front (Llama yes, ChatML models usually no)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def encode_rendered(tokenizer, text: str, bos: bool | None = None) -> list[int]:
-    """Ids of rendered text with BOS exactly once: the template's own, else the tokenizer's if it uses one."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = adds_bos(tokenizer) if bos is None else bos
-    if bos and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-def text_end_id(tokenizer) -> int:
-    """The end-of-document token appended to raw text."""
-    for token in ("<|end_of_text|>", "<|endoftext|>", "</s>"):
-        if token_id(tokenizer, token) is not None:
-            return token_id(tokenizer, token)
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no end-of-text token, so raw text cannot be trained to stop.")
-    return tokenizer.eos_token_id
 
 
 class Encoder:
@@ -155,18 +132,18 @@ class Encoder:
         out = []
         for kind, at, segs in plan:
             if kind == "text":
-                ids = ([self.tokenizer.bos_token_id] if self.bos else []) + encoded[at] + [self.text_end]
+                ids = with_bos(self.tokenizer, encoded[at], self.bos) + [self.text_end]
                 labels = list(ids)
             else:
                 ids, labels = [], []
                 for k, (_, trained) in enumerate(segs):
                     piece = encoded[at + k]
                     ids += piece
-                    labels += self._trained_labels(piece) if trained else [IGNORE] * len(piece)
-                if self.bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
-                    ids, labels = [self.tokenizer.bos_token_id] + ids, [IGNORE] + labels
+                    labels += self._trained_labels(piece) if trained else [IGNORE_INDEX] * len(piece)
+                bos = with_bos(self.tokenizer, ids, self.bos)
+                ids, labels = bos, [IGNORE_INDEX] * (len(bos) - len(ids)) + labels
             if labels:
-                labels[0] = IGNORE  # never predicted; in a packed row it would be predicted from the previous sample
+                labels[0] = IGNORE_INDEX  # never predicted; in a packed row it would be predicted from the previous sample
             out.append((ids, labels))
         return out
 
@@ -175,7 +152,7 @@ class Encoder:
         if self.train_on == "all":
             return list(piece)
         last = max((k for k, t in enumerate(piece) if t in self.end_ids), default=len(piece) - 1)
-        return list(piece[: last + 1]) + [IGNORE] * (len(piece) - last - 1)
+        return list(piece[: last + 1]) + [IGNORE_INDEX] * (len(piece) - last - 1)
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str) -> tuple[list[int], list[int], str]:
@@ -185,7 +162,7 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: s
         if truncation != "right":
             return [], [], "too_long"
         ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
-    if not any(t != IGNORE for t in labels):
+    if not any(t != IGNORE_INDEX for t in labels):
         return [], [], "no_trained"
     return ids, labels, status
 
@@ -212,6 +189,6 @@ def tokenize_rows(batch: dict, encoder: Encoder, max_length: int, truncation: st
         out["labels"].append(labels)
         out["length"].append(full_length)
         out["n_tokens"].append(len(ids))
-        out["trained"].append(sum(1 for t in labels if t != IGNORE))
+        out["trained"].append(sum(1 for t in labels if t != IGNORE_INDEX))
         out["status"].append(status)
     return out

@@ -1,4 +1,5 @@
-"""Build the exact Llama 3 tokenizer offline from Meta's original `tokenizer.model` (tiktoken BPE ranks).
+"""The tokenizer: the model's own, or the exact Llama 3 tokenizer built offline from Meta's `tokenizer.model`;
+always with a pad token that is never an end token.
 
 Llama 3.x checkpoints in Meta's format ship only `original/tokenizer.model`. transformers'
 `TikTokenConverter` turns the BPE ranks into a fast tokenizer; the 256 special tokens are added here in
@@ -7,12 +8,69 @@ Meta's order (passing them to the converter alone was seen to give wrong ids) an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from lorafit.data.special_tokens import LLAMA3_SPLIT_PATTERN, end_token_ids
 from lorafit.errors import ModelError
+from lorafit.models.sources import hub_error, resolve_model
+from lorafit.paths import cache_dir
+
+log = logging.getLogger("lorafit")
+# Tokens that are safe to pad with: never an end token, never produced by a chat template.
+PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad|>"]
+
+
+_PAD_REPORTED: set[str] = set()  # pad tokens already announced in this process
+
+
+def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's own tokenizer, with a pad token that is never an end token."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_name if tokenizer_name else resolve_model(name)
+    original = Path(source) / "original" / "tokenizer.model"
+    try:
+        if Path(source).is_file() or (Path(source).is_dir() and not (Path(source) / "tokenizer.json").exists()
+                                      and not (Path(source) / "tokenizer_config.json").exists() and original.exists()):
+            tokenizer = load_llama3_tokenizer(source if Path(source).is_file() else original)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as err:
+        raise hub_error(source, err) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Padding with an end token makes collators mask the real end tokens; pick a harmless token instead."""
+    ends = set(end_token_ids(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
+        return
+    vocab = tokenizer.get_vocab()
+    choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
+    if choice is None:
+        template = tokenizer.chat_template or ""
+        special = [t for t in getattr(tokenizer, "all_special_tokens", [])] + [
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+        for token in special:
+            tid = vocab.get(token)
+            if tid is not None and tid not in ends and tid != tokenizer.bos_token_id and token not in template:
+                choice = token
+                break
+    if choice is None:
+        raise ModelError("the tokenizer has no pad token and no spare special token to pad with.",
+                         "Set a tokenizer with a pad token via `model.tokenizer`.")
+    old = tokenizer.pad_token
+    tokenizer.pad_token = choice
+    if choice not in _PAD_REPORTED:  # once per process: several commands load the tokenizer twice
+        _PAD_REPORTED.add(choice)
+        log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
+
+
+# -- Meta's original Llama 3 tokenizer -------------------------------------------------------------------------
 
 NUM_BASE_TOKENS = 128_000
-PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 NAMED_SPECIAL = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -45,7 +103,7 @@ def load_llama3_tokenizer(path: str | Path):
         _check_ids(tokenizer, path)
         return tokenizer
     try:
-        backend = TikTokenConverter(vocab_file=str(path), pattern=PATTERN).converted()
+        backend = TikTokenConverter(vocab_file=str(path), pattern=LLAMA3_SPLIT_PATTERN).converted()
     except Exception as err:  # a corrupt or foreign file: tiktoken raises many different types
         raise ModelError(f"{path} is not a tiktoken BPE file ({type(err).__name__}: {str(err)[:200]}).",
                          "Use Meta's `original/tokenizer.model` of a Llama 3.x checkpoint.") from None
@@ -69,8 +127,6 @@ def load_llama3_tokenizer(path: str | Path):
 
 def _cache_path(path: Path) -> Path:
     import hashlib
-
-    from lorafit.model import cache_dir
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return cache_dir() / "tokenizers" / f"llama3-{digest}"

@@ -44,8 +44,10 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
     from transformers import AutoModelForCausalLM
 
     from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.model import EMBEDDED, ensure_pad_token, load_tokenizer, pick_dtype, resolve_model
+    from lorafit.models.sources import EMBEDDED, resolve_model
+    from lorafit.models.tokenizer import ensure_pad_token, load_tokenizer
     from lorafit.rundir import load_run_config, load_tuned
+    from lorafit.runtime import pick_dtype
 
     path = user_path(target)
     dtype = dtype or pick_dtype("auto")

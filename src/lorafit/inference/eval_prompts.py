@@ -20,7 +20,7 @@ def generate_answers(model, tokenizer, prompts: list[str], template: str, max_ne
     """Greedy answers in the training chat format, stopped at the end-of-turn token."""
     import torch
 
-    from lorafit.data import end_of_turn_ids, render_prompt
+    from lorafit.data.templates import end_of_turn_ids, render_prompt
 
     if not prompts:
         return []

@@ -35,10 +35,11 @@ def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") 
     from transformers import AutoModelForCausalLM
 
     from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.export import merged_model, prepare_tokenizer
-    from lorafit.generate import PROMPT_FILE
-    from lorafit.model import load_tokenizer, pick_dtype
+    from lorafit.export.merge import merged_model, prepare_tokenizer
+    from lorafit.inference.generate import PROMPT_FILE
+    from lorafit.models.tokenizer import load_tokenizer
     from lorafit.rundir import load_run_config
+    from lorafit.runtime import pick_dtype
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
@@ -172,7 +173,7 @@ def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def tokenizer_metadata(tokenizer, vocab_size: int, end_ids: list[int]) -> dict:
     """The `tokenizer.ggml.*` / `tokenizer.chat_template` values, named as llama.cpp names them."""
-    from lorafit.data.tokenize import adds_bos
+    from lorafit.data.special_tokens import adds_bos
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     tokens, types = vocab_arrays(tokenizer, vocab_size)

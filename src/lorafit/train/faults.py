@@ -17,14 +17,14 @@ log = logging.getLogger("lorafit")
 
 
 def latest_line(checkpoints: Path) -> str:
-    from lorafit.checkpoint import complete_checkpoints
+    from lorafit.train.checkpoints import complete_checkpoints
 
     done = complete_checkpoints(checkpoints)
     return f"The last good checkpoint is {done[-1]}." if done else "No checkpoint had been written yet."
 
 
 def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
-    from lorafit.train import resolve_precision
+    from lorafit.runtime import resolve_precision
 
     t = cfg.training
     causes = [f"a learning rate too high for this model (training.learning_rate={t.learning_rate:g}; try 10× lower)"]
@@ -41,7 +41,7 @@ def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
 
 
 def interrupted_error(signum: int, step: int, checkpoints: Path) -> TrainingError:
-    from lorafit.checkpoint import complete_checkpoints
+    from lorafit.train.checkpoints import complete_checkpoints
 
     done = complete_checkpoints(checkpoints)
     where = f"checkpoint saved at {done[-1]}" if done else "no checkpoint could be saved"

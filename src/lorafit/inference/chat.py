@@ -28,7 +28,7 @@ def _streamer(tokenizer, out: TextIO):
 def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
     from lorafit.data.templates import encode_prompt
-    from lorafit.generate import with_system
+    from lorafit.inference.generate import with_system
 
     while True:
         ids = encode_prompt(tokenizer, with_system(history, system), template)
@@ -41,7 +41,7 @@ def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, 
     """Stream the assistant's answer to the conversation; (answer, history actually kept)."""
     import torch
 
-    from lorafit.generate import cut_at_end
+    from lorafit.inference.generate import cut_at_end
 
     model, tok = loaded.model, loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -68,7 +68,7 @@ def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, 
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None) -> None:
     """Read user turns from INPUT_STREAM (stdin) until /exit or end of input; stream answers to OUTPUT."""
-    from lorafit.generate import load_for_inference
+    from lorafit.inference.generate import load_for_inference
 
     inp = input_stream or sys.stdin
     out = output or sys.stdout

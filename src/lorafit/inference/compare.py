@@ -39,7 +39,8 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     """(mean loss per trained token, trained tokens) over tokenized rows (input_ids, labels)."""
     import torch
 
-    from lorafit.loss import IGNORE_INDEX, causal_lm_loss
+    from lorafit.data.special_tokens import IGNORE_INDEX
+    from lorafit.train.loss import causal_lm_loss
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -61,8 +62,8 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
             console=None) -> dict:
     """Answers of the base and the tuned model side by side, and both validation losses on DATA_FILE."""
     from lorafit.config import DataSource
-    from lorafit.data import prepare_data
-    from lorafit.generate import generate_batch, load_for_inference
+    from lorafit.data.prepare import prepare_data
+    from lorafit.inference.generate import generate_batch, load_for_inference
     from lorafit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
