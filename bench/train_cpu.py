@@ -80,14 +80,15 @@ def make_model(folder: Path, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def lorafit_config(work: Path, rows_per_step: int, name: str, data: Path):
+def lorafit_config(work: Path, samples_per_step: int, name: str, data: Path):
     from lorafit.config import RunConfig
 
     return RunConfig.model_validate({
         "model": {"name": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"},
         "data": {"train": [str(data)], "max_length": MAX_LENGTH, "packing": True},
         "lora": {**LORA, "target_modules": "all-linear"},
-        "training": {"epochs": 1, "micro_batch_size": rows_per_step, "learning_rate": LEARNING_RATE, "logging_steps": 1,
+        "training": {"epochs": 1, "min_steps": 0, "micro_batch_size": samples_per_step, "learning_rate": LEARNING_RATE,
+                     "logging_steps": 1,
                      "seed": 0, "precision": "fp32"},
         "output": {"dir": str(work / "runs"), "name": name, "overwrite": True},
     })
@@ -188,7 +189,7 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path) 
 
     warnings.filterwarnings("ignore")
     if variant == "lorafit":
-        out = child_lorafit(work, rows_per_step, data)
+        out = child_lorafit(work, batch, data)  # lorafit counts a batch in samples, packed or not: TRL's batch
     else:
         out = child_trl(work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -244,8 +245,9 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     # which makes the optimizer step counts about equal.
     mean_len = _mean_length(work, data)
     rows_per_step = max(1, round(a.batch * mean_len / MAX_LENGTH))
-    print(f"{a.samples} samples, mean {mean_len:.0f} tokens; TRL batch {a.batch} samples, packed runs "
-          f"{rows_per_step} row(s) of {MAX_LENGTH} per step", flush=True)
+    print(f"{a.samples} samples, mean {mean_len:.0f} tokens; TRL and lorafit batch {a.batch} samples (lorafit packs "
+          f"them into rows of {MAX_LENGTH}); TRL packing=True runs {rows_per_step} row(s) of {MAX_LENGTH} per step",
+          flush=True)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rep in range(a.repeats):
         order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]  # rotate who goes first
@@ -303,7 +305,8 @@ def report(results: dict, a, rows_per_step: int) -> None:
         f"ratios coincide). TRL {_version('trl')}, transformers {_version('transformers')}, peft {_version('peft')}.",
         f"Model: random Llama, vocab 128,256, hidden 256, 4 layers, 8/2 heads, intermediate 688, fp32; LoRA r=16 "
         f"all-linear; max_length {MAX_LENGTH}; {a.samples} Alpaca-like samples, 1 epoch; TRL batch {a.batch} samples, "
-        f"packed runs {rows_per_step} row(s) per step. TRL: defaults but fp32 and no gradient checkpointing (as lorafit).",
+        f"lorafit {a.batch} samples per step, packed into rows of {MAX_LENGTH}; TRL packing=True {rows_per_step} "
+        "row(s) per step. TRL: defaults but fp32 and no gradient checkpointing (as lorafit).",
         "",
         table(headers, rows),
     ])

@@ -57,4 +57,10 @@ with open("train.jsonl", "w") as f:
     for r in train: f.write(json.dumps(r) + "\n")
 with open("heldout.jsonl", "w") as f:
     for r in held: f.write(json.dumps(r) + "\n")
+# The same held-out questions as chat rows with `expected` (the key fact): `lorafit compare RUN --data` scores them,
+# and as `data.validation` the run's report shows them answered before and after training.
+with open("heldout_chat.jsonl", "w") as f:
+    for (key, answer, _, heldq) in facts:
+        f.write(json.dumps({"messages": [{"role": "user", "content": heldq}, {"role": "assistant", "content": answer}],
+                            "expected": key}) + "\n")
 print(len(train), len(held))

@@ -84,3 +84,45 @@ def test_compare_names_bad_rows(tiny_run_dir, tmp_path):
         compare(str(tiny_run_dir), str(bad))
     with pytest.raises(DataError, match="does not exist"):
         compare(str(tiny_run_dir), str(tmp_path / "missing.jsonl"))
+
+
+def test_compare_scores_key_facts_and_the_general_knowledge_drift(tiny_run_dir, tmp_path):
+    from rich.console import Console
+
+    from lorafit.inference.compare import compare
+
+    path = tmp_path / "facts.jsonl"
+    rows = [dict(ROWS[0], expected="Green"), dict(ROWS[1], expected="Ilvy"), ROWS[0]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(file=io.StringIO(), width=200)
+    result = compare(str(tiny_run_dir), str(path), limit=1, max_new_tokens=3, console=console)
+    assert len(result["answers"]) == 1 and result["answers"][0]["expected"] == "Green"
+    # every row with a key fact is answered, not only the `limit` shown
+    assert result["keyfacts"]["tuned"]["total"] == result["keyfacts"]["base"]["total"] == 2
+    general = result["general"]
+    assert general["rows"] == 32 and general["trained_tokens"] > 100
+    assert general["change"] == pytest.approx(general["tuned_loss"] - general["base_loss"])
+    assert general["base_loss"] != pytest.approx(general["tuned_loss"], rel=1e-4)  # the random adapter moves it
+    printed = console.file.getvalue()
+    assert "learned: key facts right in" in printed and "/2 answers (base " in printed
+    assert "drift: loss on 32 general-knowledge chats" in printed
+    without = compare(str(tiny_run_dir), str(data_file_of(tmp_path)), limit=1, max_new_tokens=2, as_json=True,
+                      general=False)
+    assert without["general"] is None and without["keyfacts"] is None  # no row has `expected`
+
+
+def data_file_of(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n")
+    return path
+
+
+def test_the_shipped_general_knowledge_chats_are_valid_and_self_consistent():
+    from lorafit.inference.compare import GENERAL
+    from lorafit.keyfacts import is_correct
+
+    rows = [json.loads(line) for line in GENERAL.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 30 and len({r["messages"][0]["content"] for r in rows}) == len(rows)
+    for r in rows:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert is_correct(r["messages"][1]["content"], r["expected"])  # each reference answer holds its key fact

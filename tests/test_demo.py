@@ -21,6 +21,10 @@ def test_heldout_errors_name_the_line(tmp_path):
         read_heldout(str(bad))
     with pytest.raises(DataError, match="does not exist"):
         read_heldout(str(tmp_path / "missing.jsonl"))
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "B."}],
+                                "expected": "Brennhaven"}) + "\n")
+    assert read_heldout(str(chat)) == [{"question": "Capital?", "key": "Brennhaven"}]
 
 
 def test_shipped_heldout_questions_are_not_in_training():
@@ -49,3 +53,20 @@ def test_demo_flow_on_a_tiny_model(tmp_path, tiny_chat_model, capsys):
     assert 0 <= results["tuned_correct"] <= 2
     out = capsys.readouterr().out
     assert "base model:" in out and "fine-tuned:" in out
+
+
+@pytest.mark.slow
+def test_the_real_demo_meets_its_documented_bar(tmp_path):
+    """`lorafit demo` as `make demo` runs it (embedded SmolLM2, configs/demo.yaml, examples/): the tuned model must
+    answer at least BAR of the 10 held-out paraphrases (the README's claim); fewer fails. ~3 min on 2 idle cores."""
+    from pathlib import Path
+
+    from lorafit.demo import BAR
+
+    root = Path(__file__).resolve().parents[1]
+    code = run_demo(str(root / "configs" / "demo.yaml"), str(root / "examples" / "heldout.jsonl"),
+                    [f"output.dir={tmp_path}", f"data.train={root / 'examples' / 'train.jsonl'}"])
+    results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert code == 0 and results["total"] == 10 and results["bar"] == BAR
+    assert results["base_correct"] <= 2  # the facts are invented: the base model cannot know them
+    assert results["tuned_correct"] >= BAR, [a for a in results["answers"] if not a["tuned_correct"]]

@@ -128,11 +128,14 @@ def compare(
     limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    general: bool = typer.Option(True, "--general/--no-general",
+                                 help="Also the loss change on 32 general-knowledge chats shipped with lorafit (drift)."),
 ):
-    """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
+    """Base vs fine-tuned: answers side by side, both losses on the same data, key-fact accuracy of rows with
+    `expected`, and the loss change on general-knowledge chats (what was learned, what drifted)."""
     from lorafit.inference.compare import compare as run_compare
 
-    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, general=general)
 
 
 @app.command()

@@ -57,7 +57,7 @@ class DataSection(Section):
     train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
     max_length: int = Field(2048, ge=8, description="Longest sample (and packed row) in tokens.")
     truncation: Literal["drop", "right"] = Field("drop", description="Over-long samples: drop them (counted) or cut on the right.")
-    packing: bool = Field(True, description="Pack samples into rows of max_length with no attention across samples.")
+    packing: bool = Field(True, description="Lay each micro-batch's samples out in as few rows of max_length as fit, with no attention across samples: less padding, the same samples per step.")
     skip_invalid: bool = Field(False, description="Skip invalid rows (counted) instead of stopping with the list of problems.")
     num_proc: int | Literal["auto"] = Field("auto", description="Processes for tokenization; auto = one per CPU core (at most 8) from 20,000 rows, else 1.")
 
@@ -96,11 +96,12 @@ class LoraSection(Section):
 
 
 class TrainingSection(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Rows per device per forward pass.")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0; raised for small data to reach min_steps).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from epochs and min_steps.")
+    min_steps: int = Field(150, ge=0, description="Fewest optimizer steps when derived from epochs: small data gets more epochs so it still learns (0 = off).")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per device per forward pass, with or without packing (packing lays them out in fewer rows).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step: a step trains on micro_batch_size × gradient_accumulation × devices samples.")
+    learning_rate: float | Literal["auto"] = Field("auto", description="Peak learning rate; auto = 2e-4 × 4096 / the model's hidden size, at most 2e-3 (2e-4 for Llama 3.1 8B, 1e-4 for 70B, 1.4e-3 for the embedded SmolLM2).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -117,6 +118,19 @@ class TrainingSection(Section):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many optimizer steps in a row with a NaN/inf loss or gradients (each is skipped).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Extra experiment trackers.")
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:  # one plain message instead of one per member of the union
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = 0.0
+        if isinstance(value, bool) or not number > 0 or number == float("inf"):
+            raise ValueError("must be a positive number (e.g. 2e-4) or auto")
+        return number
 
 
 class EvalSection(Section):

@@ -326,8 +326,11 @@ def build_plan(cfg, gpu: str | None = None) -> dict:
 def plan(config_path: str, gpu: str | None = None, as_json: bool = False, overrides: list[str] | None = None) -> dict:
     from lorafit.config import load_config
 
+    from lorafit.train.schedule import schedule_for_config
+
     cfg = load_config(config_path, overrides or [])
     result = build_plan(cfg, gpu)
+    result["schedule"] = schedule_for_config(cfg, result["architecture"]["hidden"])  # samples, steps, epochs, rate
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -402,6 +405,10 @@ def print_plan(p: dict, console=None) -> None:
         elif "changes" in row:
             console.print(f"  {row['gpu']}: does not fit even with checkpointing, 4-bit, micro-batch 1 and 512 tokens", markup=False)
     console.print("Changes are overrides for `lorafit train CONFIG key=value ...`.", markup=False)
+    if p.get("schedule"):
+        console.print("\n" + p["schedule"]["line"], markup=False)
+        for warning in p["schedule"]["warnings"]:
+            console.print(f"warning: {warning}", markup=False)
 
 
 def suggest_for_oom(cfg, device_gib: float | None = None) -> str | None:

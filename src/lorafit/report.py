@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from lorafit.errors import RunDirError
+from lorafit.inference.heldout import read_answers
+from lorafit.inference.heldout import summary as heldout_summary
 from lorafit.rundir import write_text_atomic
 
 CSS = """
@@ -153,6 +155,26 @@ def _generations(rows: list[dict]) -> str:
     return f"<table class=gen><tr><th>prompt</th><th>base model (before)</th><th>fine-tuned (after)</th></tr>{body}</table>"
 
 
+def _heldout(rows: list[dict]) -> str:
+    rows = [r for r in rows if isinstance(r, dict)]
+    if not rows:
+        return ("<p class=muted>No validation data, so no held-out answers (set `data.validation` or "
+                "`data.val_fraction`).</p>")
+    facts = heldout_summary(rows).get("keyfacts") or {}
+    score = ""
+    if facts.get("tuned"):
+        tuned, base = facts["tuned"], facts.get("base")
+        base_part = f" (base model: {base['right']}/{base['total']})" if base else ""
+        score = f"<p>Key fact right in <b>{tuned['right']}/{tuned['total']}</b> answers after training{base_part}.</p>"
+    mark = {True: "✓ ", False: "✗ ", None: ""}
+    body = "".join(
+        f"<tr><td>{_answer(r.get('question'))}</td><td>{_answer(r.get('expected') or r.get('reference'))}</td>"
+        f"<td>{mark.get(r.get('before_correct'), '')}{_answer(r.get('before'))}</td>"
+        f"<td>{mark.get(r.get('after_correct'), '')}{_answer(r.get('after'))}</td></tr>" for r in rows)
+    return (f"{score}<table class=gen><tr><th>validation question</th><th>expected</th><th>base model (before)</th>"
+            f"<th>fine-tuned (after)</th></tr>{body}</table>")
+
+
 def build_html(run_dir: Path, png: Path | None) -> str:
     run_dir = Path(run_dir)
     summary = _read_json(run_dir / "summary.json", {})
@@ -175,6 +197,8 @@ def build_html(run_dir: Path, png: Path | None) -> str:
 {image}
 <h2>Before / after</h2>
 {_generations(generations if isinstance(generations, list) else [])}
+<h2>Held-out answers</h2>
+{_heldout(read_answers(run_dir))}
 <h2>Data</h2>
 {_table(list(data.items())) if data else '<p class=muted>No data statistics.</p>'}
 <h2>Throughput and memory</h2>
@@ -234,6 +258,8 @@ def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": perplexity(eval_loss),
         "steps": trainer.state.global_step,
+        "schedule": s.schedule.as_dict() if getattr(s, "schedule", None) else None,
+        "heldout": heldout_summary(read_answers(s.run_dir)),
         "tokens": tokens.real,
         "trained_tokens": tokens.trained,
         "tokens_per_second": round(tokens.per_second(), 1),
@@ -251,7 +277,8 @@ def data_line(stats: dict) -> str:
         parts.append(f"{stats['validation_samples']} validation")
     packing = stats.get("packing") or {}
     if packing.get("efficiency") is not None:
-        parts.append(f"packed into {packing.get('rows', '?')} rows ({packing['efficiency']:.1%} real tokens)")
+        parts.append(f"micro-batches packed into {packing.get('rows', '?')} rows per epoch ({packing['efficiency']:.1%} "
+                     "real tokens)")
     dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
     if dropped:
         parts.append(f"{dropped} dropped (see `lorafit data check`)")
@@ -268,10 +295,30 @@ def summary_screen(run_dir: Path, s: dict) -> str:
         "",
         f"run directory   {run_dir}",
         f"adapter         {run_dir / 'adapter'}  (PEFT format)",
-        f"steps           {s['steps']}   train loss {s['train_loss']:.4f}" + eval_part,
+        f"steps           {s['steps']}{_epochs_part(s.get('schedule'))}   train loss {s['train_loss']:.4f}" + eval_part,
         f"tokens          {s['tokens']:,} seen, {s['trained_tokens']:,} trained   {s['tokens_per_second']:,.0f} tokens/s",
         f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB ({s['memory_kind']})   time {s['seconds']:.0f} s",
+        *_heldout_lines(s.get("heldout")),
         f"report          {run_dir / 'report.html'}",
         f"next            lorafit chat {run_dir}",
     ]
     return "\n".join(lines)
+
+
+def _epochs_part(schedule: dict | None) -> str:
+    if not schedule:
+        return ""
+    return (f" ({schedule['epochs']:,.1f} epochs of {schedule['samples']:,} samples, "
+            f"{schedule['samples_per_step']:,} per step)")
+
+
+def _heldout_lines(heldout: dict | None) -> list[str]:
+    if not heldout:
+        return []
+    facts = heldout.get("keyfacts") or {}
+    tuned, base = facts.get("tuned"), facts.get("base")
+    if tuned:
+        base_part = f" (base model {base['right']}/{base['total']})" if base else ""
+        return [f"held-out        key fact right in {tuned['right']}/{tuned['total']} validation answers{base_part}; "
+                "answers in report.html"]
+    return [f"held-out        {heldout['answered']} validation questions answered before and after: see report.html"]

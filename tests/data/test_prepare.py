@@ -36,23 +36,29 @@ def test_unpacked_columns_stats_and_masks(tmp_path, smollm2_tokenizer):
         assert r["labels"][0] == IGNORE and all(l in (IGNORE, i) for i, l in zip(r["input_ids"], r["labels"]))
 
 
-def test_packed_rows_hold_the_same_samples(tmp_path, smollm2_tokenizer):
+def test_packing_keeps_one_row_per_sample(tmp_path, smollm2_tokenizer):
+    """Packing happens per micro-batch in the collator (test_packing_batches.py): the prepared data is the same."""
     path = write_jsonl(tmp_path / "d.jsonl", rows(30))
     plain = prepare_data(cfg([str(path)], packing=False, max_length=128), smollm2_tokenizer, seed=0)
     packed = prepare_data(cfg([str(path)], packing=True, max_length=128), smollm2_tokenizer, seed=0)
-    assert packed.train.column_names == ["input_ids", "labels", "position_ids", "seq_lengths"]
-    assert len(packed.train) < len(plain.train) == 30
-    samples = []
-    for r in packed.train:
-        assert len(r["input_ids"]) == sum(r["seq_lengths"]) <= 128
-        start = 0
-        for n in r["seq_lengths"]:
-            assert r["position_ids"][start:start + n] == list(range(n))
-            samples.append((tuple(r["input_ids"][start:start + n]), tuple(r["labels"][start:start + n])))
-            start += n
-    assert sorted(samples) == sorted((tuple(r["input_ids"]), tuple(r["labels"])) for r in plain.train)
-    pk = packed.stats["packing"]
-    assert pk["rows"] == len(packed.train) and 0.5 < pk["efficiency"] <= 1
+    assert packed.train.column_names == ["input_ids", "labels"] and len(packed.train) == 30
+    assert packed.train["input_ids"] == plain.train["input_ids"] and packed.train["labels"] == plain.train["labels"]
+    assert packed.sample_lengths.tolist() == [len(ids) for ids in plain.train["input_ids"]]
+
+
+def test_expected_key_facts_are_read_and_checked(tmp_path, smollm2_tokenizer):
+    good = [dict(chat(f"q{i}?", f"The answer is K{i}."), expected=f"K{i}") for i in range(4)] + [chat("q?", "a.")]
+    path = write_jsonl(tmp_path / "d.jsonl", good + [dict(chat("q?", "a."), expected=7), dict(chat("q?", "a."), expected=" ")])
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg([str(path)]), smollm2_tokenizer, seed=0)
+    assert f"{path}:6: `expected`: expected a non-empty string (the key fact a right answer contains), got int" in err.value.message
+    assert f"{path}:7: `expected`: expected a non-empty string" in err.value.message
+    val = write_jsonl(tmp_path / "v.jsonl", good)
+    p = prepare_data(DataSection(train=[str(path)], validation=[str(val)], skip_invalid=True), smollm2_tokenizer, seed=0)
+    assert p.train.column_names == ["input_ids", "labels"] and p.stats["train_samples"] == 5
+    assert [h["expected"] for h in p.heldout] == ["K0", "K1", "K2", "K3", None]
+    assert p.heldout[0]["messages"] == [{"role": "user", "content": "q0?"}] and p.heldout[0]["reference"] == "The answer is K0."
+    assert p.heldout[0]["loc"] == f"{val}:1"
 
 
 def test_invalid_rows_stop_or_are_skipped(tmp_path, smollm2_tokenizer):

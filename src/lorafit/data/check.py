@@ -1,8 +1,9 @@
 """`lorafit data check`: what training would see, before any model is loaded (only the tokenizer).
 
 Reports rows read, formats, invalid rows, token lengths with a histogram, dropped/truncated samples, the
-trained-token fraction, exact duplicates, packing, and one rendered example with the trained tokens
-highlighted. Exit code 2 when the data cannot train as configured.
+trained-token fraction, exact duplicates, packing, the schedule (samples, samples per optimizer step, optimizer
+steps, epochs: the config's training settings, or the defaults for a data file), and one rendered example with
+the trained tokens highlighted. Exit code 2 when the data cannot train as configured.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 def data_check(target: str, model: str | None, max_length: int | None, as_json: bool) -> int:
     """Check a data file/glob/folder or a run config; print the report; return the exit code."""
     try:
-        data_cfg, model_name, tokenizer_name = _load_target(target, model, max_length)
-        report = build_report(data_cfg, model_name, tokenizer_name)
+        cfg, model_name, tokenizer_name = _load_target(target, model, max_length)
+        report = build_report(cfg.data, model_name, tokenizer_name, cfg)
     except LorafitError as err:
         if as_json:
             print(json.dumps({"ok": False, "error": err.message, "hint": err.hint}, indent=2))
@@ -36,20 +37,26 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
 
 
 def _load_target(target: str, model: str | None, max_length: int | None):
-    from lorafit.config import DataSection, load_config
+    """(run config, model name, tokenizer name): a config file's, or the defaults around a data file."""
+    from lorafit.config import DataSection, RunConfig, load_config
 
     overrides = [f"data.max_length={max_length}"] if max_length else []
     if Path(target).suffix.lower() in CONFIG_SUFFIXES:
         cfg = load_config(target, overrides)
-        return cfg.data, model or cfg.model.name, None if model else cfg.model.tokenizer
+        return cfg, model or cfg.model.name, None if model else cfg.model.tokenizer
     fields = {"train": [target]}
     if max_length:
         fields["max_length"] = max_length
-    return DataSection(**fields), model or DEFAULT_MODEL, None
+    return RunConfig(data=DataSection(**fields)), model or DEFAULT_MODEL, None
 
 
-def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -> dict:
-    """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data."""
+def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None, cfg=None) -> dict:
+    """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data.
+
+    `cfg`: the run config whose training settings give the schedule (default: lorafit's defaults)."""
+    from lorafit.config import RunConfig
+    from lorafit.train.schedule import describe_run
+
     from lorafit.data.prepare import prepare_data, read_source
     from lorafit.data.readers import expand_source
     from lorafit.models.tokenizer import load_tokenizer
@@ -59,15 +66,28 @@ def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -
     tokenizer = load_tokenizer(model_name, tokenizer_name)
     lenient = data_cfg.model_copy(update={"skip_invalid": True})
     prepared = prepare_data(lenient, tokenizer, seed=0)
+    cfg = (cfg or RunConfig()).model_copy(update={"data": data_cfg})
+    schedule = describe_run(cfg, prepared, _hidden_size(cfg.model.model_copy(update={"name": model_name})))
     stats = dict(prepared.stats)
     problems = []
     if stats["invalid"] and not data_cfg.skip_invalid:
         problems.append(f"{stats['invalid']} invalid row(s): training stops on them (fix them, or set `data.skip_invalid: true`).")
-    warnings = _warnings(stats)
+    warnings = _warnings(stats) + schedule.warnings
     first = read_source(data_cfg.train[0], 0)
     return {"ok": not problems, "model": model_name, "problems": problems, "warnings": warnings, **stats,
+            "schedule": schedule.as_dict(), "schedule_line": schedule.line(),
             "histogram": _histogram(prepared, data_cfg.max_length),
             "example": _example(first, tokenizer, prepared.template, data_cfg)}
+
+
+def _hidden_size(model_cfg) -> int | None:
+    """The model's width, for `training.learning_rate: auto`: read from its config (no weights), None if unreadable."""
+    from lorafit.plan import load_architecture
+
+    try:
+        return int(load_architecture(model_cfg).hidden_size)
+    except (LorafitError, OSError, ValueError, AttributeError):
+        return None
 
 
 def _warnings(stats: dict) -> list[str]:
@@ -158,8 +178,10 @@ def print_report(report: dict) -> None:
                   f"({100 * report['trained_fraction']:.1f}%)")
     if "packing" in report:
         pk = report["packing"]
-        console.print(f"packing: {pk['samples']:,} samples -> {pk['rows']:,} rows of {report['max_length']} "
-                      f"(efficiency {100 * pk['efficiency']:.1f}%)")
+        console.print(f"packing: {pk['samples']:,} samples in micro-batches of {pk['micro_batch_size']} -> {pk['rows']:,} rows "
+                      f"per epoch of at most {report['max_length']} tokens, {100 * pk['efficiency']:.1f}% real tokens "
+                      f"(unpacked: {pk['unpacked_rows']:,} rows, {100 * pk['unpacked_efficiency']:.1f}%)")
+    console.print(report["schedule_line"], markup=False)
     example = report.get("example")
     if example:
         # Without colour (a pipe, a CI log) the trained spans are bracketed instead.

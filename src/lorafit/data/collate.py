@@ -1,5 +1,10 @@
 """Batch collators: right padding for plain rows; for packed rows, attention that never crosses samples.
 
+A micro-batch is a list of samples either way (the same samples, so packing never changes what a step trains
+on); with packing the collator lays them out in as few rows of at most `max_length` tokens as they fit in
+(packing.pack_features) instead of one padded row each. Features that already carry `seq_lengths` are taken
+as packed rows as they are.
+
 transformers (5.x) only keeps packed samples apart by itself in narrow cases: flash attention needs a
 batch of ONE row with restarting position_ids (`_is_packed_sequence` checks batch_size == 1), and
 sdpa/eager derive a block mask from position_ids only when no cache is in use (training with
@@ -13,11 +18,14 @@ labels stay aligned with input_ids (the loss shifts them); the first token of ev
 
 from __future__ import annotations
 
+from lorafit.data.packing import pack_features
 from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
 
-def make_collator(tokenizer, packed: bool, attn_implementation: str):
-    """callable(list[dict]) -> dict[str, Tensor] with only model inputs (input_ids, labels, masks/positions)."""
+def make_collator(tokenizer, packed: bool, attn_implementation: str, max_length: int | None = None):
+    """callable(list[dict]) -> dict[str, Tensor] with only model inputs (input_ids, labels, masks/positions).
+
+    `max_length`: the packed rows' capacity (sdpa/eager); None keeps each feature as one row."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; call lorafit.models.tokenizer.ensure_pad_token first")
@@ -25,7 +33,7 @@ def make_collator(tokenizer, packed: bool, attn_implementation: str):
         return PadCollator(pad_id)
     if attn_implementation.startswith("flash_attention"):
         return FlattenCollator()
-    return BlockMaskCollator(pad_id, additive=attn_implementation != "sdpa")
+    return BlockMaskCollator(pad_id, additive=attn_implementation != "sdpa", capacity=max_length)
 
 
 class PadCollator:
@@ -67,13 +75,16 @@ class FlattenCollator:
 
 
 class BlockMaskCollator:
-    def __init__(self, pad_id: int, additive: bool):
+    def __init__(self, pad_id: int, additive: bool, capacity: int | None = None):
         self.pad_id = pad_id
         self.additive = additive
+        self.capacity = capacity
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        if self.capacity and features and "seq_lengths" not in features[0]:
+            features = pack_features(features, self.capacity)
         width = max(len(f["input_ids"]) for f in features)
         batch = len(features)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)

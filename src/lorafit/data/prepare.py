@@ -1,4 +1,7 @@
-"""The data pipeline in one call: read -> validate -> render/tokenize/mask -> length policy -> split -> mix -> pack.
+"""The data pipeline in one call: read -> validate -> render/tokenize/mask -> length policy -> split -> mix.
+
+Packing is not done here: the collator packs each micro-batch's samples (data/collate.py), so that a batch holds
+the same samples with packing on or off.
 
 Everything runs through `datasets` (Arrow files, memory-mapped, cached under the lorafit cache), so a
 million rows are handled with bounded memory; the Python lists kept here are one int per sample.
@@ -6,17 +9,15 @@ million rows are handled with bounded memory; the Python lists kept here are one
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorafit.data.encode import Encoder, token_features, tokenize_rows
-from lorafit.data.packing import best_fit_decreasing, pack_rows, packing_efficiency
 from lorafit.data.sources import (
     MAX_LISTED,
     PIPELINE_VERSION,
@@ -27,21 +28,24 @@ from lorafit.data.sources import (
 )
 from lorafit.data.templates import resolve_template
 from lorafit.errors import DataError
-from lorafit.paths import data_cache_dir
+from lorafit.keyfacts import split_reference
 
 log = logging.getLogger("lorafit")
 AUTO_PROC_MIN_ROWS = 20_000  # below this, starting worker processes costs more than it saves
 MAX_AUTO_PROCS = 8
 ROWS_PER_BATCH = 500
+HELDOUT_SHOWN = 10  # validation conversations answered before and after training for the run's report
 
 
 @dataclass
 class PreparedData:
-    train: "object"  # datasets.Dataset: input_ids, labels (+ position_ids, seq_lengths when packed)
+    train: "object"  # datasets.Dataset: input_ids, labels; one row per sample
     validation: "object | None"
     stats: dict
     template: str
     lengths: "np.ndarray | None" = None  # token length of every valid training row, before the length policy
+    sample_lengths: "np.ndarray | None" = None  # tokens of each training sample, as trained (after the length policy)
+    heldout: list = field(default_factory=list)  # up to HELDOUT_SHOWN validation conversations (heldout_examples)
 
 
 # -- tokenizing -----------------------------------------------------------------------------------
@@ -62,7 +66,8 @@ def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
                                "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32"),
                                "special": Value("string")})
     return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
-                    "max_length": data_cfg.max_length, "truncation": data_cfg.truncation}, remove_columns=["messages", "text", "problems"],
+                    "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
+                    remove_columns=["messages", "text", "problems", "expected"],
                     features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
 
 
@@ -90,7 +95,7 @@ def _column(ds, name: str) -> np.ndarray:
     return ds.with_format("arrow")[name].to_numpy(zero_copy_only=False) if len(ds) else np.zeros(0)
 
 
-# -- mixing and packing ---------------------------------------------------------------------------
+# -- mixing ---------------------------------------------------------------------------------
 def weighted_indices(indices: np.ndarray, sources: np.ndarray, weights: dict[int, float], rng) -> np.ndarray:
     """Each source sampled to weight x its size: whole repeats, plus a seeded sample for the fraction."""
     out = []
@@ -102,33 +107,6 @@ def weighted_indices(indices: np.ndarray, sources: np.ndarray, weights: dict[int
         if extra:
             out.append(rng.choice(own, size=extra, replace=False))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-
-
-def pack_dataset(ds, lengths: list[int], capacity: int, seed: int):
-    """Packed rows (input_ids, labels, position_ids, seq_lengths) and the packing efficiency; lengths[i] = len(ds[i])."""
-    from datasets import Dataset, List, Value
-
-    bins = best_fit_decreasing(lengths, capacity)
-    order = np.random.default_rng(seed).permutation(len(bins))  # rows in random order, not sorted by fill
-    bins = [bins[i] for i in order]
-    efficiency = packing_efficiency(lengths, bins, capacity)
-    table = Dataset.from_dict({"members": bins})
-    fp = stable_hash("pack", ds._fingerprint, capacity, seed, PIPELINE_VERSION)
-    features = token_features({"position_ids": List(Value("int32")), "seq_lengths": List(Value("int32"))})
-    packed = table.map(partial(_gather_and_pack, source=ds), batched=True, batch_size=256, remove_columns=["members"],
-                       new_fingerprint=fp, features=features, cache_file_name=str(Path(data_cache_dir()) / f"packed-{fp}.arrow"), desc="packing")
-    return packed, efficiency
-
-
-def _gather_and_pack(batch: dict, source) -> dict:
-    flat = [i for members in batch["members"] for i in members]
-    rows = source.select_columns(["input_ids", "labels"])[flat]
-    member_ids, member_labels, at = [], [], 0
-    for members in batch["members"]:
-        member_ids.append(rows["input_ids"][at:at + len(members)])
-        member_labels.append(rows["labels"][at:at + len(members)])
-        at += len(members)
-    return pack_rows({"member_ids": member_ids, "member_labels": member_labels})
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -162,10 +140,8 @@ def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
     finally:
         if bars:
             datasets.enable_progress_bars()
-    log.debug("data: %s rows read, %s invalid, %s train samples%s in %.1f s", f"{prepared.stats['rows_read']:,}",
-              f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}",
-              f" packed into {prepared.stats['packing']['rows']:,} rows" if "packing" in prepared.stats else "",
-              time.perf_counter() - started)
+    log.debug("data: %s rows read, %s invalid, %s train samples in %.1f s", f"{prepared.stats['rows_read']:,}",
+              f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}", time.perf_counter() - started)
     return prepared
 
 
@@ -188,28 +164,12 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
             raise DataError(f"no valid training rows: every row is invalid. {err.message}",
                             "Run `lorafit data check` on the data to see every problem.") from None
         raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
-    train_tok = tokenize_source_rows(valid_rows(train_sources), tokenizer, data_cfg, template, tok_fp)
+    train_rows = valid_rows(train_sources)
+    train_tok = tokenize_source_rows(train_rows, tokenizer, data_cfg, template, tok_fp)
     status = status_masks(train_tok)
     keep = status["ok"] | status["truncated"]
-    all_idx = np.arange(len(train_tok))
-    val_tok, val_idx = None, None
-    if val_sources:
-        if sum(s.rows - s.invalid for s in val_sources) == 0:
-            raise DataError("no valid validation rows.", "Check `data.validation`.")
-        val_tok = tokenize_source_rows(valid_rows(val_sources), tokenizer, data_cfg, template, tok_fp)
-        val_status = status_masks(val_tok)
-        val_idx = np.flatnonzero(val_status["ok"] | val_status["truncated"])
-        train_idx = all_idx
-    elif data_cfg.val_fraction > 0:
-        order = rng.permutation(len(all_idx))
-        n_val = max(1, int(round(data_cfg.val_fraction * len(all_idx))))
-        if n_val >= len(all_idx):
-            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}.")
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-        val_idx = val_idx[keep[val_idx]]
-        val_tok = train_tok
-    else:
-        train_idx = all_idx
+    train_idx, val_rows, val_tok, val_idx = _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer,
+                                                   template, tok_fp)
     train_idx = train_idx[keep[train_idx]]
     if len(train_idx) == 0:
         raise DataError(_nothing_left_message(status, data_cfg), "Raise `data.max_length`, set `data.truncation: right`, "
@@ -219,15 +179,51 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
     train = train_tok.select(train_idx, new_fingerprint=stable_hash(train_tok._fingerprint, train_idx.tobytes()))
-    validation = None
+    validation, heldout = None, []
     if val_tok is not None and val_idx is not None and len(val_idx):
         validation = val_tok.select(val_idx, new_fingerprint=stable_hash(val_tok._fingerprint, "val", val_idx.tobytes()))
+        heldout = heldout_examples(val_rows, val_idx[:HELDOUT_SHOWN])
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
-    for source in train_sources + val_sources:  # unmap the raw rows' Arrow files before packing touches the tokens
+    for source in train_sources + val_sources:  # unmap the raw rows' Arrow files
         source.dataset = None
-    train, validation = _final_columns(train, validation, data_cfg, seed, stats)
-    return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths)
+    sample_lengths = _column(train, "n_tokens").astype(np.int32)
+    cols = ["input_ids", "labels"]
+    train, validation = train.select_columns(cols), validation.select_columns(cols) if validation is not None else None
+    return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths,
+                        sample_lengths=sample_lengths, heldout=heldout)
+
+
+def _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer, template: str, tok_fp: str):
+    """(train indices, raw validation rows, tokenized validation rows, their indices) from data.validation, or
+    `val_fraction` of the training rows (seeded), or no validation."""
+    all_idx = np.arange(len(train_tok))
+    if val_sources:
+        if sum(s.rows - s.invalid for s in val_sources) == 0:
+            raise DataError("no valid validation rows.", "Check `data.validation`.")
+        val_rows = valid_rows(val_sources)
+        val_tok = tokenize_source_rows(val_rows, tokenizer, data_cfg, template, tok_fp)
+        val_status = status_masks(val_tok)
+        return all_idx, val_rows, val_tok, np.flatnonzero(val_status["ok"] | val_status["truncated"])
+    if data_cfg.val_fraction > 0:
+        order = rng.permutation(len(all_idx))
+        n_val = max(1, int(round(data_cfg.val_fraction * len(all_idx))))
+        if n_val >= len(all_idx):
+            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}.")
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return train_idx, train_rows, train_tok, val_idx[keep[val_idx]]
+    return all_idx, None, None, None
+
+
+def heldout_examples(rows, indices) -> list[dict]:
+    """Conversations of these validation rows, cut before their last answer: what the run's report shows answered
+    by the base and the tuned model. {messages, reference, expected, loc}; raw-text rows have no question."""
+    out = []
+    for row in rows.select_columns(["messages", "expected", "loc"]).select(np.asarray(indices, dtype=np.int64)):
+        split = split_reference(json.loads(row["messages"])) if row["messages"] else None
+        if split is not None:
+            out.append({"messages": split[0], "reference": split[1], "expected": row["expected"], "loc": row["loc"]})
+    return out
 
 
 def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
@@ -235,19 +231,6 @@ def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
     untrained = int(status["no_trained"].sum())
     return (f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
             f"{untrained} with no trained token.")
-
-
-def _final_columns(train, validation, data_cfg, seed: int, stats: dict):
-    cols = ["input_ids", "labels"]
-    if not data_cfg.packing:
-        return train.select_columns(cols), validation.select_columns(cols) if validation is not None else None
-    packed, efficiency = pack_dataset(train.select_columns(cols), _column(train, "n_tokens").tolist(), data_cfg.max_length, seed)
-    stats["packing"] = {"efficiency": round(efficiency, 4), "rows": len(packed), "samples": len(train)}
-    if validation is not None:
-        validation, _ = pack_dataset(validation.select_columns(cols), _column(validation, "n_tokens").tolist(),
-                                     data_cfg.max_length, seed)
-        stats["packing"]["validation_rows"] = len(validation)
-    return packed, validation
 
 
 def _special_text(ds) -> dict:

@@ -1,5 +1,8 @@
 """Read each config source into an Arrow dataset of normalised rows, every invalid row kept with its problems.
 
+A row may carry `expected`: the key fact a right answer contains (e.g. "Brennhaven"). Training ignores it;
+`lorafit compare` and the run's held-out answers score answers by it (lorafit.inference.keyfacts).
+
 Rows that cannot be used stay in the dataset (with `problems` set) so the report can name each one by
 file:line, field and reason; the dataset is cached by the files' size and mtime, so a second run over the
 same files does not read them again.
@@ -19,7 +22,7 @@ from lorafit.errors import DataError
 from lorafit.paths import data_cache_dir
 
 MAX_LISTED = 20  # problems listed in an error; the total is always given
-PIPELINE_VERSION = "5"  # bump when the stored output changes, so old caches are not reused
+PIPELINE_VERSION = "6"  # bump when the stored output changes, so old caches are not reused
 
 
 @dataclass
@@ -47,7 +50,7 @@ def _features():
     from datasets import Features, List, Value
 
     # messages are stored as a JSON string: Arrow <-> Python conversion of nested structs is ~5x slower.
-    return Features({"messages": Value("string"), "text": Value("string"),
+    return Features({"messages": Value("string"), "text": Value("string"), "expected": Value("string"),
                      "loc": Value("string"), "problems": List(Value("string")), "source": Value("int32")})
 
 
@@ -71,7 +74,8 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
     for f in files:
         for loc, row, problem in read_rows(f, split):
             if problem is not None:
-                yield {"messages": None, "text": None, "loc": loc, "problems": [f"(row): {problem}"], "source": source}
+                yield {"messages": None, "text": None, "expected": None, "loc": loc, "problems": [f"(row): {problem}"],
+                       "source": source}
                 continue
             row = _mapped(row, columns)
             if fmt is None:
@@ -83,8 +87,22 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
                 other = detect_format(row) if problems else None
                 if other and other != fmt:  # e.g. one ShareGPT row in a `messages` file
                     problems.append(f"(row): this row is in {other} form but the source is {fmt}; use one form per source")
-            yield {"messages": json.dumps(messages, ensure_ascii=False) if messages else None, "text": text, "loc": loc,
-                   "problems": problems, "source": source}
+            expected, reason = _expected(row)
+            if reason:
+                problems.append(f"`expected`: {reason}")
+            yield {"messages": json.dumps(messages, ensure_ascii=False) if messages else None, "text": text,
+                   "expected": expected, "loc": loc, "problems": problems, "source": source}
+
+
+def _expected(row: dict) -> tuple[str | None, str | None]:
+    """(the key fact, a problem): optional; when present, a non-empty string."""
+    value = row.get("expected")
+    if value is None:
+        return None, None
+    if not isinstance(value, str) or not value.strip():
+        return None, (f"expected a non-empty string (the key fact a right answer contains), got "
+                      f"{type(value).__name__ if not isinstance(value, str) else 'an empty string'}")
+    return value.strip(), None
 
 
 def read_source(spec, index: int = 0) -> SourceData:

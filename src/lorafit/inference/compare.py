@@ -1,9 +1,13 @@
-"""`lorafit compare`: what fine-tuning changed, on data you choose.
+"""`lorafit compare`: what fine-tuning changed, on data you choose: what was learned, and what drifted.
 
 One model in memory: the run's base with its adapter, which PEFT can switch off (`disable_adapter`), so the
 "base" answers and loss come from exactly the weights training started from. The loss is computed the way
 training computes it: the run's own data settings (template, system prompt, which turns are trained, length
 policy) tokenize the file, and the loss is the mean over trained tokens.
+
+Learned: rows that carry `expected` (a key fact) are all answered by both models and scored by the key-fact
+rule (lorafit.keyfacts). Drifted: the same loss on GENERAL, 32 short general-knowledge chats shipped with
+lorafit; a rise there means the adapter changed what the base model already knew.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lorafit.errors import DataError
+from lorafit.keyfacts import accuracy, is_correct, split_reference
+
+GENERAL = Path(__file__).with_name("general_knowledge.jsonl")
 
 
 def conversations(data_file: str, data_cfg) -> list[dict]:
-    """{"messages": prompt turns, "reference": the last assistant answer} for every valid chat row."""
+    """{"messages": prompt turns, "reference": the last assistant answer, "expected": key fact or None} per chat row."""
     from lorafit.config import DataSource
     from lorafit.data.sources import raise_for_problems, read_source
 
@@ -28,10 +35,9 @@ def conversations(data_file: str, data_cfg) -> list[dict]:
     for row in source.dataset:
         if row["problems"] or not row["messages"]:
             continue
-        messages = json.loads(row["messages"])
-        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is not None:
-            rows.append({"messages": messages[:last], "reference": messages[last]["content"], "loc": row["loc"]})
+        split = split_reference(json.loads(row["messages"]))
+        if split is not None:
+            rows.append({"messages": split[0], "reference": split[1], "expected": row["expected"], "loc": row["loc"]})
     return rows
 
 
@@ -59,11 +65,10 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
 
 
 def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
-            console=None) -> dict:
-    """Answers of the base and the tuned model side by side, and both validation losses on DATA_FILE."""
-    from lorafit.config import DataSource
-    from lorafit.data.prepare import prepare_data
-    from lorafit.inference.generate import generate_batch, load_for_inference
+            console=None, general: bool = True) -> dict:
+    """Answers of the base and the tuned model side by side, both losses on DATA_FILE, key-fact accuracy of the rows
+    with `expected`, and (`general`) the loss change on the shipped general-knowledge chats."""
+    from lorafit.inference.generate import load_for_inference
     from lorafit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
@@ -71,35 +76,67 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
         raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
     rows = conversations(data_file, cfg.data)
     loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
-    model = loaded.model
-    base_mode = model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
-
-    # The run's data settings, with this file as the only source, unpacked: one row per conversation.
-    data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
-                                           "packing": False})
-    tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
-    with base_mode():
-        base_loss, tokens = validation_loss(model, loaded.tokenizer, tokenized)
-    tuned_loss, _ = validation_loss(model, loaded.tokenizer, tokenized)
-
+    base_loss, tuned_loss, tokens, n_rows = _losses(loaded, cfg, data_file)
+    base_answers, tuned_answers = _answers(loaded, rows, limit, max_new_tokens)
     shown = rows[:limit]
-    prompts = [r["messages"] for r in shown]
-    with base_mode():
-        base_answers = generate_batch(loaded, prompts, max_new_tokens) if prompts else []
-    tuned_answers = generate_batch(loaded, prompts, max_new_tokens) if prompts else []
     result = {
-        "run": str(run_dir), "data": str(data_file), "rows": len(tokenized), "trained_tokens": tokens,
+        "run": str(run_dir), "data": str(data_file), "rows": n_rows, "trained_tokens": tokens,
         "base_loss": base_loss, "tuned_loss": tuned_loss,
         "base_perplexity": math.exp(base_loss) if base_loss < 50 else float("inf"),
         "tuned_perplexity": math.exp(tuned_loss) if tuned_loss < 50 else float("inf"),
-        "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "base": b, "tuned": t}
-                    for r, b, t in zip(shown, base_answers, tuned_answers)],
+        "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "expected": r["expected"],
+                     "base": base_answers[k], "tuned": tuned_answers[k]} for k, r in enumerate(shown)],
+        "keyfacts": None, "general": None,
     }
+    keys = [r["expected"] for r in rows]
+    if any(keys):  # every row with a key fact was answered (see _answers)
+        scored = [(b, t, k) for b, t, k in zip(base_answers, tuned_answers, keys) if k]
+        result["keyfacts"] = {"base": accuracy([b for b, _, _ in scored], [k for _, _, k in scored]),
+                              "tuned": accuracy([t for _, t, _ in scored], [k for _, _, k in scored])}
+    if general:
+        g_base, g_tuned, g_tokens, g_rows = _losses(loaded, cfg, str(GENERAL))
+        result["general"] = {"data": str(GENERAL), "rows": g_rows, "trained_tokens": g_tokens, "base_loss": g_base,
+                             "tuned_loss": g_tuned, "change": g_tuned - g_base}
     if as_json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
         print_comparison(result, console)
     return result
+
+
+def _base_mode(model):
+    return model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
+
+
+def _losses(loaded, cfg, data_file: str) -> tuple[float, float, int, int]:
+    """(base loss, tuned loss, trained tokens, rows) on one file, tokenized with the run's data settings."""
+    from lorafit.config import DataSource
+    from lorafit.data.prepare import prepare_data
+
+    # The run's data settings, with this file as the only source: one row per conversation.
+    data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
+                                           "packing": False})
+    tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
+    with _base_mode(loaded.model)():
+        base_loss, tokens = validation_loss(loaded.model, loaded.tokenizer, tokenized)
+    tuned_loss, _ = validation_loss(loaded.model, loaded.tokenizer, tokenized)
+    return base_loss, tuned_loss, tokens, len(tokenized)
+
+
+def _answers(loaded, rows: list[dict], limit: int, max_new_tokens: int, batch_size: int = 8) -> tuple[list, list]:
+    """Base and tuned answers to the first `limit` rows and to every row with a key fact (others: None)."""
+    from lorafit.inference.generate import generate_batch
+
+    wanted = [k for k, r in enumerate(rows) if k < limit or r["expected"]]
+    base, tuned = [None] * len(rows), [None] * len(rows)
+    for start in range(0, len(wanted), batch_size):
+        chunk = wanted[start:start + batch_size]
+        prompts = [rows[k]["messages"] for k in chunk]
+        with _base_mode(loaded.model)():
+            answers = generate_batch(loaded, prompts, max_new_tokens)
+        for k, a, t in zip(chunk, answers, generate_batch(loaded, prompts, max_new_tokens)):
+            base[k], tuned[k] = a, t
+    return base, tuned
 
 
 def print_comparison(result: dict, console=None) -> None:
@@ -111,9 +148,21 @@ def print_comparison(result: dict, console=None) -> None:
     for name in ("question", "reference", "base", "tuned"):
         table.add_column(name, overflow="fold")
     for a in result["answers"]:
-        table.add_row(a["question"], a["reference"], a["base"], a["tuned"])
+        key = a.get("expected")
+        base, tuned = ((f"{'✓' if is_correct(text, key) else '✗'} {text}" if key else text) for text in (a["base"], a["tuned"]))
+        table.add_row(a["question"], a["reference"], base, tuned)
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
     console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
                   f"base {result['base_loss']:.4f} (ppl {result['base_perplexity']:.2f}) -> tuned {result['tuned_loss']:.4f} "
                   f"(ppl {result['tuned_perplexity']:.2f}), {change:+.4f}", markup=False)
+    facts = result.get("keyfacts")
+    if facts:
+        console.print(f"learned: key facts right in {facts['tuned']['right']}/{facts['tuned']['total']} answers "
+                      f"(base {facts['base']['right']}/{facts['base']['total']}); right = the answer contains the row's "
+                      "`expected`", markup=False)
+    general = result.get("general")
+    if general:
+        console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> tuned "
+                      f"{general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed what the "
+                      "base model knew)", markup=False)

@@ -47,9 +47,12 @@ def generate_answers(model, tokenizer, prompts: list[str], template: str, max_ne
     return answers
 
 
-def _messages(prompt: str, system_prompt: str | None) -> list[dict]:
-    messages = [{"role": "user", "content": prompt}]
-    return ([{"role": "system", "content": system_prompt}] + messages) if system_prompt else messages
+def _messages(prompt: str | list[dict], system_prompt: str | None) -> list[dict]:
+    """A prompt string as one user turn, or a conversation as is; the system prompt added when it has none."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not system_prompt or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
 
 
 def base_answers(peft_model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,

@@ -27,7 +27,9 @@ def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
     from lorafit.runtime import resolve_precision
 
     t = cfg.training
-    causes = [f"a learning rate too high for this model (training.learning_rate={t.learning_rate:g}; try 10× lower)"]
+    rate = (f"training.learning_rate={t.learning_rate:g}; try 10× lower" if not isinstance(t.learning_rate, str) else
+            "training.learning_rate=auto; set a number 10× lower than the `schedule:` line's learning rate")
+    causes = [f"a learning rate too high for this model ({rate})"]
     if resolve_precision(t.precision) == "fp16":
         causes.append("fp16 overflow (use training.precision=bf16 on GPUs that have it, or fp32)")
     if t.max_grad_norm == 0:

@@ -27,6 +27,7 @@ from lorafit.report import data_line, summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, write_json, write_text_atomic
 from lorafit.runtime import is_main_process, resolve_precision
 from lorafit.train.callbacks import TokenCounter, perplexity
+from lorafit.train.schedule import BASE_RATE, add_layout, plan_schedule, resolve_learning_rate
 
 log = logging.getLogger("lorafit")
 
@@ -79,7 +80,8 @@ def _trainer_class():
 
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
+def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool, schedule=None):
+    """`schedule` (train/schedule.py): the optimizer steps and the learning rate the run takes."""
     import torch
     from transformers import TrainingArguments
 
@@ -93,11 +95,12 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
     return TrainingArguments(
         output_dir=str(staging_dir(run_dir / "checkpoints")),  # checkpoints are sealed and moved out (checkpoint.py)
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        max_steps=schedule.steps if schedule else t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
+        learning_rate=(schedule.learning_rate if schedule else None) or resolve_learning_rate(t.learning_rate, None)[0]
+        or BASE_RATE,  # no schedule (bench/gpu.py, main_process_first): the set rate, or auto's at hidden size 4096
         lr_scheduler_type=t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         weight_decay=t.weight_decay,
@@ -196,15 +199,21 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     with main_process_first(cfg, run_dir):
         prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
     check_training_config(cfg, prepared.validation is not None)
+    add_layout(cfg, prepared)
     say(data_line(prepared.stats))
     model = load_base_model(cfg.model)
+    schedule = plan_schedule(cfg.training, len(prepared.train), hidden_size=getattr(model.config, "hidden_size", None))
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
     say(describe_parameters(trainable, total))
+    say(schedule.line())
+    for warning in schedule.warnings:
+        log.warning("warning: %s", warning)
 
-    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation))
-    args = training_arguments(cfg, run_dir, prepared.validation is not None)
+    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation),
+                             max_length=cfg.data.max_length)
+    args = training_arguments(cfg, run_dir, prepared.validation is not None, schedule)
     tokens = TokenCounter()
     metrics = MetricsCallback(run_dir / "metrics.jsonl", tokens, enabled=main)
     progress = ProgressCallback(tokens, mode="lines" if quiet else "auto", enabled=main)
@@ -227,7 +236,7 @@ def build_session(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bo
     if resume:  # the curve continues from the checkpoint: records of steps after it are redone
         metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
     return Session(cfg=cfg, run_dir=run_dir, checkpoints=checkpoints, last=last, tokenizer=tokenizer,
-                   prepared=prepared, model=model, trainable=trainable, total=total, trainer=trainer, tokens=tokens,
+                   prepared=prepared, schedule=schedule, model=model, trainable=trainable, total=total, trainer=trainer, tokens=tokens,
                    metrics=metrics, progress=progress, guard=guard, stopper=stopper, best=best)
 
 
@@ -273,6 +282,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         write_after,
         write_before,
     )
+    from lorafit.inference import heldout as held
     from lorafit.train import checkpoints as ckpt
     from lorafit.train import faults
 
@@ -297,6 +307,11 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
             write_before(run_dir, prompts, base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
                                                         cfg.data.system_prompt))
+        heldout, heldout_after = [h["messages"] for h in s.prepared.heldout] if main else [], None
+        if heldout and not (s.last and held.read_answers(run_dir)):
+            say(f"answering {len(heldout)} validation question(s) with the base model (adapter off)")
+            held.write_before(run_dir, s.prepared.heldout, base_answers(model, s.tokenizer, heldout, template,
+                                                                        cfg.eval.max_new_tokens, cfg.data.system_prompt))
         phase = "training"
         result = trainer.train(resume_from_checkpoint=str(s.last) if s.last else None)
         s.progress.close()
@@ -314,6 +329,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         phase = "the tuned model's answers to eval.prompts"
         if prompts and main:
             after = generate_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
+        if heldout:
+            heldout_after = generate_answers(model, s.tokenizer, heldout, template, cfg.eval.max_new_tokens,
+                                             cfg.data.system_prompt)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
         if not s.last or phase != "training":
             raise
@@ -331,6 +349,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         _save_final(model, s.tokenizer, run_dir, s.checkpoints)
         if after is not None:
             write_after(run_dir, prompts, after)
+        if heldout_after is not None:
+            held.write_after(run_dir, s.prepared.heldout, heldout_after)
         summary = summarize(cfg, s, result, final_eval, started)
         write_json(run_dir / "summary.json", summary)
         try:
