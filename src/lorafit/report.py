@@ -219,8 +219,8 @@ def _device_name() -> str:
 
 def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
     """summary.json: what the report and `lorafit` commands read back about a finished run."""
+    from lorafit.metrics import perplexity
     from lorafit.runtime import resolve_precision
-    from lorafit.train.callbacks import perplexity
 
     peak, kind = _peak_memory()
     eval_loss = final_eval.get("eval_loss")

@@ -24,9 +24,13 @@ from lorafit.errors import RunDirError
 from lorafit.paths import user_path
 
 
-def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
+def run_dir_path(parent: str, name: str | None) -> Path:
+    """The run directory of `output.dir` / `output.name`, the same on every rank (`~` expanded)."""
+    return user_path(parent) / (name or "run")
+
+
+def create_run_dir(path: Path, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
-    path = user_path(parent) / name
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists.",

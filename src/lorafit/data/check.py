@@ -103,7 +103,7 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     """The first valid row of the first source, as tokens with their trained flag."""
     from lorafit.data.encode import Encoder
     from lorafit.data.sources import valid_rows
-    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
+    from lorafit.data.special_tokens import IGNORE_INDEX
 
     rows = valid_rows([source])
     if not len(rows):
@@ -114,7 +114,7 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     ids, labels = encoder.encode_batch([messages], [row["text"]])[0]
     spans, current, flag = [], [], None
     for i, label in zip(ids, labels):
-        trained = label != IGNORE
+        trained = label != IGNORE_INDEX
         if flag is not None and trained != flag:
             spans.append({"text": tokenizer.decode(current), "trained": flag})
             current = []

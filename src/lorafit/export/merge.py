@@ -15,20 +15,18 @@ from pathlib import Path
 
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.paths import user_path
+from lorafit.runtime import DTYPE_NAMES, torch_dtype
 
 log = logging.getLogger("lorafit")
 
-DTYPES = ("bf16", "fp16", "fp32")
 # Files Meta's licence asks redistributions to carry; copied from the base folder when it has them.
 LICENCE_FILES = ("LICENSE", "LICENSE.txt", "USE_POLICY.md", "NOTICE")
 
 
 def _torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}, got {name!r}.")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPE_NAMES)}, got {name!r}.")
+    return torch_dtype(name)
 
 
 def check_empty_target(out: Path) -> None:

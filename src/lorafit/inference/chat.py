@@ -27,8 +27,7 @@ def _streamer(tokenizer, out: TextIO):
 
 def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
-    from lorafit.data.templates import encode_prompt
-    from lorafit.inference.generate import with_system
+    from lorafit.data.templates import encode_prompt, with_system
 
     while True:
         ids = encode_prompt(tokenizer, with_system(history, system), template)
