@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import adapter_tensors, cli_env, metrics, tiny_config
+from helpers import adapter_tensors, cli_env, metrics, tiny_config
 
 SPY = """
 import json, os

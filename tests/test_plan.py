@@ -205,8 +205,8 @@ def test_out_of_memory_advice_names_changes_that_fit():
     from pathlib import Path
 
     from lorafit.config import load_config
-    from lorafit.plan.memory import GiB, changes_to_fit
     from lorafit.plan.architecture import count_parameters
+    from lorafit.plan.memory import GiB, changes_to_fit
     from lorafit.plan.planner import suggest_for_oom
 
     configs = Path(__file__).resolve().parents[1] / "configs"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainkit import adapter_tensors, metrics, tiny_config
+from helpers import adapter_tensors, metrics, tiny_config
 
 from lorafit.config import load_config
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from trainkit import metrics, run_cli, tiny_config
+from helpers import metrics, run_cli, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import LoraSection, ModelSection, load_config

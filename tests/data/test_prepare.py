@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import chat, write_jsonl
 
 from lorafit.config import DataSection
 from lorafit.data.prepare import prepare_data
 from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.errors import DataError
-
-from .helpers import chat, write_jsonl
 
 
 def rows(n: int, prefix: str = "q") -> list[dict]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import MULTI_TURN, chat_template
 
 from lorafit.data.encode import Encoder, fit_length, tokenize_rows
 from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE
 from lorafit.errors import DataError
-
-from .helpers import MULTI_TURN, chat_template
 
 
 def trained_spans(tokenizer, ids, labels) -> list[str]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from trainkit import metrics, tiny_config
+from helpers import metrics, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import load_config

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import transformers
-from trainkit import tiny_config
+from helpers import tiny_config
 
 from lorafit.config import load_config
 from lorafit.errors import TrainingError

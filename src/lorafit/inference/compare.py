@@ -12,13 +12,16 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.config import DataSource
+from lorafit.data.collate import PadCollator
 from lorafit.errors import DataError
+from lorafit.inference.generate import generate_batch, load_for_inference
 from lorafit.metrics import perplexity
+from lorafit.rundir import load_run_config
 
 
 def conversations(data_file: str, data_cfg) -> list[dict]:
     """{"messages": prompt turns, "reference": the last assistant answer} for every valid chat row."""
-    from lorafit.config import DataSource
     from lorafit.data.sources import raise_for_problems, read_source
 
     source = read_source(DataSource(path=data_file))
@@ -39,7 +42,6 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     """(mean loss per trained token, trained tokens) over tokenized rows (input_ids, labels)."""
     import torch
 
-    from lorafit.data.collate import PadCollator
     from lorafit.train.loss import causal_lm_loss
 
     device = next(model.parameters()).device
@@ -59,10 +61,7 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
 def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
             console=None) -> dict:
     """Answers of the base and the tuned model side by side, and both validation losses on DATA_FILE."""
-    from lorafit.config import DataSource
     from lorafit.data.prepare import prepare_data
-    from lorafit.inference.generate import generate_batch, load_for_inference
-    from lorafit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():

@@ -10,6 +10,8 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.data.templates import end_of_turn_ids
+from lorafit.inference.generate import generate_answers
 from lorafit.rundir import write_json
 
 GENERATIONS = "generations.json"
@@ -18,8 +20,6 @@ GENERATIONS = "generations.json"
 def tuned_answers(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
                   system_prompt: str | None = None, batch_size: int = 8) -> list[str]:
     """Greedy answers of the model as it is (adapter on), in the training chat format."""
-    from lorafit.data.templates import end_of_turn_ids
-    from lorafit.inference.generate import generate_answers
 
     was_training = model.training
     stop = end_of_turn_ids(tokenizer, template)

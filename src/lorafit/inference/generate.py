@@ -12,10 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.data.templates import encode_prompt, with_system
+from lorafit.data.templates import encode_prompt, end_of_turn_ids, resolve_template, with_system
 from lorafit.errors import DataError, ModelError
+from lorafit.models.sources import EMBEDDED, resolve_model
+from lorafit.models.tokenizer import ensure_pad_token, load_tokenizer
 from lorafit.paths import user_path
-from lorafit.rundir import write_text_atomic
+from lorafit.rundir import load_run_config, load_tuned, write_text_atomic
+from lorafit.runtime import pick_dtype
 
 log = logging.getLogger("lorafit")
 PROMPT_FILE = "lorafit_prompt.json"  # prompt settings a merged model keeps from its run
@@ -43,12 +46,6 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Inference
     """A run directory (base + adapter), a merged model folder, a .gguf file, or an embedded model name."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.models.sources import EMBEDDED, resolve_model
-    from lorafit.models.tokenizer import ensure_pad_token, load_tokenizer
-    from lorafit.rundir import load_run_config, load_tuned
-    from lorafit.runtime import pick_dtype
 
     path = user_path(target)
     dtype = dtype or pick_dtype("auto")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.errors import ModelError
+from lorafit.models.lora import lora_config
+from lorafit.models.sources import EMBEDDED
 from lorafit.paths import cache_dir, user_path
 
 KNOWN_DIR = Path(__file__).with_name("architectures")  # plan/architectures/*.json
@@ -37,8 +39,6 @@ class Arch:
 def load_architecture(model_cfg):
     """The model's transformers config, from architectures/*.json, a local folder, the embedded model, or the Hub."""
     from transformers import AutoConfig, LlamaConfig
-
-    from lorafit.models.sources import EMBEDDED
 
     name = model_cfg.name
     if name in KNOWN:
@@ -69,8 +69,6 @@ def _embedded_gguf_config(name: str):
     from transformers import LlamaConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from lorafit.models.sources import EMBEDDED
-
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
@@ -84,8 +82,6 @@ def meta_model(cfg):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from lorafit.models.lora import lora_config
 
     config = load_architecture(cfg.model)
     with torch.device("meta"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from lorafit.config import load_config
 from lorafit.plan.architecture import count_parameters
 from lorafit.plan.display import print_plan
 from lorafit.plan.memory import GPUS, NF4_BYTES, GiB, changes_to_fit, memory_terms, resolve_gpu, verdicts
@@ -37,7 +38,6 @@ def build_plan(cfg, gpu: str | None = None) -> dict:
 
 
 def plan(config_path: str, gpu: str | None = None, as_json: bool = False, overrides: list[str] | None = None) -> dict:
-    from lorafit.config import load_config
 
     cfg = load_config(config_path, overrides or [])
     result = build_plan(cfg, gpu)

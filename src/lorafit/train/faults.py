@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafit.config import RunConfig
 from lorafit.errors import TrainingError
+from lorafit.plan.planner import suggest_for_oom
 from lorafit.runtime import resolve_precision
 from lorafit.train.checkpoints import complete_checkpoints
 
@@ -61,7 +62,6 @@ def oom_error(err: BaseException, cfg: RunConfig, where: str, checkpoints: Path)
 
 def planner_advice(cfg: RunConfig) -> str | None:
     """The memory planner's suggestion for this config; None if it has none or fails (advice never hides the error)."""
-    from lorafit.plan.planner import suggest_for_oom
 
     try:
         text = suggest_for_oom(cfg)

@@ -20,6 +20,12 @@ from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_
 from lorafit.runtime import is_main_process
 from lorafit.train import checkpoints as ckpt
 from lorafit.train import faults
+from lorafit.train.checkpoints import (
+    atomic_dir,
+    complete_checkpoints,
+    is_write_failure,
+    save_error,
+)
 from lorafit.train.setup import TrainingRun, build_run
 
 log = logging.getLogger("lorafit")
@@ -161,12 +167,6 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
 
 def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
-    from lorafit.train.checkpoints import (
-        atomic_dir,
-        complete_checkpoints,
-        is_write_failure,
-        save_error,
-    )
 
     for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
                        ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):

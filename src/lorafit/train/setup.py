@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.config import RunConfig
+from lorafit.data.collate import make_collator
+from lorafit.data.prepare import prepare_data
 from lorafit.errors import ConfigError
+from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
+from lorafit.models.sources import load_base_model
+from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
 from lorafit.runtime import is_main_process, pick_attention, resolve_precision
 from lorafit.train import checkpoints as ckpt
@@ -22,6 +27,7 @@ from lorafit.train.callbacks import (
     StopOnSignal,
     TokenCounter,
 )
+from lorafit.train.trainer import LorafitTrainer, main_process_first, tensorboard_dir, training_arguments
 
 
 @dataclass
@@ -89,13 +95,6 @@ def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool =
     """Tokenizer, data, model with LoRA, Trainer with our callbacks; restores counters when resuming."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
-
-    from lorafit.data.collate import make_collator
-    from lorafit.data.prepare import prepare_data
-    from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
-    from lorafit.models.sources import load_base_model
-    from lorafit.models.tokenizer import load_tokenizer
-    from lorafit.train.trainer import LorafitTrainer, main_process_first, tensorboard_dir, training_arguments
 
     last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
