@@ -109,12 +109,13 @@ def test_accumulation_1x4_equals_4x1(tmp_path, tiny_chat_model, monkeypatch):
 
     # the test has teeth: averaging each micro-batch on its own gives a different gradient
     import lorafit.train.loss
+    import lorafit.train.trainer
 
     def per_micro_batch_mean(trainer, model, inputs, return_outputs=False, num_items_in_batch=None, mode="chunked"):
         loss, _ = lorafit.train.loss.causal_lm_loss(model, inputs, None, mode)
         return loss / trainer.args.gradient_accumulation_steps
 
-    monkeypatch.setattr(lorafit.train.loss, "trainer_compute_loss", per_micro_batch_mean)
+    monkeypatch.setattr(lorafit.train.trainer, "trainer_compute_loss", per_micro_batch_mean)
     naive, _ = _first_step_grads(tmp_path / "naive", tiny_chat_model, micro=1, accum=4)
     differences = [(naive[n] - four_by_one[n]).abs().max() / four_by_one[n].abs().max() for n in naive]
     assert max(differences) > 1e-2
