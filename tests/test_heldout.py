@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from trainkit import run_cli, tiny_config, write_jsonl
+from helpers import run_cli, tiny_config, write_jsonl
 
 from lorafit.inference.heldout import summary
 

@@ -4,7 +4,7 @@ collator only lays them out in fewer rows, so both runs take the same steps with
 from __future__ import annotations
 
 import torch
-from trainkit import adapter_tensors, tiny_config, train_losses
+from helpers import adapter_tensors, tiny_config, train_losses
 
 from lorafit.config import load_config
 from lorafit.data.collate import BlockMaskCollator, FlattenCollator, make_collator

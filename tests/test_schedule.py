@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from trainkit import chat_rows, run_cli, tiny_config, train_losses, write_jsonl
+from helpers import chat_rows, run_cli, tiny_config, train_losses, write_jsonl
 
 from lorafit.config import TrainingSection
 from lorafit.train.schedule import DEFAULT_MIN_STEPS, TOO_FEW_STEPS, plan_schedule, steps_per_epoch

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.config import DataSection, RunConfig, load_config
+from lorafit.data.encode import Encoder
+from lorafit.data.prepare import prepare_data, read_source
+from lorafit.data.readers import expand_source
+from lorafit.data.sources import valid_rows
+from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.errors import LorafitError
+from lorafit.models.tokenizer import load_tokenizer
+from lorafit.plan.architecture import load_architecture
+from lorafit.train.schedule import describe_run
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -38,7 +47,6 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
 
 def _load_target(target: str, model: str | None, max_length: int | None):
     """(run config, model name, tokenizer name): a config file's, or the defaults around a data file."""
-    from lorafit.config import DataSection, RunConfig, load_config
 
     overrides = [f"data.max_length={max_length}"] if max_length else []
     if Path(target).suffix.lower() in CONFIG_SUFFIXES:
@@ -54,12 +62,6 @@ def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None, c
     """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data.
 
     `cfg`: the run config whose training settings give the schedule (default: lorafit's defaults)."""
-    from lorafit.config import RunConfig
-    from lorafit.train.schedule import describe_run
-
-    from lorafit.data.prepare import prepare_data, read_source
-    from lorafit.data.readers import expand_source
-    from lorafit.models.tokenizer import load_tokenizer
 
     for source in data_cfg.train + data_cfg.validation:  # a missing file fails before the tokenizer loads
         expand_source(source.path)
@@ -82,8 +84,6 @@ def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None, c
 
 def _hidden_size(model_cfg) -> int | None:
     """The model's width, for `training.learning_rate: auto`: read from its config (no weights), None if unreadable."""
-    from lorafit.plan import load_architecture
-
     try:
         return int(load_architecture(model_cfg).hidden_size)
     except (LorafitError, OSError, ValueError, AttributeError):
@@ -121,9 +121,6 @@ def _histogram(prepared, max_length: int, buckets: int = 10) -> list[dict]:
 
 def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     """The first valid row of the first source, as tokens with their trained flag."""
-    from lorafit.data.encode import Encoder
-    from lorafit.data.sources import valid_rows
-    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
     rows = valid_rows([source])
     if not len(rows):
@@ -134,7 +131,7 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     ids, labels = encoder.encode_batch([messages], [row["text"]])[0]
     spans, current, flag = [], [], None
     for i, label in zip(ids, labels):
-        trained = label != IGNORE
+        trained = label != IGNORE_INDEX
         if flag is not None and trained != flag:
             spans.append({"text": tokenizer.decode(current), "trained": flag})
             current = []

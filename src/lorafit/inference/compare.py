@@ -13,19 +13,22 @@ lorafit; a rise there means the adapter changed what the base model already knew
 from __future__ import annotations
 
 import json
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.config import DataSource
+from lorafit.data.collate import PadCollator
 from lorafit.errors import DataError
+from lorafit.inference.generate import generate_batch, load_for_inference
 from lorafit.keyfacts import accuracy, is_correct, split_reference
+from lorafit.metrics import perplexity
+from lorafit.rundir import load_run_config
 
 GENERAL = Path(__file__).with_name("general_knowledge.jsonl")
 
 
 def conversations(data_file: str, data_cfg) -> list[dict]:
     """{"messages": prompt turns, "reference": the last assistant answer, "expected": key fact or None} per chat row."""
-    from lorafit.config import DataSource
     from lorafit.data.sources import raise_for_problems, read_source
 
     source = read_source(DataSource(path=data_file))
@@ -45,20 +48,17 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     """(mean loss per trained token, trained tokens) over tokenized rows (input_ids, labels)."""
     import torch
 
-    from lorafit.data.special_tokens import IGNORE_INDEX
     from lorafit.train.loss import causal_lm_loss
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
+    collate = PadCollator(tokenizer.pad_token_id)
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start:start + batch_size]
-        width = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows["input_ids"]], device=device)
-        labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows["labels"]], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows["input_ids"]], device=device)
+        batch = collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])])
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            _, stats = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": mask})
+            _, stats = causal_lm_loss(model, batch)
         total += float(stats["loss_sum"])
         count += int(stats["trained_tokens"])
     return (total / count if count else float("nan")), count
@@ -68,9 +68,6 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
             console=None, general: bool = True) -> dict:
     """Answers of the base and the tuned model side by side, both losses on DATA_FILE, key-fact accuracy of the rows
     with `expected`, and (`general`) the loss change on the shipped general-knowledge chats."""
-    from lorafit.inference.generate import load_for_inference
-    from lorafit.rundir import load_run_config
-
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():
         raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
@@ -82,8 +79,8 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
     result = {
         "run": str(run_dir), "data": str(data_file), "rows": n_rows, "trained_tokens": tokens,
         "base_loss": base_loss, "tuned_loss": tuned_loss,
-        "base_perplexity": math.exp(base_loss) if base_loss < 50 else float("inf"),
-        "tuned_perplexity": math.exp(tuned_loss) if tuned_loss < 50 else float("inf"),
+        "base_perplexity": perplexity(base_loss),
+        "tuned_perplexity": perplexity(tuned_loss),
         "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "expected": r["expected"],
                      "base": base_answers[k], "tuned": tuned_answers[k]} for k, r in enumerate(shown)],
         "keyfacts": None, "general": None,
@@ -110,7 +107,6 @@ def _base_mode(model):
 
 def _losses(loaded, cfg, data_file: str) -> tuple[float, float, int, int]:
     """(base loss, tuned loss, trained tokens, rows) on one file, tokenized with the run's data settings."""
-    from lorafit.config import DataSource
     from lorafit.data.prepare import prepare_data
 
     # The run's data settings, with this file as the only source: one row per conversation.
@@ -125,8 +121,6 @@ def _losses(loaded, cfg, data_file: str) -> tuple[float, float, int, int]:
 
 def _answers(loaded, rows: list[dict], limit: int, max_new_tokens: int, batch_size: int = 8) -> tuple[list, list]:
     """Base and tuned answers to the first `limit` rows and to every row with a key fact (others: None)."""
-    from lorafit.inference.generate import generate_batch
-
     wanted = [k for k, r in enumerate(rows) if k < limit or r["expected"]]
     base, tuned = [None] * len(rows), [None] * len(rows)
     for start in range(0, len(wanted), batch_size):
@@ -149,13 +143,13 @@ def print_comparison(result: dict, console=None) -> None:
         table.add_column(name, overflow="fold")
     for a in result["answers"]:
         key = a.get("expected")
-        base, tuned = ((f"{'✓' if is_correct(text, key) else '✗'} {text}" if key else text) for text in (a["base"], a["tuned"]))
+        base, tuned = (f"{'✓' if is_correct(text, key) else '✗'} {text}" if key else text for text in (a["base"], a["tuned"]))
         table.add_row(a["question"], a["reference"], base, tuned)
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
     console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
-                  f"base {result['base_loss']:.4f} (ppl {result['base_perplexity']:.2f}) -> tuned {result['tuned_loss']:.4f} "
-                  f"(ppl {result['tuned_perplexity']:.2f}), {change:+.4f}", markup=False)
+                  f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
+                  f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
     facts = result.get("keyfacts")
     if facts:
         console.print(f"learned: key facts right in {facts['tuned']['right']}/{facts['tuned']['total']} answers "
@@ -166,3 +160,7 @@ def print_comparison(result: dict, console=None) -> None:
         console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> tuned "
                       f"{general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed what the "
                       "base model knew)", markup=False)
+
+
+def _ppl(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"

@@ -23,6 +23,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from lorafit.data.packing import layout_stats
+from lorafit.data.prepare import prepare_data
+from lorafit.errors import LorafitError
+from lorafit.models.tokenizer import load_tokenizer
+from lorafit.runtime import pick_attention
+
 # Below this many optimizer steps the sweep's runs learned few or none of their facts (BENCHMARKS.md, small data).
 TOO_FEW_STEPS = 60
 BASE_RATE, BASE_HIDDEN, MAX_AUTO_RATE = 2e-4, 4096, 2e-3  # learning_rate: auto (see above)
@@ -119,9 +125,6 @@ def _warnings(plan: Schedule, training) -> list[str]:
 def add_layout(cfg, prepared) -> None:
     """With packing on, how the micro-batches will be laid out, added to `prepared.stats["packing"]`: rows per epoch
     and real / computed tokens, packed and unpacked (what `data check` and the training data line show)."""
-    from lorafit.data.packing import layout_stats
-    from lorafit.runtime import pick_attention
-
     if cfg.data.packing and prepared.sample_lengths is not None:
         flat = pick_attention(cfg.model.attn_implementation).startswith("flash_attention")
         prepared.stats["packing"] = {**layout_stats(prepared.sample_lengths, cfg.training.micro_batch_size,
@@ -138,10 +141,6 @@ def describe_run(cfg, prepared, hidden_size: int | None = None) -> Schedule:
 def schedule_for_config(cfg, hidden_size: int | None = None) -> dict:
     """What `lorafit plan` shows: the schedule on the config's data (tokenizer only, no weights), or, when the data
     or the tokenizer cannot be read, the samples per step and why the rest is unknown."""
-    from lorafit.data.prepare import prepare_data
-    from lorafit.errors import LorafitError
-    from lorafit.models.tokenizer import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
         prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
