@@ -24,9 +24,15 @@ from lorafit.errors import RunDirError
 from lorafit.paths import user_path
 
 
+def run_dir_path(parent: str, name: str) -> Path:
+    """Where a run lives: the one computation every rank of a distributed run uses, so rank 0's folder and the
+    others' (checkpoint staging, RNG states, resume) never differ (`~` expanded the same way for all)."""
+    return user_path(parent) / name
+
+
 def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
-    path = user_path(parent) / name
+    path = run_dir_path(parent, name)
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists.",

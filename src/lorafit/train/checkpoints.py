@@ -250,6 +250,33 @@ def save_error(err: BaseException, what: str, path: Path, previous: Path | None 
     )
 
 
+def final_adapter_state(trainer) -> dict | None:
+    """The weights rank 0 saves as the final adapter, where PEFT cannot read them from rank 0's model alone (None
+    elsewhere). Every rank calls this.
+
+    - DeepSpeed ZeRO-3: each rank holds a slice of every weight, the LoRA ones too; they are gathered (a collective),
+      as the Trainer does for a checkpoint.
+    - FSDP (sharded at load, runtime.take_over_fsdp): the LoRA weights are whole on every rank, but PEFT's own
+      state_dict() walks the sharded base and waits for the other ranks; the trainable weights are the adapter."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and plugin is not None and plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if getattr(trainer, "is_distributed_loading_by_transformers", False):
+        return {name: p.detach() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return None
+
+
+def save_training_state(trainer, folder: Path) -> None:
+    """What an exact resume needs besides the adapter (optimizer, schedule, every rank's RNG), for a model lorafit
+    sharded as it loaded it (runtime.take_over_fsdp). The Trainer refuses to write these for such a model, because
+    the optimizer state of sharded weights would need a distributed save; with LoRA the optimizer sees only the
+    adapter's weights, whole on every rank (run.check_training_config refuses a sharded trainable weight), so rank 0's
+    copy is the state of all and the Trainer's own writers apply."""
+    trainer._save_optimizer_and_scheduler(str(folder))
+    trainer._save_scaler(str(folder))
+    trainer._save_rng_state(str(folder))
+
+
 class AtomicCheckpoints:
     """Trainer mixin: `Trainer._save_checkpoint` writes into the staging folder (the Trainer's output_dir);
     we seal and rename it, then keep the newest `checkpoint_keep` (and the best one, for early stopping).
@@ -269,6 +296,8 @@ class AtomicCheckpoints:
         previous = done[-1] if done else None
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.save_only_model and self.is_distributed_loading_by_transformers:
+                save_training_state(self, staged)
             self.accelerator.wait_for_everyone()  # other ranks write their RNG state into the same folder
             if self.args.should_save:
                 finalize_checkpoint(staged, final, self.checkpoint_extra() if self.checkpoint_extra else None)

@@ -24,8 +24,8 @@ from types import SimpleNamespace
 from lorafit.config import RunConfig, dump_config
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.report import data_line, summarize, summary_screen, write_report
-from lorafit.rundir import create_run_dir, write_json, write_text_atomic
-from lorafit.runtime import is_main_process, resolve_precision
+from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
+from lorafit.runtime import fsdp_size, is_main_process, resolve_precision, sharded_launch, take_over_fsdp
 from lorafit.train.callbacks import TokenCounter, perplexity
 
 log = logging.getLogger("lorafit")
@@ -121,6 +121,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool):
         save_strategy="steps" if t.save_every > 0 else "no",
         save_steps=t.save_every if t.save_every > 0 else None,
         save_total_limit=None,  # we rotate ourselves, counting complete checkpoints only
+        save_only_model=fsdp_size() > 1,  # sharded at load: checkpoints.save_training_state writes the rest
         load_best_model_at_end=False,  # callbacks.KeepBestAdapter does it without extra checkpoints
         report_to=list(t.report_to) or "none",
         remove_unused_columns=False,  # our collator needs seq_lengths; Trainer would drop it
@@ -141,6 +142,9 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
     if t.early_stopping_patience is not None and not (has_validation and t.eval_every > 0):
         problems.append("`training.early_stopping_patience` needs validation data (`data.validation` or "
                         "`data.val_fraction`) and `training.eval_every` > 0.")
+    if fsdp_size() > 1 and cfg.lora.modules_to_save:
+        problems.append("`lora.modules_to_save` cannot be trained under FSDP: its full copies would be sharded too, and "
+                        "lorafit saves only whole trainable weights. Remove it, or launch plain DDP (torchrun).")
     needs = {"paged_adamw_8bit": "bitsandbytes"} if t.optimizer == "paged_adamw_8bit" else {}
     needs.update({name: name for name in t.report_to})
     for what, package in needs.items():
@@ -278,8 +282,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
 
     started = time.time()
     main = is_main_process()
+    sharded = take_over_fsdp() > 1 or sharded_launch() is not None  # every rank holds a slice of the weights
     set_seed(cfg.training.seed)
-    run_dir = _open_run_dir(cfg, resume) if main else Path(cfg.output.dir) / (cfg.output.name or "run")
+    run_dir = _open_run_dir(cfg, resume) if main else run_dir_path(cfg.output.dir, cfg.output.name or "run")
     say = print if main else (lambda *a: None)
     if main:  # what a killed save left: never complete, never used
         for leftover in ckpt.clear_temporaries(run_dir):
@@ -293,10 +298,13 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
 
     prompts, after, phase = list(cfg.eval.prompts), None, "the base model's answers to eval.prompts"
     try:
-        if prompts and main and not (s.last and read_generations(run_dir)):
+        # A sharded model answers only when every rank runs it (each forward gathers the weights): all generate,
+        # rank 0 writes.
+        if prompts and (main or sharded) and not (s.last and read_generations(run_dir)):
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-            write_before(run_dir, prompts, base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
-                                                        cfg.data.system_prompt))
+            before = base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
+            if main:
+                write_before(run_dir, prompts, before)
         phase = "training"
         result = trainer.train(resume_from_checkpoint=str(s.last) if s.last else None)
         s.progress.close()
@@ -312,7 +320,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         phase = "the final evaluation"
         final_eval = _final_eval(trainer, s.prepared.validation is not None, fresh=restored is not None)
         phase = "the tuned model's answers to eval.prompts"
-        if prompts and main:
+        if prompts and (main or sharded):
             after = generate_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
         if not s.last or phase != "training":
@@ -327,8 +335,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     finally:
         s.progress.close()
 
+    adapter_state = ckpt.final_adapter_state(trainer)  # ZeRO-3: a collective, every rank takes part
     if main:
-        _save_final(model, s.tokenizer, run_dir, s.checkpoints)
+        _save_final(model, s.tokenizer, run_dir, s.checkpoints, adapter_state)
         if after is not None:
             write_after(run_dir, prompts, after)
         summary = summarize(cfg, s, result, final_eval, started)
@@ -381,7 +390,7 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
+def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
     from lorafit.train.checkpoints import (
         atomic_dir,
@@ -391,7 +400,7 @@ def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
     )
 
     for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
-                       ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
+                       ("adapter", lambda d: model.save_pretrained(d, state_dict=adapter_state, safe_serialization=True))):
         try:
             with atomic_dir(run_dir / name) as tmp:
                 save(tmp)
