@@ -150,7 +150,7 @@ def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm
     reference = _reference(tiny_config(tmp_path / "one", smollm2_dir, name="one", n_train=8,
                                        training=dict(FSDP_TRAINING, micro_batch_size=4)))
     _assert_same_run(run, reference, FSDP_STEPS)
-    assert _assert_checkpoints_written_once(run, ranks=2) == list(range(1, FSDP_STEPS + 1))
+    assert _assert_checkpoints_written_once(run, ranks=2)[-1] == FSDP_STEPS  # the newest (save_total_limit) kept
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tokens"] == json.loads((reference / "summary.json").read_text())["tokens"] > 0
 
