@@ -26,7 +26,11 @@ import pytest
 import torch
 from trainkit import ROOT, adapter_tensors, cli_env, metrics, tiny_config, train_losses
 
-from lorafit.train.checkpoints import checkpoint_problem, checkpoint_step, list_checkpoints
+from lorafit.train.checkpoints import (
+    checkpoint_problem,
+    checkpoint_step,
+    list_checkpoints,
+)
 
 ACCELERATE = [sys.executable, "-c", "from accelerate.commands.accelerate_cli import main; main()", "launch"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -47,8 +51,7 @@ def _env(**extra) -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=cwd)
-    return done
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=cwd, check=False)
 
 
 def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -133,7 +136,8 @@ def _sigterm_after_first_checkpoint(cmd: list[str], run: Path, cwd: Path) -> tup
 @pytest.mark.slow
 def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm2_dir):
     """The embedded SmolLM2-135M, LoRA, 2 ranks x micro-batch 2 against 1 process x micro-batch 4."""
-    config = tiny_config(tmp_path, smollm2_dir, name="fsdp", n_train=8, training=dict(FSDP_TRAINING, micro_batch_size=2))
+    config = tiny_config(tmp_path, smollm2_dir, name="fsdp", n_train=8,
+                         training=dict(FSDP_TRAINING, micro_batch_size=2))
     run = tmp_path / "runs" / "fsdp"
 
     code, log = _sigterm_after_first_checkpoint(_fsdp_cmd(config), run, tmp_path)
@@ -279,8 +283,8 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path, tiny_chat_model):
             if node.poll() is None:
                 node.kill()
     _ok(_run([*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-              "-m", "lorafit.cli", "train", str(MULTINODE), *_multinode_overrides(tmp_path, tiny_chat_model, "one-node"),
-              "--quiet"], tmp_path, HOME=str(home)))
+              "-m", "lorafit.cli", "train", str(MULTINODE),
+              *_multinode_overrides(tmp_path, tiny_chat_model, "one-node"), "--quiet"], tmp_path, HOME=str(home)))
 
     two, one = home / "runs" / "two-nodes", home / "runs" / "one-node"
     # `~/runs` is the same folder for every rank: rank 1 wrote its RNG state beside rank 0's, nothing under ./~
@@ -316,3 +320,31 @@ def test_deepspeed_configs_are_valid_for_the_trainer():
             assert conf[key] == "auto", key
         if stage == 3:  # else the final adapter would be empty slices (checkpoints.final_adapter_state)
             assert conf["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_the_accelerate_fsdp_config_is_one_accelerate_reads():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    conf = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"))
+    assert str(conf.distributed_type).endswith("FSDP") and conf.fsdp_config["fsdp_version"] == 2
+    assert conf.mixed_precision == "no"  # lorafit's training.precision decides
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launcher", ["fsdp", "zero3"])
+def test_launchers_on_two_gpus(tmp_path, tiny_chat_model, launcher):
+    """The same commands on GPUs (nccl): the CPU tests above run the same lorafit code over gloo."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs; the CPU tests above run the same code path over gloo")
+    config = tiny_config(tmp_path, tiny_chat_model, name=launcher, n_train=8,
+                         training=dict(DEEPSPEED_TRAINING, micro_batch_size=2, precision="bf16"))
+    if launcher == "fsdp":
+        cmd = _fsdp_cmd(config)
+    else:
+        cmd = [*ACCELERATE, "--num_processes", "2", "--use_deepspeed", "--deepspeed_config_file",
+               str(ROOT / "configs" / "deepspeed" / "zero3.json"), "--main_process_port", str(_free_port()),
+               "-m", "lorafit.cli", "train", str(config), "--quiet"]
+    _ok(_run(cmd, tmp_path))
+    run = tmp_path / "runs" / launcher
+    assert sorted(train_losses(run)) == list(range(1, DEEPSPEED_STEPS + 1))
+    assert all(t.numel() > 0 for t in adapter_tensors(run / "adapter").values())

@@ -20,7 +20,7 @@ def _train(tmp_path: Path, model_dir: Path, tracker: str, **env) -> Path:
     config = tiny_config(tmp_path, model_dir, name=tracker, n_train=8,
                          training={"max_steps": 2, "logging_steps": 1, "report_to": [tracker]})
     done = subprocess.run(lorafit_cmd("train", str(config), "--quiet"), capture_output=True, text=True, timeout=240,
-                          env=dict(cli_env(), **env), cwd=ROOT)
+                          env=dict(cli_env(), **env), cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / tracker
     assert sorted(train_losses(run)) == [1, 2]

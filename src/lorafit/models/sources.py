@@ -139,8 +139,8 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
         sharded = sharded_launch()
         if fsdp_size() > 1:
             raise ModelError(
-                f"`model.quantization: {model_cfg.quantization}` cannot be sharded with FSDP: FSDP2 (`fully_shard`) turns "
-                "bitsandbytes' quantized weights into plain DTensors and drops their quantization state, so the first "
+                f"`model.quantization: {model_cfg.quantization}` cannot be sharded with FSDP: FSDP2 (`fully_shard`) "
+                "turns bitsandbytes' quantized weights into plain DTensors and drops their quantization state, so the first "
                 "forward fails ('DTensor' object has no attribute 'compress_statistics').",
                 "Launch QLoRA as plain data parallel (torchrun, no --use_fsdp): a 4-bit 8B base (~5.5 GB) fits on each "
                 "GPU. Or shard a full-precision base with FSDP (`model.quantization: none`).")

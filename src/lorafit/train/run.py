@@ -143,8 +143,8 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
         problems.append("`training.early_stopping_patience` needs validation data (`data.validation` or "
                         "`data.val_fraction`) and `training.eval_every` > 0.")
     if fsdp_size() > 1 and cfg.lora.modules_to_save:
-        problems.append("`lora.modules_to_save` cannot be trained under FSDP: its full copies would be sharded too, and "
-                        "lorafit saves only whole trainable weights. Remove it, or launch plain DDP (torchrun).")
+        problems.append("`lora.modules_to_save` cannot be trained under FSDP: its full copies would be sharded too, "
+                        "and lorafit saves only whole trainable weights. Remove it, or launch plain DDP (torchrun).")
     needs = {"paged_adamw_8bit": "bitsandbytes"} if t.optimizer == "paged_adamw_8bit" else {}
     needs.update({name: name for name in t.report_to})
     for what, package in needs.items():
@@ -302,7 +302,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         # rank 0 writes.
         if prompts and (main or sharded) and not (s.last and read_generations(run_dir)):
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-            before = base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens, cfg.data.system_prompt)
+            before = base_answers(model, s.tokenizer, prompts, template, cfg.eval.max_new_tokens,
+                                  cfg.data.system_prompt)
             if main:
                 write_before(run_dir, prompts, before)
         phase = "training"
@@ -399,8 +400,10 @@ def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path, adapter_stat
         save_error,
     )
 
-    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
-                       ("adapter", lambda d: model.save_pretrained(d, state_dict=adapter_state, safe_serialization=True))):
+    def save_adapter(folder):  # adapter_state: see checkpoints.final_adapter_state
+        model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True)
+
+    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)), ("adapter", save_adapter)):
         try:
             with atomic_dir(run_dir / name) as tmp:
                 save(tmp)
