@@ -27,9 +27,12 @@ demo: install
 test-system-deps:
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The tests keep their caches in .cache/test-cache (tests/conftest.py); the embedded model is converted there once.
 # -rs: every skipped test is listed with its reason at the end (only GPU tests may skip).
 test: install test-system-deps
-	$(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+	LORAFIT_CACHE=.cache/test-cache $(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q -rs --durations=15
 
 bench: install

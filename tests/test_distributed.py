@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import adapter_tensors, cli_env, metrics, tiny_config
+from helpers import adapter_tensors, cli_env, metrics, tiny_config
 
 SPY = """
 import json, os
@@ -37,8 +37,8 @@ def install(trace_dir):
     loss_module.causal_lm_loss = spy
 
     import time
-    import lorafit.data as data_module
-    prepare = data_module.prepare_data
+    import lorafit.train.setup as setup_module  # where the run calls prepare_data
+    prepare = setup_module.prepare_data
 
     def timed_prepare(*args, **kwargs):
         started = time.time()
@@ -47,7 +47,7 @@ def install(trace_dir):
             json.dump({"start": started, "end": time.time()}, f)
         return out
 
-    data_module.prepare_data = timed_prepare
+    setup_module.prepare_data = timed_prepare
     return real
 """
 LAUNCH = """
@@ -94,8 +94,7 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
 def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, Path]:
     """The reference: one process, micro-batch 4 = the DDP run's global batch (in this process: no start-up cost)."""
     import lorafit.train.loss
-
-    import lorafit.data
+    import lorafit.train.setup
     from lorafit.config import load_config
     from lorafit.train.run import run_training
 
@@ -105,7 +104,7 @@ def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, P
     exec(SPY, namespace)  # noqa: S102 - the same spy the DDP ranks run
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss)  # restored after the test
-    monkeypatch.setattr(lorafit.data, "prepare_data", lorafit.data.prepare_data)
+    monkeypatch.setattr(lorafit.train.setup, "prepare_data", lorafit.train.setup.prepare_data)
     namespace["install"](str(trace))
     run_training(load_config(_config(tmp_path, model_dir, "single", micro_batch=4)), quiet=True)
     return tmp_path / "runs" / "single", trace

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import ROOT, adapter_tensors, cli_env, metrics, tiny_config, train_losses
+from helpers import ROOT, adapter_tensors, cli_env, metrics, tiny_config, train_losses
 
 from lorafit.train.checkpoints import (
     checkpoint_problem,
@@ -101,9 +101,21 @@ FSDP_TRAINING = {"max_steps": FSDP_STEPS, "save_every": 1, "learning_rate": 1e-3
 
 
 def _fsdp_cmd(config: Path, *args: str) -> list[str]:
-    return [*ACCELERATE, "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
-            "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "lorafit.cli", "train",
-            str(config), "--quiet", *args]
+    return [
+        *ACCELERATE,
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "lorafit.cli",
+        "train",
+        str(config),
+        "--quiet",
+        *args,
+    ]
 
 
 def _workers(launcher: subprocess.Popen) -> list:
@@ -114,8 +126,9 @@ def _workers(launcher: subprocess.Popen) -> list:
 
 def _sigterm_after_first_checkpoint(cmd: list[str], run: Path, cwd: Path) -> tuple[int, str]:
     """Start the FSDP run, SIGTERM every rank (as a preempting scheduler does) once checkpoint-1 is complete."""
-    launcher = subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        cmd, env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 240
         while not any(checkpoint_problem(p) is None for p in list_checkpoints(run / "checkpoints")):
@@ -136,8 +149,9 @@ def _sigterm_after_first_checkpoint(cmd: list[str], run: Path, cwd: Path) -> tup
 @pytest.mark.slow
 def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm2_dir):
     """The embedded SmolLM2-135M, LoRA, 2 ranks x micro-batch 2 against 1 process x micro-batch 4."""
-    config = tiny_config(tmp_path, smollm2_dir, name="fsdp", n_train=8,
-                         training=dict(FSDP_TRAINING, micro_batch_size=2))
+    config = tiny_config(
+        tmp_path, smollm2_dir, name="fsdp", n_train=8, training=dict(FSDP_TRAINING, micro_batch_size=2)
+    )
     run = tmp_path / "runs" / "fsdp"
 
     code, log = _sigterm_after_first_checkpoint(_fsdp_cmd(config), run, tmp_path)
@@ -151,8 +165,11 @@ def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm
     assert "data: 8 training samples" in resumed.stdout  # printed once, by rank 0
     assert resumed.stdout.count("data: 8 training samples") == 1
 
-    reference = _reference(tiny_config(tmp_path / "one", smollm2_dir, name="one", n_train=8,
-                                       training=dict(FSDP_TRAINING, micro_batch_size=4)))
+    reference = _reference(
+        tiny_config(
+            tmp_path / "one", smollm2_dir, name="one", n_train=8, training=dict(FSDP_TRAINING, micro_batch_size=4)
+        )
+    )
     _assert_same_run(run, reference, FSDP_STEPS)
     assert _assert_checkpoints_written_once(run, ranks=2)[-1] == FSDP_STEPS  # the newest (save_total_limit) kept
     summary = json.loads((run / "summary.json").read_text())
@@ -174,9 +191,18 @@ def test_fsdp_shards_the_base_weights_and_keeps_lora_whole(tmp_path, tiny_chat_m
     LoRA weights plain tensors, whole on each (accelerate alone would have trained plain DDP on a CPU)."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE, encoding="utf-8")
-    cmd = [*ACCELERATE, "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), str(script), str(tiny_chat_model),
-           str(tmp_path)]
+    cmd = [
+        *ACCELERATE,
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(tiny_chat_model),
+        str(tmp_path),
+    ]
     _ok(_run(cmd, tmp_path))
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"probe{rank}.json").read_text())
@@ -225,19 +251,39 @@ DEEPSPEED_TRAINING = {"max_steps": DEEPSPEED_STEPS, "save_every": 2, "learning_r
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_cpu_equals_one_process(tmp_path, tiny_chat_model, stage):
     assert importlib.util.find_spec("deepspeed"), "DeepSpeed is in the `test` extra: `make test` installs it"
-    config = tiny_config(tmp_path, tiny_chat_model, name=f"zero{stage}", n_train=8,
-                         training=dict(DEEPSPEED_TRAINING, micro_batch_size=2))
-    cmd = [*ACCELERATE, "--num_processes", "2", "--use_deepspeed", "--deepspeed_config_file",
-           str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"), "--main_process_port", str(_free_port()),
-           "-m", "lorafit.cli", "train", str(config), "--quiet"]
+    config = tiny_config(
+        tmp_path, tiny_chat_model, name=f"zero{stage}", n_train=8, training=dict(DEEPSPEED_TRAINING, micro_batch_size=2)
+    )
+    cmd = [
+        *ACCELERATE,
+        "--num_processes",
+        "2",
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+        str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "lorafit.cli",
+        "train",
+        str(config),
+        "--quiet",
+    ]
     _ok(_run(cmd, tmp_path))
     run = tmp_path / "runs" / f"zero{stage}"
     # DeepSpeed really ran: its engine wrote the ZeRO-partitioned optimizer state, one file per rank.
     shards = sorted(p.name for p in (run / "checkpoints" / "checkpoint-2").glob("global_step2/*optim_states.pt"))
     assert len(shards) == 2, shards
     assert _assert_checkpoints_written_once(run, ranks=2) == [2, 3]
-    reference = _reference(tiny_config(tmp_path / "one", tiny_chat_model, name="one", n_train=8,
-                                       training=dict(DEEPSPEED_TRAINING, micro_batch_size=4)))
+    reference = _reference(
+        tiny_config(
+            tmp_path / "one",
+            tiny_chat_model,
+            name="one",
+            n_train=8,
+            training=dict(DEEPSPEED_TRAINING, micro_batch_size=4),
+        )
+    )
     _assert_same_run(run, reference, DEEPSPEED_STEPS)
 
 
@@ -248,14 +294,29 @@ MULTINODE = ROOT / "configs" / "llama31-8b-multinode.yaml"
 
 def _multinode_overrides(tmp_path: Path, model_dir: Path, name: str) -> list[str]:
     """The preset as shipped, made small: the tiny model, 8 rows, 3 steps; `output.dir: ~/runs` (HOME is tmp)."""
-    from trainkit import chat_rows, write_jsonl
+    from helpers import chat_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(8))
-    return [f"model.name={model_dir}", "model.dtype=fp32", "training.precision=fp32", f"data.train={data}",
-            "data.val_fraction=0", "data.max_length=128", "data.num_proc=1", "lora.r=4", "lora.alpha=8",
-            "lora.dropout=0", "training.max_steps=3", "training.save_every=2", "training.logging_steps=1",
-            "training.warmup_ratio=0", "training.learning_rate=5e-2", "training.micro_batch_size=1",
-            "output.dir=~/runs", f"output.name={name}"]
+    return [
+        f"model.name={model_dir}",
+        "model.dtype=fp32",
+        "training.precision=fp32",
+        f"data.train={data}",
+        "data.val_fraction=0",
+        "data.max_length=128",
+        "data.num_proc=1",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0",
+        "training.max_steps=3",
+        "training.save_every=2",
+        "training.logging_steps=1",
+        "training.warmup_ratio=0",
+        "training.learning_rate=5e-2",
+        "training.micro_batch_size=1",
+        "output.dir=~/runs",
+        f"output.name={name}",
+    ]
 
 
 def test_two_nodes_equal_one_node_with_two_processes(tmp_path, tiny_chat_model):
@@ -266,14 +327,36 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path, tiny_chat_model):
     assert "--master_addr $MASTER_ADDR --master_port 29500" in text
 
     port = _free_port()
-    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lorafit.cli", "train",
-                               str(MULTINODE), *_multinode_overrides(tmp_path, tiny_chat_model, "two-nodes"),
-                               "--quiet"],
-                              # each "machine" its own data cache, as separate disks would be
-                              env=_env(HOME=str(home), LORAFIT_DATA_CACHE=str(tmp_path / f"cache{rank}")),
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "lorafit.cli",
+                "train",
+                str(MULTINODE),
+                *_multinode_overrides(tmp_path, tiny_chat_model, "two-nodes"),
+                "--quiet",
+            ],
+            # each "machine" its own data cache, as separate disks would be
+            env=_env(HOME=str(home), LORAFIT_DATA_CACHE=str(tmp_path / f"cache{rank}")),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         for node in nodes:
             out, err = node.communicate(timeout=300)
@@ -282,9 +365,27 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path, tiny_chat_model):
         for node in nodes:
             if node.poll() is None:
                 node.kill()
-    _ok(_run([*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-              "-m", "lorafit.cli", "train", str(MULTINODE),
-              *_multinode_overrides(tmp_path, tiny_chat_model, "one-node"), "--quiet"], tmp_path, HOME=str(home)))
+    _ok(
+        _run(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "1",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(_free_port()),
+                "-m",
+                "lorafit.cli",
+                "train",
+                str(MULTINODE),
+                *_multinode_overrides(tmp_path, tiny_chat_model, "one-node"),
+                "--quiet",
+            ],
+            tmp_path,
+            HOME=str(home),
+        )
+    )
 
     two, one = home / "runs" / "two-nodes", home / "runs" / "one-node"
     # `~/runs` is the same folder for every rank: rank 1 wrote its RNG state beside rank 0's, nothing under ./~
@@ -315,8 +416,12 @@ def test_deepspeed_configs_are_valid_for_the_trainer():
     for stage in (2, 3):
         conf = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text(encoding="utf-8"))
         assert conf["zero_optimization"]["stage"] == stage
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                    "gradient_clipping"):
+        for key in (
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "train_batch_size",
+            "gradient_clipping",
+        ):
             assert conf[key] == "auto", key
         if stage == 3:  # else the final adapter would be empty slices (checkpoints.final_adapter_state)
             assert conf["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
@@ -336,14 +441,31 @@ def test_launchers_on_two_gpus(tmp_path, tiny_chat_model, launcher):
     """The same commands on GPUs (nccl): the CPU tests above run the same lorafit code over gloo."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs; the CPU tests above run the same code path over gloo")
-    config = tiny_config(tmp_path, tiny_chat_model, name=launcher, n_train=8,
-                         training=dict(DEEPSPEED_TRAINING, micro_batch_size=2, precision="bf16"))
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        name=launcher,
+        n_train=8,
+        training=dict(DEEPSPEED_TRAINING, micro_batch_size=2, precision="bf16"),
+    )
     if launcher == "fsdp":
         cmd = _fsdp_cmd(config)
     else:
-        cmd = [*ACCELERATE, "--num_processes", "2", "--use_deepspeed", "--deepspeed_config_file",
-               str(ROOT / "configs" / "deepspeed" / "zero3.json"), "--main_process_port", str(_free_port()),
-               "-m", "lorafit.cli", "train", str(config), "--quiet"]
+        cmd = [
+            *ACCELERATE,
+            "--num_processes",
+            "2",
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            str(ROOT / "configs" / "deepspeed" / "zero3.json"),
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "lorafit.cli",
+            "train",
+            str(config),
+            "--quiet",
+        ]
     _ok(_run(cmd, tmp_path))
     run = tmp_path / "runs" / launcher
     assert sorted(train_losses(run)) == list(range(1, DEEPSPEED_STEPS + 1))

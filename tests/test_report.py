@@ -108,7 +108,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_report_renders_in_headless_chromium(tmp_path):
     import matplotlib.image
 
-    assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it (apt-get install -y chromium)"
+    assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
 
     run = fake_run(tmp_path / "run")
     write_report(run)

@@ -8,17 +8,17 @@ import math
 
 import pytest
 import torch
-from trainkit import metrics, run_cli, tiny_config
+from helpers import metrics, run_cli, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import LoraSection, ModelSection, load_config
 
 
 def quiet_session(cfg, run_dir, callbacks=None):
-    from lorafit.train.run import build_session
+    from lorafit.train.setup import build_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return build_session(cfg, run_dir, quiet=True, callbacks=callbacks, say=lambda *a: None)
+    return build_run(cfg, run_dir, quiet=True, callbacks=callbacks, say=lambda *a: None)
 
 
 class GradAtFirstStep(TrainerCallback):
@@ -104,12 +104,13 @@ def test_accumulation_1x4_equals_4x1(tmp_path, tiny_chat_model, monkeypatch):
 
     # the test has teeth: averaging each micro-batch on its own gives a different gradient
     import lorafit.train.loss
+    import lorafit.train.trainer
 
     def per_micro_batch_mean(trainer, model, inputs, return_outputs=False, num_items_in_batch=None, mode="chunked"):
         loss, _ = lorafit.train.loss.causal_lm_loss(model, inputs, None, mode)
         return loss / trainer.args.gradient_accumulation_steps
 
-    monkeypatch.setattr(lorafit.train.loss, "trainer_compute_loss", per_micro_batch_mean)
+    monkeypatch.setattr(lorafit.train.trainer, "trainer_compute_loss", per_micro_batch_mean)
     naive, _ = _first_step_grads(tmp_path / "naive", tiny_chat_model, micro=1, accum=4)
     differences = [(naive[n] - four_by_one[n]).abs().max() / four_by_one[n].abs().max() for n in naive]
     assert max(differences) > 1e-2
@@ -197,7 +198,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_chat_mod
 
 def test_precision_per_device(tmp_path, tiny_chat_model):
     from lorafit.runtime import resolve_precision
-    from lorafit.train.run import training_arguments
+    from lorafit.train.trainer import training_arguments
 
     expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
     assert resolve_precision("auto") == expected

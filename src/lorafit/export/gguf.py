@@ -18,28 +18,26 @@ import math
 import os
 from pathlib import Path
 
+from lorafit.data.special_tokens import LLAMA3_SPLIT_PATTERN, adds_bos
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, ModelError, RunDirError
+from lorafit.export.merge import merged_model, prepare_tokenizer
+from lorafit.inference.generate import PROMPT_FILE
+from lorafit.models.tokenizer import load_tokenizer
 from lorafit.paths import user_path
+from lorafit.rundir import load_run_config
+from lorafit.runtime import pick_dtype
 
 log = logging.getLogger("lorafit")
 
 OUTTYPES = ("f16", "bf16", "q8_0")
 # The Llama 3 pre-tokenizer regex (Meta's tiktoken pattern); llama.cpp calls this split "llama-bpe".
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") -> Path:
     """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.export.merge import merged_model, prepare_tokenizer
-    from lorafit.inference.generate import PROMPT_FILE
-    from lorafit.models.tokenizer import load_tokenizer
-    from lorafit.rundir import load_run_config
-    from lorafit.runtime import pick_dtype
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
@@ -139,7 +137,7 @@ def pre_tokenizer_name(backend: dict) -> str:
     pre = backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT_PATTERN:
         return "llama-bpe"  # Llama 3 (tiktoken-derived)
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
@@ -173,7 +171,6 @@ def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def tokenizer_metadata(tokenizer, vocab_size: int, end_ids: list[int]) -> dict:
     """The `tokenizer.ggml.*` / `tokenizer.chat_template` values, named as llama.cpp names them."""
-    from lorafit.data.special_tokens import adds_bos
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     tokens, types = vocab_arrays(tokenizer, vocab_size)

@@ -140,10 +140,10 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
         if fsdp_size() > 1:
             raise ModelError(
                 f"`model.quantization: {model_cfg.quantization}` cannot be sharded with FSDP: FSDP2 (`fully_shard`) "
-                "turns bitsandbytes' quantized weights into plain DTensors and drops their quantization state, so the first "
-                "forward fails ('DTensor' object has no attribute 'compress_statistics').",
-                "Launch QLoRA as plain data parallel (torchrun, no --use_fsdp): a 4-bit 8B base (~5.5 GB) fits on each "
-                "GPU. Or shard a full-precision base with FSDP (`model.quantization: none`).")
+                "turns bitsandbytes' quantized weights into plain DTensors and drops their quantization state, so "
+                "the first forward fails ('DTensor' object has no attribute 'compress_statistics').",
+                "Launch QLoRA as plain data parallel (torchrun, no --use_fsdp): a 4-bit 8B base (~5.5 GB) fits on "
+                "each GPU. Or shard a full-precision base with FSDP (`model.quantization: none`).")
         if sharded and model_cfg.quantization == "8bit":
             raise ModelError(f"`model.quantization: 8bit` cannot be sharded by {sharded}.",
                              "Use `model.quantization: 4bit` (QLoRA shards under FSDP and ZeRO-3), or launch plain DDP.")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lorafit.errors import TrainingError
+from lorafit.hf_compat import save_training_state
 from lorafit.rundir import write_text_atomic
 
 log = logging.getLogger("lorafit")
@@ -266,17 +267,6 @@ def final_adapter_state(trainer) -> dict | None:
     return None
 
 
-def save_training_state(trainer, folder: Path) -> None:
-    """What an exact resume needs besides the adapter (optimizer, schedule, every rank's RNG), for a model lorafit
-    sharded as it loaded it (runtime.take_over_fsdp). The Trainer refuses to write these for such a model, because
-    the optimizer state of sharded weights would need a distributed save; with LoRA the optimizer sees only the
-    adapter's weights, whole on every rank (run.check_training_config refuses a sharded trainable weight), so rank 0's
-    copy is the state of all and the Trainer's own writers apply."""
-    trainer._save_optimizer_and_scheduler(str(folder))
-    trainer._save_scaler(str(folder))
-    trainer._save_rng_state(str(folder))
-
-
 class AtomicCheckpoints:
     """Trainer mixin: `Trainer._save_checkpoint` writes into the staging folder (the Trainer's output_dir);
     we seal and rename it, then keep the newest `checkpoint_keep` (and the best one, for early stopping).
@@ -284,9 +274,11 @@ class AtomicCheckpoints:
     A write failure becomes a TrainingError that names what is still intact; the partial folder is removed.
     """
 
-    checkpoint_dir: Path  # where complete checkpoints live (run_dir/checkpoints)
-    checkpoint_keep: int | None = None
-    checkpoint_extra = None  # callable -> dict stored in the manifest (token counts for an exact resume)
+    # Set by the Trainer subclass's __init__ (train/trainer.py): where complete checkpoints live, how many to keep,
+    # and a callable whose dict goes into each manifest.
+    checkpoint_dir: Path
+    checkpoint_keep: int | None
+    checkpoint_extra: object
 
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
@@ -297,6 +289,10 @@ class AtomicCheckpoints:
         try:
             super()._save_checkpoint(model, trial)
             if self.args.save_only_model and self.is_distributed_loading_by_transformers:
+                # Sharded at load (FSDP): the Trainer refuses to write the optimizer state of such a model, as
+                # sharded weights' state would need a distributed save. With LoRA the optimizer sees only the
+                # adapter, whole on every rank (setup.check_training_config refuses a sharded trainable weight), so
+                # the Trainer's own writers are exact.
                 save_training_state(self, staged)
             self.accelerator.wait_for_everyone()  # other ranks write their RNG state into the same folder
             if self.args.should_save:
