@@ -67,6 +67,16 @@ def _reference(config: Path, overrides: list[str] = ()) -> Path:
     return run_training(load_config(config, list(overrides)), quiet=True)
 
 
+# A sharded model answers eval prompts only when every rank generates (each forward gathers weights): run.py does.
+PROMPTS = {"prompts": ["Tell me about Quillmoor."], "max_new_tokens": 4}
+
+
+def _assert_answered(run: Path) -> None:
+    [answer] = json.loads((run / "generations.json").read_text())
+    assert answer["prompt"] == PROMPTS["prompts"][0]
+    assert isinstance(answer["before"], str) and isinstance(answer["after"], str)
+
+
 def _assert_same_run(ours: Path, reference: Path, steps: int) -> None:
     assert sorted(train_losses(ours)) == list(range(1, steps + 1))  # every step logged once
     ref = train_losses(reference)
@@ -150,7 +160,7 @@ def _sigterm_after_first_checkpoint(cmd: list[str], run: Path, cwd: Path) -> tup
 def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm2_dir):
     """The embedded SmolLM2-135M, LoRA, 2 ranks x micro-batch 2 against 1 process x micro-batch 4."""
     config = tiny_config(
-        tmp_path, smollm2_dir, name="fsdp", n_train=8, training=dict(FSDP_TRAINING, micro_batch_size=2)
+        tmp_path, smollm2_dir, name="fsdp", n_train=8, training=dict(FSDP_TRAINING, micro_batch_size=2), eval=PROMPTS
     )
     run = tmp_path / "runs" / "fsdp"
 
@@ -171,6 +181,7 @@ def test_fsdp2_accelerate_launch_equals_one_process_and_resumes(tmp_path, smollm
         )
     )
     _assert_same_run(run, reference, FSDP_STEPS)
+    _assert_answered(run)
     assert _assert_checkpoints_written_once(run, ranks=2)[-1] == FSDP_STEPS  # the newest (save_total_limit) kept
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tokens"] == json.loads((reference / "summary.json").read_text())["tokens"] > 0
@@ -252,7 +263,12 @@ DEEPSPEED_TRAINING = {"max_steps": DEEPSPEED_STEPS, "save_every": 2, "learning_r
 def test_deepspeed_zero_on_cpu_equals_one_process(tmp_path, tiny_chat_model, stage):
     assert importlib.util.find_spec("deepspeed"), "DeepSpeed is in the `test` extra: `make test` installs it"
     config = tiny_config(
-        tmp_path, tiny_chat_model, name=f"zero{stage}", n_train=8, training=dict(DEEPSPEED_TRAINING, micro_batch_size=2)
+        tmp_path,
+        tiny_chat_model,
+        name=f"zero{stage}",
+        n_train=8,
+        training=dict(DEEPSPEED_TRAINING, micro_batch_size=2),
+        eval=PROMPTS,
     )
     cmd = [
         *ACCELERATE,
@@ -285,6 +301,7 @@ def test_deepspeed_zero_on_cpu_equals_one_process(tmp_path, tiny_chat_model, sta
         )
     )
     _assert_same_run(run, reference, DEEPSPEED_STEPS)
+    _assert_answered(run)
 
 
 # ---------------------------------------------------------------- two nodes on one machine
