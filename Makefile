@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 EXTRAS ?= qlora,test
 
-.PHONY: demo test install bench clean-venv
+.PHONY: demo test test-system-deps install bench clean-venv
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(VENV)/.installed-$(EXTRAS)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lorafit demo
 
+# Debian's chromium renders report.html in tests/test_report.py (~110 s the first time: apt-get update + install).
+test-system-deps:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 # The tests keep their caches in .cache/test-cache (tests/conftest.py); the embedded model is converted there once.
-test: install
+# -rs: every skipped test is listed with its reason at the end (only GPU tests may skip).
+test: install test-system-deps
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
 	LORAFIT_CACHE=.cache/test-cache $(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"

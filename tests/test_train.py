@@ -35,17 +35,12 @@ class GradAtFirstStep(TrainerCallback):
 # ---------------------------------------------------------------- the CLI, end to end
 
 def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
-    import importlib.util
-
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    # tensorboard is in the `test` extra; the refusal without it is tests/test_trackers.py's
     cfg = tiny_config(tmp_path, tiny_chat_model, n_val=4,
                       training={"max_steps": 6, "eval_every": 3, "save_every": 3, "learning_rate": 2e-2,
                                 "report_to": ["tensorboard"]},
                       eval={"prompts": ["Tell me about Quillmoor.", "Where is Vantreth?"], "max_new_tokens": 6})
     done = run_cli("train", str(cfg), "--quiet")
-    if not tensorboard:  # then the config is refused up front, with the fix
-        assert done.returncode == 2 and "pip install tensorboard" in done.stderr
-        return
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "run"
     assert "trainable" in done.stdout and "run directory" in done.stdout

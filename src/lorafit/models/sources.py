@@ -13,6 +13,7 @@ from lorafit.paths import cache_dir, user_path
 from lorafit.redact import redact
 from lorafit.runtime import (
     default_device_map,
+    fsdp_size,
     pick_attention,
     pick_dtype,
     sharded_launch,
@@ -136,6 +137,13 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
                   trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, use_safetensors=True)
     if model_cfg.quantization != "none":
         sharded = sharded_launch()
+        if fsdp_size() > 1:
+            raise ModelError(
+                f"`model.quantization: {model_cfg.quantization}` cannot be sharded with FSDP: FSDP2 (`fully_shard`) "
+                "turns bitsandbytes' quantized weights into plain DTensors and drops their quantization state, so "
+                "the first forward fails ('DTensor' object has no attribute 'compress_statistics').",
+                "Launch QLoRA as plain data parallel (torchrun, no --use_fsdp): a 4-bit 8B base (~5.5 GB) fits on "
+                "each GPU. Or shard a full-precision base with FSDP (`model.quantization: none`).")
         if sharded and model_cfg.quantization == "8bit":
             raise ModelError(f"`model.quantization: 8bit` cannot be sharded by {sharded}.",
                              "Use `model.quantization: 4bit` (QLoRA shards under FSDP and ZeRO-3), or launch plain DDP.")
@@ -146,6 +154,10 @@ def load_base_model(model_cfg, dtype=None, device_map=None):
             device_map = default_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if fsdp_size() > 1:  # an FSDP launch: shard while loading (runtime.take_over_fsdp says why lorafit does it)
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_size())
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as err:

@@ -18,7 +18,7 @@ from lorafit.inference import heldout as held
 from lorafit.inference.eval_prompts import base_answers, read_generations, tuned_answers, write_after, write_before
 from lorafit.report import summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
-from lorafit.runtime import is_main_process
+from lorafit.runtime import is_main_process, sharded_launch, take_over_fsdp
 from lorafit.train import checkpoints as ckpt
 from lorafit.train import faults
 from lorafit.train.checkpoints import (
@@ -44,6 +44,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
 
     started = time.time()
     main = is_main_process()
+    take_over_fsdp()  # before anything loads: lorafit, not accelerate, shards an FSDP launch
     set_seed(cfg.training.seed)
     run_dir = _open_run_dir(cfg, resume) if main else run_dir_path(cfg.output.dir, cfg.output.name)
     say = print if main else (lambda *a: None)
@@ -56,8 +57,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         _start_message(resume, run.last, run_dir, say)
         _write_config(run_dir, cfg, resume)
     result, final_eval, after, heldout_after = _train_and_evaluate(run, main, say)
+    adapter_state = ckpt.final_adapter_state(run.trainer)  # ZeRO-3: a collective, every rank takes part
     if main:
-        _save_final(run.model, run.tokenizer, run_dir, run.checkpoints)
+        _save_final(run.model, run.tokenizer, run_dir, run.checkpoints, adapter_state)
         if after is not None:
             write_after(run_dir, list(cfg.eval.prompts), after)
         if heldout_after is not None:
@@ -81,12 +83,17 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
 
     cfg, trainer = run.cfg, run.trainer
     prompts, after, heldout_after, phase = list(cfg.eval.prompts), None, None, "the base model's answers to eval.prompts"
+    # A sharded model (FSDP, ZeRO-3) answers only when every rank runs it, each forward gathering the weights:
+    # then all ranks generate and rank 0 writes.
+    answer = main or sharded_launch() is not None
     try:
-        if prompts and main and not (run.last and read_generations(run.run_dir)):
+        if prompts and answer and not (run.last and read_generations(run.run_dir)):
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-            write_before(run.run_dir, prompts, base_answers(run.model, run.tokenizer, prompts, run.prepared.template,
-                                                            cfg.eval.max_new_tokens, cfg.data.system_prompt))
-        questions = _heldout_before(run, main, say)
+            before = base_answers(run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens,
+                                  cfg.data.system_prompt)
+            if main:
+                write_before(run.run_dir, prompts, before)
+        questions = _heldout_before(run, answer, main, say)
         phase = "training"
         result = trainer.train(resume_from_checkpoint=str(run.last) if run.last else None)
         run.progress.close()
@@ -95,7 +102,7 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
         phase = "the final evaluation"
         final_eval = _final_eval(trainer, run.prepared.validation is not None, fresh=restored is not None)
         phase = "the tuned model's answers to eval.prompts"
-        if prompts and main:
+        if prompts and answer:
             after = tuned_answers(run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens,
                                   cfg.data.system_prompt)
         if questions:
@@ -116,15 +123,17 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
     return result, final_eval, after, heldout_after
 
 
-def _heldout_before(run: TrainingRun, main: bool, say) -> list:
+def _heldout_before(run: TrainingRun, answer: bool, main: bool, say) -> list:
     """The validation questions the report shows (inference/heldout.py), answered now by the base model unless a
-    resumed run already has those answers; returns them, to be answered again after training."""
-    questions = [h["messages"] for h in run.prepared.heldout] if main else []
+    resumed run already has those answers; returns them, to be answered again after training. Like the eval
+    prompts, every rank of a sharded launch answers (`answer`) and rank 0 writes."""
+    questions = [h["messages"] for h in run.prepared.heldout] if answer else []
     if questions and not (run.last and held.read_answers(run.run_dir)):
         say(f"answering {len(questions)} validation question(s) with the base model (adapter off)")
-        held.write_before(run.run_dir, run.prepared.heldout, base_answers(
-            run.model, run.tokenizer, questions, run.prepared.template, run.cfg.eval.max_new_tokens,
-            run.cfg.data.system_prompt))
+        before = base_answers(run.model, run.tokenizer, questions, run.prepared.template, run.cfg.eval.max_new_tokens,
+                              run.cfg.data.system_prompt)
+        if main:
+            held.write_before(run.run_dir, run.prepared.heldout, before)
     return questions
 
 
@@ -185,11 +194,14 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
-    """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
+def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None) -> None:
+    """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir).
+    `adapter_state`: the weights to save where rank 0's model cannot give them (checkpoints.final_adapter_state)."""
 
-    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
-                       ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
+    def save_adapter(folder):
+        model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True)
+
+    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)), ("adapter", save_adapter)):
         try:
             with atomic_dir(run_dir / name) as tmp:
                 save(tmp)

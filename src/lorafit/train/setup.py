@@ -18,7 +18,7 @@ from lorafit.models.lora import attach_lora, count_parameters, describe_paramete
 from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
-from lorafit.runtime import is_main_process, pick_attention, resolve_precision
+from lorafit.runtime import fsdp_size, is_main_process, pick_attention, resolve_precision
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.callbacks import (
     KeepBestAdapter,
@@ -151,6 +151,9 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
     if t.early_stopping_patience is not None and not (has_validation and t.eval_every > 0):
         problems.append("`training.early_stopping_patience` needs validation data (`data.validation` or "
                         "`data.val_fraction`) and `training.eval_every` > 0.")
+    if fsdp_size() > 1 and cfg.lora.modules_to_save:
+        problems.append("`lora.modules_to_save` cannot be trained under FSDP: its full copies would be sharded too, "
+                        "and lorafit saves only whole trainable weights. Remove it, or launch plain DDP (torchrun).")
     needs = {"paged_adamw_8bit": "bitsandbytes"} if t.optimizer == "paged_adamw_8bit" else {}
     needs.update({name: name for name in t.report_to})
     for what, package in needs.items():
