@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 from lorafit.data.packing import layout_stats
 from lorafit.data.prepare import prepare_data
-from lorafit.errors import LorafitError
+from lorafit.data.readers import expand_source
+from lorafit.errors import DataError, LorafitError
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.runtime import pick_attention
 
@@ -142,14 +143,19 @@ def schedule_for_config(cfg, hidden_size: int | None = None) -> dict:
     """What `lorafit plan` shows: the schedule on the config's data (tokenizer only, no weights), or, when the data
     or the tokenizer cannot be read, the samples per step and why the rest is unknown."""
     try:
+        for source in cfg.data.train + cfg.data.validation:  # a missing file is named before any tokenizer loads
+            expand_source(source.path)
+        if not cfg.data.train:
+            raise DataError("no training data: `data.train` is empty.")
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
         prepared = prepare_data(cfg.data, tokenizer, cfg.training.seed)
     except (LorafitError, OSError, ValueError) as err:
         reason = err.message if isinstance(err, LorafitError) else f"{type(err).__name__}: {str(err)[:200]}"
         per_step = cfg.training.micro_batch_size * cfg.training.gradient_accumulation * world_size()
-        rate, _ = resolve_learning_rate(cfg.training.learning_rate, hidden_size)
+        rate, how = resolve_learning_rate(cfg.training.learning_rate, hidden_size)
         return {"samples": None, "samples_per_step": per_step, "steps": None, "epochs": None, "learning_rate": rate,
                 "warnings": [], "line": f"schedule: {per_step} samples per optimizer step; steps and epochs unknown: "
-                                        f"the data could not be counted ({reason.splitlines()[0]})"}
+                                        f"the data could not be counted ({reason.splitlines()[0]}); learning rate "
+                                        + (f"{rate:.2g} {how}" if rate else how)}
     schedule = describe_run(cfg, prepared, hidden_size)
     return {**schedule.as_dict(), "line": schedule.line()}
