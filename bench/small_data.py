@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import fact_data
+import fact_data  # noqa: E402 - bench/ is not a package: found through the path set above
 
 BEFORE = "d14e70d"  # main before issue 12: packing into 2048-token rows, micro-batch of 4 rows, no step floor
 MODEL = "smollm2-135m-instruct"
@@ -39,13 +39,21 @@ SIZES = {20: "companies", 40: "inventors", 100: "planets", 300: "towns"}
 BEFORE_SIZES = (20, 40)
 COUNTED_SIZE = 10_000
 ACCEPTANCE = ("towns", 40, 2026)  # domain, size, seed: generated fresh for the check, used by nothing else
-CHOICES = [("default but min_steps 60", {"min_steps": 60}),  # what the defaults were chosen over
-           ("default but min_steps 60, learning_rate 2e-4", {"min_steps": 60, "learning_rate": 2e-4})]
+CHOICES = [
+    ("default but min_steps 60", {"min_steps": 60}),  # what the defaults were chosen over
+    ("default but min_steps 60, learning_rate 2e-4", {"min_steps": 60, "learning_rate": 2e-4}),
+]
 
 
 def lorafit(args: list[str], src: Path, timeout: int = 7200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(src),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [sys.executable, "-c", "from lorafit.cli import main; main()", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT, check=False)
 
@@ -63,9 +71,16 @@ def before_source(work: Path) -> Path:
 def train_and_score(work: Path, name: str, train: Path, held: Path, extra: dict, src: Path) -> dict:
     """Train one config on `train`, then score it on `held` with the current lorafit's `compare`."""
     config = work / f"{name}.yaml"
-    config.write_text(json.dumps({"model": {"name": MODEL}, "data": {"train": str(train), **extra.get("data", {})},
-                                  **{k: v for k, v in extra.items() if k != "data"},
-                                  "output": {"dir": str(work / "runs"), "name": name, "overwrite": True}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"name": MODEL},
+                "data": {"train": str(train), **extra.get("data", {})},
+                **{k: v for k, v in extra.items() if k != "data"},
+                "output": {"dir": str(work / "runs"), "name": name, "overwrite": True},
+            }
+        )
+    )
     started = time.time()
     done = lorafit(["train", str(config), "--quiet"], src)
     seconds = time.time() - started
@@ -73,18 +88,26 @@ def train_and_score(work: Path, name: str, train: Path, held: Path, extra: dict,
         raise SystemExit(f"{name}: training failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     run = work / "runs" / name
     summary = json.loads((run / "summary.json").read_text())
-    scored = lorafit(["compare", str(run), "--data", str(held), "--json", "--limit", "0", "--max-new-tokens", "40"],
-                     ROOT / "src")
+    scored = lorafit(
+        ["compare", str(run), "--data", str(held), "--json", "--limit", "0", "--max-new-tokens", "40"], ROOT / "src"
+    )
     if scored.returncode != 0:
         raise SystemExit(f"{name}: compare failed\n{scored.stderr[-4000:]}")
     result = json.loads(scored.stdout)
     schedule = summary.get("schedule") or {}
-    return {"steps": summary["steps"], "samples_per_step": schedule.get("samples_per_step"),
-            "epochs": schedule.get("epochs"), "seconds": round(seconds), "tokens": summary["tokens"],
-            "right": result["keyfacts"]["tuned"]["right"], "base_right": result["keyfacts"]["base"]["right"],
-            "questions": result["keyfacts"]["tuned"]["total"], "general_change": round(result["general"]["change"], 4),
-            "warnings": [line for line in done.stderr.splitlines() if line.startswith("warning:")],
-            "schedule_line": next((line for line in done.stdout.splitlines() if line.startswith("schedule:")), None)}
+    return {
+        "steps": summary["steps"],
+        "samples_per_step": schedule.get("samples_per_step"),
+        "epochs": schedule.get("epochs"),
+        "seconds": round(seconds),
+        "tokens": summary["tokens"],
+        "right": result["keyfacts"]["tuned"]["right"],
+        "base_right": result["keyfacts"]["base"]["right"],
+        "questions": result["keyfacts"]["tuned"]["total"],
+        "general_change": round(result["general"]["change"], 4),
+        "warnings": [line for line in done.stderr.splitlines() if line.startswith("warning:")],
+        "schedule_line": next((line for line in done.stdout.splitlines() if line.startswith("schedule:")), None),
+    }
 
 
 def counted(work: Path) -> list[dict]:
@@ -106,10 +129,20 @@ def counted(work: Path) -> list[dict]:
     lengths = prepare_data(DataSection(train=[str(train)]), load_tokenizer(MODEL), 0).sample_lengths
     rows = len(best_fit_decreasing(np.asarray(lengths).tolist(), 2048))
     steps_before = 3 * -(-rows // 4)
-    counts = [{"config": "before (counted)", "samples_per_step": f"4 rows of 2048 (~{COUNTED_SIZE * 4 // rows} samples)",
-               "steps": steps_before, "epochs": 3.0},
-              {"config": "default (counted)", "samples_per_step": schedule["samples_per_step"], "steps": schedule["steps"],
-               "epochs": schedule["epochs"]}]
+    counts = [
+        {
+            "config": "before (counted)",
+            "samples_per_step": f"4 rows of 2048 (~{COUNTED_SIZE * 4 // rows} samples)",
+            "steps": steps_before,
+            "epochs": 3.0,
+        },
+        {
+            "config": "default (counted)",
+            "samples_per_step": schedule["samples_per_step"],
+            "steps": schedule["steps"],
+            "epochs": schedule["epochs"],
+        },
+    ]
     cache.write_text(json.dumps(counts))
     return counts
 
@@ -118,8 +151,10 @@ def plan_runs() -> list[tuple]:
     """(size, domain, seed, config label, config sections, lorafit source) in the order they run: the acceptance check
     and the defaults first, then the old defaults, the alternatives the defaults were chosen over, packing off."""
     domain, size, seed = ACCEPTANCE
-    runs = [(size, domain, seed, "acceptance: default", {}, "new"),
-            (size, domain, seed, "acceptance: configs/demo.yaml", demo_extra(), "new")]
+    runs = [
+        (size, domain, seed, "acceptance: default", {}, "new"),
+        (size, domain, seed, "acceptance: configs/demo.yaml", demo_extra(), "new"),
+    ]
     runs += [(n, SIZES[n], 0, "default (packing on)", {}, "new") for n in SIZES]
     runs += [(n, SIZES[n], 0, "before", {}, "before") for n in BEFORE_SIZES]
     runs += [(40, SIZES[40], 0, label, {"training": fields}, "new") for label, fields in CHOICES]
@@ -131,8 +166,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     p.add_argument("--resume", action="store_true", help="Skip the runs already in WORK/results.jsonl.")
-    p.add_argument("--quick", action="store_true", help="Smoke test: one 20-conversation default run, no BENCHMARKS.md.")
+    p.add_argument(
+        "--quick", action="store_true", help="Smoke test: one 20-conversation default run, no BENCHMARKS.md."
+    )
+    p.add_argument("--report-only", action="store_true", help="Rewrite the table from WORK's results; train nothing.")
     a = p.parse_args()
+    if a.report_only:
+        rows = [json.loads(line) for line in (a.work / "results.jsonl").read_text().splitlines()]
+        write_report(rows, json.loads((a.work / "counted.json").read_text()))
+        return
     with tempfile.TemporaryDirectory(prefix="lorafit-small-") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -152,19 +194,31 @@ def demo_extra() -> dict:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    return {"model": cfg["model"], "data": {k: v for k, v in cfg["data"].items() if k != "train"},
-            "lora": cfg["lora"], "training": cfg["training"], "eval": cfg.get("eval", {})}
+    return {
+        "model": cfg["model"],
+        "data": {k: v for k, v in cfg["data"].items() if k != "train"},
+        "lora": cfg["lora"],
+        "training": cfg["training"],
+        "eval": cfg.get("eval", {}),
+    }
 
 
-def run_one(work: Path, results: Path, done: list[dict], size: int, domain: str, seed: int, label: str, extra: dict,
-            source: str) -> None:
+def run_one(
+    work: Path, results: Path, done: list[dict], size: int, domain: str, seed: int, label: str, extra: dict, source: str
+) -> None:
     if any(r["size"] == size and r["config"] == label and r["domain"] == domain for r in done):
         return
     train, held = fact_data.write(work / "data" / f"{domain}-{size}-{seed}", domain, size, seed)
     src = before_source(work) if source == "before" else ROOT / "src"
     name = f"{domain}{size}-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
-    row = {"size": size, "domain": domain, "seed": seed, "config": label, "load": round(os.getloadavg()[1], 1),
-           **train_and_score(work, name, train, held, extra, src)}
+    row = {
+        "size": size,
+        "domain": domain,
+        "seed": seed,
+        "config": label,
+        "load": round(os.getloadavg()[1], 1),
+        **train_and_score(work, name, train, held, extra, src),
+    }
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -173,40 +227,83 @@ def run_one(work: Path, results: Path, done: list[dict], size: int, domain: str,
 def write_report(rows: list[dict], counts: list[dict]) -> None:
     from _report import machine, table, write_section
 
-    headers = ["conversations (facts)", "domain", "config", "samples per step", "optimizer steps", "epochs",
-               "held-out right, tuned", "base model", "general-knowledge loss change", "time s (load)"]
+    headers = [
+        "conversations (facts)",
+        "domain",
+        "config",
+        "samples per step",
+        "optimizer steps",
+        "epochs",
+        "held-out right, tuned",
+        "base model",
+        "general-knowledge loss change",
+        "time s (load)",
+    ]
 
     def line(r: dict) -> list:
-        return [f"{r['size']} ({r['questions']})", r["domain"], r["config"], r["samples_per_step"] or "4 rows of 2048",
-                r["steps"], f"{r['epochs']:.1f}" if r.get("epochs") else "3.0",
-                f"**{r['right']}/{r['questions']}**", f"{r['base_right']}/{r['questions']}", f"{r['general_change']:+.3f}",
-                f"{r['seconds']} ({r['load']})"]
+        return [
+            f"{r['size']} ({r['questions']})",
+            r["domain"],
+            r["config"],
+            r["samples_per_step"] or "4 rows of 2048",
+            r["steps"],
+            f"{r['epochs']:.1f}" if r.get("epochs") else "3.0",
+            f"**{r['right']}/{r['questions']}**",
+            f"{r['base_right']}/{r['questions']}",
+            f"{r['general_change']:+.3f}",
+            f"{r['seconds']} ({r['load']})",
+        ]
 
-    sweep = sorted((r for r in rows if not r["config"].startswith("acceptance")), key=lambda r: (r["size"], r["config"]))
+    sweep = sorted(
+        (r for r in rows if not r["config"].startswith("acceptance")), key=lambda r: (r["size"], r["config"])
+    )
     body = [line(r) for r in sweep]
-    body += [[f"{COUNTED_SIZE:,}", "towns", c["config"], c["samples_per_step"], f"{c['steps']:,}", f"{c['epochs']:.1f}",
-              "not trained", "", "", ""] for c in counts]
+    body += [
+        [
+            f"{COUNTED_SIZE:,}",
+            "towns",
+            c["config"],
+            c["samples_per_step"],
+            f"{c['steps']:,}",
+            f"{c['epochs']:.1f}",
+            "not trained",
+            "",
+            "",
+            "",
+        ]
+        for c in counts
+    ]
     accept = [line(r) for r in rows if r["config"].startswith("acceptance")]
-    text = "\n".join([
-        "## Small data under the default settings (`bench/small_data.py`)",
-        "",
-        (f"Command: `PYTHONPATH=src python bench/small_data.py` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}; "
-         "every run one process with 1 torch thread, one run at a time; the machine was shared, so time (with the "
-         "5-minute load average at the start of each run) is wall time of `lorafit train`, model load included."),
-        (f"Model {MODEL}; data from `bench/fact_data.py` (invented facts, 20 and 40 conversations = 10 facts, 100 = 20, "
-         "300 = 50; the held-out questions are paraphrases never trained on, one per fact). The config gives only "
-         "`model.name` and `data.train`. `before` = lorafit's defaults before this sweep (commit "
-         f"{BEFORE}): rows of 2048 packed tokens, micro-batch 4 rows, 3 epochs, learning rate 2e-4. Held-out right = "
-         "the answer contains the fact (`lorafit compare --data heldout.jsonl`); general-knowledge loss change = the "
-         "tuned minus the base model's loss on the 32 general-knowledge chats lorafit ships (drift)."),
-        "",
-        table(headers, body),
-        "",
-        ("Acceptance (a freshly generated set, seed 2026, that no tuning saw): the defaults, and configs/demo.yaml on "
-         "the same data."),
-        "",
-        table(headers, accept),
-    ])
+    text = "\n".join(
+        [
+            "## Small data under the default settings (`bench/small_data.py`)",
+            "",
+            (
+                f"Command: `PYTHONPATH=src python bench/small_data.py` ({time.strftime('%Y-%m-%d')}). "
+                f"Machine: {machine()}; every run one process with 1 torch thread, one run at a time; the machine "
+                "was shared, so time (with the 5-minute load average at the start of each run) is wall time of "
+                "`lorafit train`, model load included."
+            ),
+            (
+                f"Model {MODEL}; data from `bench/fact_data.py` (invented facts, 20 and 40 conversations = 10 facts, "
+                "100 = 20, 300 = 50; the held-out questions are paraphrases never trained on, one per fact). The "
+                "config gives only `model.name` and `data.train`. `before` = lorafit's defaults before this sweep "
+                f"(commit {BEFORE}): rows of 2048 packed tokens, micro-batch 4 rows, 3 epochs, learning rate 2e-4. "
+                "Held-out right = the answer contains the fact (`lorafit compare --data heldout.jsonl`); "
+                "general-knowledge loss change = the tuned minus the base model's loss on the 32 general-knowledge "
+                "chats lorafit ships (drift)."
+            ),
+            "",
+            table(headers, body),
+            "",
+            (
+                "Acceptance (a freshly generated set, seed 2026, that no tuning saw): the defaults, and "
+                "configs/demo.yaml on the same data."
+            ),
+            "",
+            table(headers, accept),
+        ]
+    )
     write_section("small_data", text)
 
 

@@ -22,8 +22,8 @@ def test_heldout_errors_name_the_line(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_heldout(str(tmp_path / "missing.jsonl"))
     chat = tmp_path / "c.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "B."}],
-                                "expected": "Brennhaven"}) + "\n")
+    turns = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "B."}]
+    chat.write_text(json.dumps({"messages": turns, "expected": "Brennhaven"}) + "\n")
     assert read_heldout(str(chat)) == [{"question": "Capital?", "key": "Brennhaven"}]
 
 

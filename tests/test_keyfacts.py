@@ -11,8 +11,13 @@ def test_an_answer_is_right_when_it_contains_the_key_fact():
 
 
 def test_the_reference_is_the_last_assistant_turn():
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     assert split_reference(messages) == (messages[:4], "a2")
     assert split_reference(messages[:2]) is None
     assert split_reference([{"role": "assistant", "content": "a"}]) is None  # nothing asked before it

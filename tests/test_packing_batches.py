@@ -16,9 +16,14 @@ def test_packing_on_and_off_train_the_same_steps(tmp_path, tiny_chat_model):
 
     runs = {}
     for packing in (False, True):
-        config = tiny_config(tmp_path / str(packing), tiny_chat_model, name=f"packing-{packing}", n_train=12,
-                             data={"packing": packing, "max_length": 256},
-                             training={"max_steps": 5, "micro_batch_size": 3, "gradient_accumulation": 2})
+        config = tiny_config(
+            tmp_path / str(packing),
+            tiny_chat_model,
+            name=f"packing-{packing}",
+            n_train=12,
+            data={"packing": packing, "max_length": 256},
+            training={"max_steps": 5, "micro_batch_size": 3, "gradient_accumulation": 2},
+        )
         runs[packing] = run_training(load_config(config), quiet=True)
     off, on = train_losses(runs[False]), train_losses(runs[True])
     assert list(off) == list(on) == [1, 2, 3, 4, 5]
@@ -33,8 +38,9 @@ def test_packing_on_and_off_train_the_same_steps(tmp_path, tiny_chat_model):
 def test_the_collator_packs_one_micro_batch_into_as_few_rows_as_fit():
     pad = 0
     features = [{"input_ids": list(range(1, n + 1)), "labels": [-100] + list(range(2, n + 1))} for n in (6, 3, 5, 2)]
-    batch = make_collator(type("T", (), {"pad_token_id": pad})(), packed=True, attn_implementation="sdpa",
-                          max_length=8)(features)
+    batch = make_collator(
+        type("T", (), {"pad_token_id": pad})(), packed=True, attn_implementation="sdpa", max_length=8
+    )(features)
     assert batch["input_ids"].shape == (2, 8)  # 6+2 and 5+3: two full rows instead of four rows of 6
     assert int((batch["labels"] != -100).sum()) == sum(n - 1 for n in (6, 3, 5, 2))  # every trained token, once
     assert sorted(batch["position_ids"][0].tolist()) == sorted(list(range(6)) + list(range(2)))

@@ -128,7 +128,7 @@ def test_data_line_names_drops_and_special_token_text():
     stats = {"train_samples": 90, "validation_samples": 5, "dropped_too_long": 2, "dropped_no_trained_token": 1, "invalid": 0,
              "packing": {"rows": 30, "efficiency": 0.95}, "special_token_text": {"rows": 4, "first": "d.jsonl:7: <|eot_id|>"}}
     line = data_line(stats)
-    assert line.startswith("data: 90 training samples, 5 validation, micro-batches packed into 30 rows per epoch (95.0% real "
-                           "tokens)")
+    assert line.startswith(
+        "data: 90 training samples, 5 validation, micro-batches packed into 30 rows per epoch (95.0% real tokens)")
     assert "3 dropped" in line and "4 with special-token text" in line
     assert "special" not in data_line({**stats, "special_token_text": {"rows": 0}})

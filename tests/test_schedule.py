@@ -17,9 +17,17 @@ def training(**fields) -> TrainingSection:
     return TrainingSection(**fields)
 
 
-@pytest.mark.parametrize("samples,micro,accum,devices,expected", [
-    (40, 4, 1, 1, 10), (41, 4, 1, 1, 11), (10, 2, 2, 1, 3), (10, 3, 1, 2, 2), (1, 8, 4, 1, 1), (10_000, 4, 2, 1, 1250),
-])
+@pytest.mark.parametrize(
+    "samples,micro,accum,devices,expected",
+    [
+        (40, 4, 1, 1, 10),
+        (41, 4, 1, 1, 11),
+        (10, 2, 2, 1, 3),
+        (10, 3, 1, 2, 2),
+        (1, 8, 4, 1, 1),
+        (10_000, 4, 2, 1, 1250),
+    ],
+)
 def test_steps_per_epoch_is_the_trainers_count(samples, micro, accum, devices, expected):
     assert steps_per_epoch(samples, micro, accum, devices) == expected
 
@@ -28,8 +36,10 @@ def test_small_data_gets_more_epochs_up_to_the_floor():
     s = plan_schedule(training(), 40, devices=1, hidden_size=576)  # defaults: 3 epochs, 4 samples per step, floor 150
     assert (s.samples_per_step, s.steps_per_epoch, s.steps, s.rule) == (4, 10, 150, "min_steps")
     assert s.epochs == pytest.approx(15.0) and s.warnings == []
-    assert ("schedule: 40 samples, 4 per optimizer step, 150 optimizer steps = 15.0 epochs, raised to "
-            "`training.min_steps` 150 for small data; learning rate 0.0014 (auto: 2e-4 × 4096 / hidden size 576)") == s.line()
+    assert (
+        "schedule: 40 samples, 4 per optimizer step, 150 optimizer steps = 15.0 epochs, raised to "
+        "`training.min_steps` 150 for small data; learning rate 0.0014 (auto: 2e-4 × 4096 / hidden size 576)"
+    ) == s.line()
 
 
 def test_the_learning_rate_scales_with_the_width():
@@ -57,8 +67,10 @@ def test_too_few_steps_warns_and_says_what_to_change():
     no_floor = training(min_steps=0)  # 40 samples, 3 epochs, 4 per step
     [warning] = plan_schedule(no_floor, 40, devices=1).warnings
     assert "only 30 optimizer step(s)" in warning and f"fewer than {TOO_FEW_STEPS} steps" in warning
-    assert "raise `training.min_steps` to 60 or more (the default floor is 150), or raise `training.epochs` to 6, or " \
+    assert (
+        "raise `training.min_steps` to 60 or more (the default floor is 150), or raise `training.epochs` to 6, or "
         "lower the samples per step" in warning
+    )
     assert DEFAULT_MIN_STEPS == training().min_steps
     [warning] = plan_schedule(training(max_steps=5), 1000, devices=1).warnings
     assert "raise `training.max_steps` to 60 or more" in warning and "samples per step" not in warning
@@ -69,8 +81,13 @@ def test_too_few_steps_warns_and_says_what_to_change():
 
 def test_train_runs_the_steps_it_announces(tmp_path, tiny_chat_model):
     """10 samples, 2 x 2 per step = 3 steps per epoch; 1 epoch raised to the floor of 7 steps: the Trainer runs 7."""
-    config = tiny_config(tmp_path, tiny_chat_model, n_train=10, data={"packing": True},
-                         training={"max_steps": -1, "epochs": 1, "min_steps": 7, "gradient_accumulation": 2})
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        n_train=10,
+        data={"packing": True},
+        training={"max_steps": -1, "epochs": 1, "min_steps": 7, "gradient_accumulation": 2},
+    )
     done = run_cli("train", str(config), "--quiet", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "schedule: 10 samples, 4 per optimizer step, 7 optimizer steps = 2.3 epochs, raised to" in done.stdout
@@ -84,13 +101,24 @@ def test_train_runs_the_steps_it_announces(tmp_path, tiny_chat_model):
 def test_plan_and_data_check_print_the_schedule(tmp_path, tiny_chat_model):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(25))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name": str(tiny_chat_model)}, "data": {"train": str(data)},
-                                      "training": {"epochs": 2, "min_steps": 0}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_chat_model)},
+                "data": {"train": str(data)},
+                "training": {"epochs": 2, "min_steps": 0},
+            }
+        )
+    )
     done = run_cli("data", "check", str(config), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert {k: report["schedule"][k] for k in ("samples", "samples_per_step", "steps", "epochs")} == \
-        {"samples": 25, "samples_per_step": 4, "steps": 14, "epochs": 2.0}
+    assert {k: report["schedule"][k] for k in ("samples", "samples_per_step", "steps", "epochs")} == {
+        "samples": 25,
+        "samples_per_step": 4,
+        "steps": 14,
+        "epochs": 2.0,
+    }
     assert any("only 14 optimizer step(s)" in w for w in report["warnings"])
     text = run_cli("data", "check", str(config)).stdout
     assert "schedule: 25 samples, 4 per optimizer step, 14 optimizer steps = 2.0 epochs" in text
@@ -107,9 +135,18 @@ def test_plan_and_data_check_print_the_schedule(tmp_path, tiny_chat_model):
 
 def test_plan_without_readable_data_still_gives_samples_per_step(tmp_path, tiny_chat_model):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name": str(tiny_chat_model)}, "data": {"train": str(tmp_path / "no.jsonl")},
-                                      "training": {"micro_batch_size": 2, "gradient_accumulation": 8}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_chat_model)},
+                "data": {"train": str(tmp_path / "no.jsonl")},
+                "training": {"micro_batch_size": 2, "gradient_accumulation": 8},
+            }
+        )
+    )
     done = run_cli("plan", str(config), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     schedule = json.loads(done.stdout)["schedule"]
-    assert schedule["samples_per_step"] == 16 and schedule["steps"] is None and "could not be counted" in schedule["line"]
+    assert (
+        schedule["samples_per_step"] == 16 and schedule["steps"] is None and "could not be counted" in schedule["line"]
+    )

@@ -58,7 +58,9 @@ class DataSection(Section):
     train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
     max_length: int = Field(2048, ge=8, description="Longest sample (and packed row) in tokens.")
     truncation: Literal["drop", "right"] = Field("drop", description="Over-long samples: drop them (counted) or cut on the right.")
-    packing: bool = Field(True, description="Lay each micro-batch's samples out in as few rows of max_length as fit, with no attention across samples: less padding, the same samples per step.")
+    packing: bool = Field(True, description="Lay each micro-batch's samples out in as few rows of max_length as "
+                                            "fit, with no attention across samples: less padding, the same samples "
+                                            "per step.")
     skip_invalid: bool = Field(False, description="Skip invalid rows (counted) instead of stopping with the list of problems.")
     num_proc: int | Literal["auto"] = Field("auto", description="Processes for tokenization; auto = one per CPU core (at most 8) from 20,000 rows, else 1.")
 
@@ -97,12 +99,19 @@ class LoraSection(Section):
 
 
 class TrainingSection(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0; raised for small data to reach min_steps).")
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0; raised "
+                                               "for small data to reach min_steps).")
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from epochs and min_steps.")
-    min_steps: int = Field(150, ge=0, description="Fewest optimizer steps when derived from epochs: small data gets more epochs so it still learns (0 = off).")
-    micro_batch_size: int = Field(4, ge=1, description="Samples per device per forward pass, with or without packing (packing lays them out in fewer rows).")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step: a step trains on micro_batch_size × gradient_accumulation × devices samples.")
-    learning_rate: float | Literal["auto"] = Field("auto", description="Peak learning rate; auto = 2e-4 × 4096 / the model's hidden size, at most 2e-3 (2e-4 for Llama 3.1 8B, 1e-4 for 70B, 1.4e-3 for the embedded SmolLM2).")
+    min_steps: int = Field(150, ge=0, description="Fewest optimizer steps when derived from epochs: small data gets "
+                                                  "more epochs so it still learns (0 = off).")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per device per forward pass, with or without "
+                                                       "packing (packing lays them out in fewer rows).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step: a step trains on "
+                                                            "micro_batch_size × gradient_accumulation × devices "
+                                                            "samples.")
+    learning_rate: float | Literal["auto"] = Field(
+        "auto", description="Peak learning rate; auto = 2e-4 × 4096 / the model's hidden size, at most 2e-3 (2e-4 "
+                            "for Llama 3.1 8B, 1e-4 for 70B, 1.4e-3 for the embedded SmolLM2).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -47,16 +47,20 @@ def test_packing_keeps_one_row_per_sample(tmp_path, smollm2_tokenizer):
 
 def test_expected_key_facts_are_read_and_checked(tmp_path, smollm2_tokenizer):
     good = [dict(chat(f"q{i}?", f"The answer is K{i}."), expected=f"K{i}") for i in range(4)] + [chat("q?", "a.")]
-    path = write_jsonl(tmp_path / "d.jsonl", good + [dict(chat("q?", "a."), expected=7), dict(chat("q?", "a."), expected=" ")])
+    bad = [dict(chat("q?", "a."), expected=7), dict(chat("q?", "a."), expected=" ")]
+    path = write_jsonl(tmp_path / "d.jsonl", good + bad)
     with pytest.raises(DataError) as err:
         prepare_data(cfg([str(path)]), smollm2_tokenizer, seed=0)
-    assert f"{path}:6: `expected`: expected a non-empty string (the key fact a right answer contains), got int" in err.value.message
+    reason = "`expected`: expected a non-empty string (the key fact a right answer contains), got int"
+    assert f"{path}:6: {reason}" in err.value.message
     assert f"{path}:7: `expected`: expected a non-empty string" in err.value.message
     val = write_jsonl(tmp_path / "v.jsonl", good)
-    p = prepare_data(DataSection(train=[str(path)], validation=[str(val)], skip_invalid=True), smollm2_tokenizer, seed=0)
+    both = DataSection(train=[str(path)], validation=[str(val)], skip_invalid=True)
+    p = prepare_data(both, smollm2_tokenizer, seed=0)
     assert p.train.column_names == ["input_ids", "labels"] and p.stats["train_samples"] == 5
     assert [h["expected"] for h in p.heldout] == ["K0", "K1", "K2", "K3", None]
-    assert p.heldout[0]["messages"] == [{"role": "user", "content": "q0?"}] and p.heldout[0]["reference"] == "The answer is K0."
+    assert p.heldout[0]["messages"] == [{"role": "user", "content": "q0?"}]
+    assert p.heldout[0]["reference"] == "The answer is K0."
     assert p.heldout[0]["loc"] == f"{val}:1"
 
 

@@ -175,7 +175,8 @@ def print_report(report: dict) -> None:
                   f"({100 * report['trained_fraction']:.1f}%)")
     if "packing" in report:
         pk = report["packing"]
-        console.print(f"packing: {pk['samples']:,} samples in micro-batches of {pk['micro_batch_size']} -> {pk['rows']:,} rows "
+        console.print(f"packing: {pk['samples']:,} samples in micro-batches of {pk['micro_batch_size']} -> "
+                      f"{pk['rows']:,} rows "
                       f"per epoch of at most {report['max_length']} tokens, {100 * pk['efficiency']:.1f}% real tokens "
                       f"(unpacked: {pk['unpacked_rows']:,} rows, {100 * pk['unpacked_efficiency']:.1f}%)")
     console.print(report["schedule_line"], markup=False)

@@ -143,7 +143,7 @@ def print_comparison(result: dict, console=None) -> None:
         table.add_column(name, overflow="fold")
     for a in result["answers"]:
         key = a.get("expected")
-        base, tuned = (f"{'✓' if is_correct(text, key) else '✗'} {text}" if key else text for text in (a["base"], a["tuned"]))
+        base, tuned = (f"{'✓' if is_correct(t, key) else '✗'} {t}" if key else t for t in (a["base"], a["tuned"]))
         table.add_row(a["question"], a["reference"], base, tuned)
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
@@ -152,14 +152,14 @@ def print_comparison(result: dict, console=None) -> None:
                   f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
     facts = result.get("keyfacts")
     if facts:
-        console.print(f"learned: key facts right in {facts['tuned']['right']}/{facts['tuned']['total']} answers "
-                      f"(base {facts['base']['right']}/{facts['base']['total']}); right = the answer contains the row's "
-                      "`expected`", markup=False)
+        tuned, base = facts["tuned"], facts["base"]
+        console.print(f"learned: key facts right in {tuned['right']}/{tuned['total']} answers (base "
+                      f"{base['right']}/{base['total']}); right = the answer contains the row's `expected`", markup=False)
     general = result.get("general")
     if general:
-        console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> tuned "
-                      f"{general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed what the "
-                      "base model knew)", markup=False)
+        console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> "
+                      f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed what "
+                      "the base model knew)", markup=False)
 
 
 def _ppl(value: float | None) -> str:

@@ -40,11 +40,17 @@ def write_after(run_dir: Path, examples: list[dict], after: list[str]) -> list[d
 
 def _row(example: dict, before: str | None, after: str | None) -> dict:
     key = example.get("expected")
-    return {"question": example["messages"][-1]["content"], "messages": example["messages"],
-            "reference": example["reference"], "expected": key, "loc": example.get("loc"),
-            "before": before, "after": after,
-            "before_correct": is_correct(before, key) if key and before is not None else None,
-            "after_correct": is_correct(after, key) if key and after is not None else None}
+    return {
+        "question": example["messages"][-1]["content"],
+        "messages": example["messages"],
+        "reference": example["reference"],
+        "expected": key,
+        "loc": example.get("loc"),
+        "before": before,
+        "after": after,
+        "before_correct": is_correct(before, key) if key and before is not None else None,
+        "after_correct": is_correct(after, key) if key and after is not None else None,
+    }
 
 
 def summary(rows: list[dict]) -> dict | None:

@@ -54,12 +54,17 @@ class Schedule:
 
     def line(self) -> str:
         """One line for the screen: samples, samples per step, steps, epochs, and why."""
-        why = {"epochs": "", "max_steps": ", set by `training.max_steps`",
-               "min_steps": f", raised to `training.min_steps` {self.steps} for small data"}[self.rule]
+        why = {
+            "epochs": "",
+            "max_steps": ", set by `training.max_steps`",
+            "min_steps": f", raised to `training.min_steps` {self.steps} for small data",
+        }[self.rule]
         per_device = f" on {self.devices} devices" if self.devices > 1 else ""
         rate = f"learning rate {self.learning_rate:.2g}" if self.learning_rate else "learning rate"
-        return (f"schedule: {self.samples:,} samples, {self.samples_per_step:,} per optimizer step{per_device}, "
-                f"{self.steps:,} optimizer steps = {self.epochs:,.1f} epochs{why}; {rate} {self.learning_rate_rule}")
+        return (
+            f"schedule: {self.samples:,} samples, {self.samples_per_step:,} per optimizer step{per_device}, "
+            f"{self.steps:,} optimizer steps = {self.epochs:,.1f} epochs{why}; {rate} {self.learning_rate_rule}"
+        )
 
 
 def world_size() -> int:
@@ -71,7 +76,8 @@ def world_size() -> int:
 
 
 def steps_per_epoch(samples: int, micro_batch: int, accumulation: int, devices: int = 1) -> int:
-    """The Trainer's count: DistributedSampler pads to a multiple of devices; the last micro-batch and step may be short."""
+    """The Trainer's count: DistributedSampler pads to a multiple of devices; the last micro-batch and step may be
+    short."""
     per_device = math.ceil(samples / devices)
     micro_batches = math.ceil(per_device / micro_batch)
     return max(1, math.ceil(micro_batches / accumulation))
@@ -99,8 +105,16 @@ def plan_schedule(training, samples: int, devices: int | None = None, hidden_siz
         steps, rule = math.ceil(training.epochs * per_epoch), "epochs"
         if steps < training.min_steps:
             steps, rule = training.min_steps, "min_steps"
-    plan = Schedule(samples, per_step, per_epoch, steps, steps / per_epoch, devices, rule,
-                    *resolve_learning_rate(training.learning_rate, hidden_size))
+    plan = Schedule(
+        samples,
+        per_step,
+        per_epoch,
+        steps,
+        steps / per_epoch,
+        devices,
+        rule,
+        *resolve_learning_rate(training.learning_rate, hidden_size),
+    )
     plan.warnings = _warnings(plan, training)
     return plan
 
@@ -113,14 +127,21 @@ def _warnings(plan: Schedule, training) -> list[str]:
     else:
         fixes = [f"raise `training.epochs` to {math.ceil(TOO_FEW_STEPS / plan.steps_per_epoch)}"]
         if training.min_steps < TOO_FEW_STEPS:
-            fixes.insert(0, f"raise `training.min_steps` to {TOO_FEW_STEPS} or more (the default floor is "
-                            f"{DEFAULT_MIN_STEPS})")
+            fixes.insert(
+                0, f"raise `training.min_steps` to {TOO_FEW_STEPS} or more (the default floor is {DEFAULT_MIN_STEPS})"
+            )
     if training.max_steps <= 0 and plan.samples > plan.samples_per_step > 1:
-        fixes.append(f"lower the samples per step (`training.micro_batch_size` × `training.gradient_accumulation`, now "
-                     f"{plan.samples_per_step // plan.devices} per device)")
-    return [(f"this run takes only {plan.steps} optimizer step(s) ({plan.samples:,} samples, {plan.samples_per_step:,} "
-             f"per step, {plan.epochs:,.1f} epochs): in lorafit's small-data sweep (BENCHMARKS.md) runs with fewer than "
-             f"{TOO_FEW_STEPS} steps learned few of their facts. To learn from this data, " + ", or ".join(fixes) + ".")]
+        fixes.append(
+            f"lower the samples per step (`training.micro_batch_size` × `training.gradient_accumulation`, now "
+            f"{plan.samples_per_step // plan.devices} per device)"
+        )
+    return [
+        (
+            f"this run takes only {plan.steps} optimizer step(s) ({plan.samples:,} samples, {plan.samples_per_step:,} "
+            f"per step, {plan.epochs:,.1f} epochs): in lorafit's small-data sweep (BENCHMARKS.md) runs with fewer than "
+            f"{TOO_FEW_STEPS} steps learned few of their facts. To learn from this data, " + ", or ".join(fixes) + "."
+        )
+    ]
 
 
 def add_layout(cfg, prepared) -> None:
@@ -128,9 +149,13 @@ def add_layout(cfg, prepared) -> None:
     and real / computed tokens, packed and unpacked (what `data check` and the training data line show)."""
     if cfg.data.packing and prepared.sample_lengths is not None:
         flat = pick_attention(cfg.model.attn_implementation).startswith("flash_attention")
-        prepared.stats["packing"] = {**layout_stats(prepared.sample_lengths, cfg.training.micro_batch_size,
-                                                    cfg.data.max_length, cfg.training.seed, flat),
-                                     "samples": len(prepared.train), "micro_batch_size": cfg.training.micro_batch_size}
+        prepared.stats["packing"] = {
+            **layout_stats(
+                prepared.sample_lengths, cfg.training.micro_batch_size, cfg.data.max_length, cfg.training.seed, flat
+            ),
+            "samples": len(prepared.train),
+            "micro_batch_size": cfg.training.micro_batch_size,
+        }
 
 
 def describe_run(cfg, prepared, hidden_size: int | None = None) -> Schedule:
@@ -153,9 +178,16 @@ def schedule_for_config(cfg, hidden_size: int | None = None) -> dict:
         reason = err.message if isinstance(err, LorafitError) else f"{type(err).__name__}: {str(err)[:200]}"
         per_step = cfg.training.micro_batch_size * cfg.training.gradient_accumulation * world_size()
         rate, how = resolve_learning_rate(cfg.training.learning_rate, hidden_size)
-        return {"samples": None, "samples_per_step": per_step, "steps": None, "epochs": None, "learning_rate": rate,
-                "warnings": [], "line": f"schedule: {per_step} samples per optimizer step; steps and epochs unknown: "
-                                        f"the data could not be counted ({reason.splitlines()[0]}); learning rate "
-                                        + (f"{rate:.2g} {how}" if rate else how)}
+        return {
+            "samples": None,
+            "samples_per_step": per_step,
+            "steps": None,
+            "epochs": None,
+            "learning_rate": rate,
+            "warnings": [],
+            "line": f"schedule: {per_step} samples per optimizer step; steps and epochs unknown: "
+            f"the data could not be counted ({reason.splitlines()[0]}); learning rate "
+            + (f"{rate:.2g} {how}" if rate else how),
+        }
     schedule = describe_run(cfg, prepared, hidden_size)
     return {**schedule.as_dict(), "line": schedule.line()}

@@ -119,8 +119,8 @@ def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool =
         log.warning("warning: %s", warning)
 
     own = make_callbacks(cfg, run_dir, quiet)
-    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation),
-                             max_length=cfg.data.max_length)
+    collator = make_collator(tokenizer, packed=cfg.data.packing, max_length=cfg.data.max_length,
+                             attn_implementation=pick_attention(cfg.model.attn_implementation))
     args = training_arguments(cfg, run_dir, prepared.validation is not None, schedule)
     with tensorboard_dir(run_dir / "tensorboard"):
         trainer = LorafitTrainer(model=model, args=args,

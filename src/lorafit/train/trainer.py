@@ -62,7 +62,8 @@ class LorafitTrainer(AtomicCheckpoints, Trainer):
         super().log(logs, start_time)
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool, schedule: Schedule | None = None) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool,
+                       schedule: Schedule | None = None) -> TrainingArguments:
     """`schedule` (train/schedule.py): the optimizer steps and the learning rate the run takes."""
     t = cfg.training
     precision = resolve_precision(t.precision)
