@@ -127,7 +127,7 @@ def compare(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     general: bool = typer.Option(True, "--general/--no-general",
-                                 help="Also the loss change on 32 general-knowledge chats shipped with lorafit (drift)."),
+                                 help="Also the loss change on 32 general-knowledge chats shipped with lorafit."),
 ):
     """Base vs fine-tuned: answers side by side, both losses on the same data, key-fact accuracy of rows with
     `expected`, and the loss change on general-knowledge chats (what was learned, what drifted)."""

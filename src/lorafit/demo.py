@@ -89,6 +89,7 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     console.print(f"the demo's bar: {bar}/{n} — " + ("[green]met[/]" if tuned_right >= bar else "[red]missed[/] (see "
                   "the steps and losses above; `lorafit compare` shows what the adapter changed)"))
     (Path(run_dir) / "demo_results.json").write_text(json.dumps(
-        {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results}, indent=2),
+        {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results},
+        indent=2),
         encoding="utf-8")
     return 0

@@ -277,8 +277,8 @@ def data_line(stats: dict) -> str:
         parts.append(f"{stats['validation_samples']} validation")
     packing = stats.get("packing") or {}
     if packing.get("efficiency") is not None:
-        parts.append(f"micro-batches packed into {packing.get('rows', '?')} rows per epoch ({packing['efficiency']:.1%} "
-                     "real tokens)")
+        rows, efficiency = packing.get("rows", "?"), packing["efficiency"]
+        parts.append(f"micro-batches packed into {rows} rows per epoch ({efficiency:.1%} real tokens)")
     dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_trained_token", 0) + stats.get("invalid", 0)
     if dropped:
         parts.append(f"{dropped} dropped (see `lorafit data check`)")

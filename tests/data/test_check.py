@@ -23,7 +23,8 @@ def test_report_for_a_good_file(tmp_path, smollm2_tokenizer, capsys):
     path = good_file(tmp_path)
     assert data_check(str(path), None, None, as_json=False) == 0
     out = capsys.readouterr().out
-    for needle in ["rows", "messages", "token length: p50", "exact duplicates 1", "trained tokens", "packing: 13 samples in micro-batches of 4",
+    for needle in ["rows", "messages", "token length: p50", "exact duplicates 1", "trained tokens",
+                   "packing: 13 samples in micro-batches of 4",
                    "schedule: 13 samples, 4 per optimizer step, 150 optimizer steps = 37.5 epochs, raised to",
                    "example", "[[Answer 0.<|im_end|>]]", "ok: the data can train"]:
         assert needle in out, needle

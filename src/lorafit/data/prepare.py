@@ -40,12 +40,12 @@ HELDOUT_SHOWN = 10  # validation conversations answered before and after trainin
 
 @dataclass
 class PreparedData:
-    train: "object"  # datasets.Dataset: input_ids, labels; one row per sample
+    train: object  # datasets.Dataset: input_ids, labels; one row per sample
     validation: "object | None"
     stats: dict
     template: str
     lengths: "np.ndarray | None" = None  # token length of every valid training row, before the length policy
-    sample_lengths: "np.ndarray | None" = None  # tokens of each training sample, as trained (after the length policy)
+    sample_lengths: np.ndarray | None = None  # tokens of each training sample, as trained (after the length policy)
     heldout: list = field(default_factory=list)  # up to HELDOUT_SHOWN validation conversations (heldout_examples)
 
 
@@ -211,7 +211,8 @@ def _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer, t
         order = rng.permutation(len(all_idx))
         n_val = max(1, int(round(data_cfg.val_fraction * len(all_idx))))
         if n_val >= len(all_idx):
-            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}.")
+            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of "
+                            f"{len(all_idx)}.")
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         return train_idx, train_rows, train_tok, val_idx[keep[val_idx]]
     return all_idx, None, None, None

@@ -154,12 +154,13 @@ def print_comparison(result: dict, console=None) -> None:
     if facts:
         tuned, base = facts["tuned"], facts["base"]
         console.print(f"learned: key facts right in {tuned['right']}/{tuned['total']} answers (base "
-                      f"{base['right']}/{base['total']}); right = the answer contains the row's `expected`", markup=False)
+                      f"{base['right']}/{base['total']}); right = the answer contains the row's `expected`",
+                      markup=False)
     general = result.get("general")
     if general:
         console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> "
-                      f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed what "
-                      "the base model knew)", markup=False)
+                      f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed "
+                      "what the base model knew)", markup=False)
 
 
 def _ppl(value: float | None) -> str:

@@ -82,7 +82,8 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
     import torch
 
     cfg, trainer = run.cfg, run.trainer
-    prompts, after, heldout_after, phase = list(cfg.eval.prompts), None, None, "the base model's answers to eval.prompts"
+    prompts, after, heldout_after = list(cfg.eval.prompts), None, None
+    phase = "the base model's answers to eval.prompts"
     # A sharded model (FSDP, ZeRO-3) answers only when every rank runs it, each forward gathering the weights:
     # then all ranks generate and rank 0 writes.
     answer = main or sharded_launch() is not None
