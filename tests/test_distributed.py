@@ -72,8 +72,10 @@ def _trace(folder: Path, rank: int) -> list[dict]:
 
 
 def _config(tmp_path: Path, model_dir: Path, name: str, micro_batch: int) -> Path:
+    # one epoch, no small-data floor: 8 samples, global batch 4 = the 2 steps lorafit's schedule counts for 2 ranks
     return tiny_config(tmp_path, model_dir, name=name, n_train=8, training={
-        "epochs": 1, "max_steps": -1, "micro_batch_size": micro_batch, "learning_rate": 5e-2, "logging_steps": 1})
+        "epochs": 1, "max_steps": -1, "min_steps": 0, "micro_batch_size": micro_batch, "learning_rate": 5e-2,
+        "logging_steps": 1})
 
 
 def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, Path]:
