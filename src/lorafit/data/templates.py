@@ -15,6 +15,7 @@ from lorafit.data.special_tokens import (
     special_token_strings,
     token_id,
 )
+from lorafit.data.tool_render import has_tools, model_tool_inputs, render_llama31_tools
 from lorafit.errors import DataError
 
 DATE_STRING = "26 Jul 2024"  # the official template's default `date_string`
@@ -55,14 +56,25 @@ def resolve_template(tokenizer, setting: str = "auto") -> str:
                     "Use a chat model's tokenizer, or train on raw `text` rows.")
 
 
-def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
-    """The conversation as text, special tokens included (BOS too when the format has it)."""
+def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False, tools: dict | None = None,
+           tools_in_user_message: bool = True) -> str:
+    """The conversation as text, special tokens included (BOS too when the format has it).
+
+    `tools` is a row's {"tools": [...], "builtin_tools": [...]} (see data/tools.py); tool conversations are
+    rendered as data/tool_render.py describes."""
     if template not in ("model", "llama3"):  # "auto" from a config: resolve it the way training did
         template = resolve_template(tokenizer, template)
+    with_tools = has_tools(messages, tools)
     if template == "llama3":
-        return render_llama31(messages, tokenizer.bos_token or "<|begin_of_text|>", add_generation_prompt)
+        bos = tokenizer.bos_token or "<|begin_of_text|>"
+        if with_tools:
+            return render_llama31_tools(messages, tools, bos, add_generation_prompt, tools_in_user_message)
+        return render_llama31(messages, bos, add_generation_prompt)
+    kwargs: dict = {}
+    if with_tools:
+        messages, kwargs = model_tool_inputs(tokenizer, messages, tools, tools_in_user_message)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as err:  # a template can raise anything (jinja TemplateError, its own raise_exception)
         raise DataError(f"the tokenizer's chat template failed to render a conversation: {type(err).__name__}: {str(err)[:300]}",
                         "Try `data.template: llama3`, or check the roles your data uses.") from None
@@ -80,18 +92,20 @@ def render_llama31(messages: list[dict], bos: str = "<|begin_of_text|>", add_gen
     return "".join(parts)
 
 
-def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
+def render_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
+                  tools_in_user_message: bool = True) -> str:
     """Text up to and including the generation prompt, exactly as in training.
 
     It already holds BOS when the format has one: encode it with `encode_prompt` (or
     add_special_tokens=False), never with a plain `tokenizer(text)` that would add a second BOS.
     """
-    return render(tokenizer, messages, template, add_generation_prompt=True)
+    return render(tokenizer, messages, template, True, tools, tools_in_user_message)
 
 
-def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
+                  tools_in_user_message: bool = True) -> list[int]:
     """Token ids of `render_prompt`, with BOS exactly once (as the training examples have it)."""
-    return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template))
+    return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template, tools, tools_in_user_message))
 
 
 def end_of_turn_ids(tokenizer, template: str) -> list[int]:
