@@ -45,7 +45,18 @@ def _load_target(target: str, model: str | None, max_length: int | None):
     fields = {"train": [target]}
     if max_length:
         fields["max_length"] = max_length
+    if model and _is_tokenizer_only(model):  # e.g. ../shared/llama3 or original/tokenizer.model: no weights needed
+        return DataSection(**fields), model, model
     return DataSection(**fields), model or DEFAULT_MODEL, None
+
+
+def _is_tokenizer_only(path: str) -> bool:
+    """A tokenizer file, or a folder with a tokenizer but no model config: checking data needs only that."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return True
+    return p.is_dir() and not (p / "config.json").exists() and any(
+        (p / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
 def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -> dict:

@@ -1,9 +1,9 @@
 """Chat formats: the tokenizer's own chat template, or the built-in Llama 3.1 Instruct format.
 
-The built-in format reproduces the official Llama-3.1-8B-Instruct template exactly for conversations
-without tools: the system block is always emitted, opened by the knowledge-date preamble, and every
-content is trimmed. `LLAMA31_CHAT_TEMPLATE` is the same format in Jinja (saved with runs so other tools
-render identically); a test checks both agree.
+The built-in format reproduces the official Llama-3.1-8B-Instruct template exactly: the system block is
+always emitted, opened by the knowledge-date preamble, and every content is trimmed; conversations with
+tools follow tool_render.py. `LLAMA31_CHAT_TEMPLATE` is the same format in Jinja (saved with merged models
+so other tools render identically); tests check all of them agree with the official template.
 """
 
 from __future__ import annotations
@@ -15,25 +15,12 @@ from lorafit.data.special_tokens import (
     special_token_strings,
     token_id,
 )
-from lorafit.data.tool_render import has_tools, model_tool_inputs, render_llama31_tools
+from lorafit.data.tool_render import LLAMA31_TOOLS_JINJA, has_tools, model_tool_inputs, render_llama31_tools
 from lorafit.errors import DataError
 
 DATE_STRING = "26 Jul 2024"  # the official template's default `date_string`
 LLAMA31_PREAMBLE = f"Cutting Knowledge Date: December 2023\nToday Date: {DATE_STRING}\n\n"
-LLAMA31_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if not date_string is defined %}{%- set date_string = \"" + DATE_STRING + "\" %}{%- endif %}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
-    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}"
-    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}{{- \"Today Date: \" + date_string + \"\\n\\n\" }}"
-    "{{- system_message }}{{- \"<|eot_id|>\" }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-
+LLAMA31_CHAT_TEMPLATE = LLAMA31_TOOLS_JINJA  # the same format in Jinja, tools included (see tool_render.py)
 
 
 def resolve_template(tokenizer, setting: str = "auto") -> str:
