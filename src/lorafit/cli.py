@@ -64,11 +64,12 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
-    """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
+    """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed and you paste results."""
     from lorafit.inference.chat import chat as run_chat
 
-    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature, tools_file=tools)
 
 
 @app.command()
@@ -113,11 +114,13 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."),
 ):
-    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
+    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token; calls are parsed."""
     from lorafit.inference.generate import generate as run_generate
 
-    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
+    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system,
+                        tools_file=tools)
     print(f"answers written to {path}")
 
 

@@ -95,6 +95,16 @@ def normalize(row: dict, fmt: str) -> Normalized:
     return Normalized(messages, None, tools, _unused(row, fmt, turn_keys, key), [])
 
 
+def normalize_turns(turns: list) -> tuple[list[dict], list[Problem]]:
+    """A prompt's turns (`messages` spelling, tool calls and results included) in normal form; the order is the
+    caller's to check (a prompt ends where the model answers)."""
+    messages, problems, _ = _turns({"messages": turns}, "messages", "role", "content", None)
+    for m in messages:
+        m.pop("_id", None)
+        m.pop("_name", None)
+    return messages, problems
+
+
 def _unused(row: dict, fmt: str, turn_keys: set, key: str) -> list[str]:
     used = USED_KEYS[fmt] | ({"tools", "builtin_tools"} if fmt not in ("messages", "sharegpt") else set())
     return sorted(k for k in row if k not in used) + sorted(f"{key}[].{k}" for k in turn_keys)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import DataError, ModelError
+from lorafit.inference.tool_calls import parse_tool_call, prompt_conversation, prompt_tools, read_tools_file
 from lorafit.paths import user_path
 from lorafit.rundir import write_text_atomic
 
@@ -29,6 +30,7 @@ class Loaded:
     system_prompt: str | None = None  # the run's data.system_prompt, reused so answers match training
     kind: str = "model"  # run | model | gguf
     cfg: object = None
+    tools_in_user_message: bool = True  # Llama 3.1 tool rows: where training put the tool definitions
     notes: list[str] = field(default_factory=list)
 
 
@@ -57,7 +59,8 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
         # Merging into 4-bit weights would round the adapter away; a quantized base keeps the adapter separate.
         model, tokenizer, cfg = load_tuned(path, dtype=dtype, merge=merge and not quantized)
         template = resolve_template(tokenizer, cfg.data.template)
-        loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), cfg.data.system_prompt, "run", cfg)
+        loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), cfg.data.system_prompt, "run", cfg,
+                        tools_in_user_message=cfg.data.tools_in_user_message)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         from transformers import AutoTokenizer
 
@@ -82,7 +85,9 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
         loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="model")
         saved = Path(folder) / PROMPT_FILE  # written by `lorafit merge`: the run's system prompt
         if saved.exists():
-            loaded.system_prompt = json.loads(saved.read_text(encoding="utf-8")).get("system_prompt")
+            settings = json.loads(saved.read_text(encoding="utf-8"))
+            loaded.system_prompt = settings.get("system_prompt")
+            loaded.tools_in_user_message = settings.get("tools_in_user_message", True)
     else:
         raise ModelError(f"{target} is neither a run directory, a model folder, nor a .gguf file.",
                          "Pass what `lorafit train` (runs/NAME), `lorafit merge` or `lorafit export` wrote.")
@@ -99,8 +104,9 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
 
 # -- prompts -------------------------------------------------------------------------------------------------------
 
-def read_prompts(file: str) -> list[dict]:
-    """Rows of {"messages": [...], "prompt": str}: JSONL with `prompt` or `messages`, or plain text lines."""
+def read_prompts(file: str, tools: dict | None = None) -> list[dict]:
+    """Rows of {"messages": [...], "prompt": str, "tools": spec | None}: JSONL with `prompt` or `messages` (and
+    optionally `tools`), or plain text lines. `tools` (from --tools) applies to lines that have none of their own."""
     p = Path(file)
     if not p.is_file():
         raise DataError(f"prompts file {p} does not exist.", "Pass a .jsonl file ({\"prompt\": ...} per line) or a text file, one prompt per line.")
@@ -110,19 +116,26 @@ def read_prompts(file: str) -> list[dict]:
         if not line.strip():
             continue
         if not is_jsonl:
-            rows.append({"prompt": line.strip(), "messages": [{"role": "user", "content": line.strip()}]})
+            rows.append({"prompt": line.strip(), "messages": [{"role": "user", "content": line.strip()}], "tools": tools})
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{p}:{number}: broken JSON ({err.msg}, column {err.colno}).", "Write one JSON object per line.") from None
-        rows.append(_prompt_row(row, f"{p}:{number}"))
+        rows.append(_prompt_row(row, f"{p}:{number}", tools))
     if not rows:
         raise DataError(f"prompts file {p} holds no prompts.")
     return rows
 
 
-def _prompt_row(row, loc: str) -> dict:
+def _prompt_row(row, loc: str, tools: dict | None = None) -> dict:
+    if isinstance(row, dict):
+        tools = prompt_tools(row, loc) or tools
+    if isinstance(row, dict) and isinstance(row.get("messages"), list) and any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") in ("tool", "ipython")) for m in row["messages"]):
+        messages = prompt_conversation(row["messages"], loc)
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return {"prompt": last_user, "messages": messages, "tools": tools}
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         messages = [m for m in row["messages"] if isinstance(m, dict)]
         if any(not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages) or not messages:
@@ -132,9 +145,9 @@ def _prompt_row(row, loc: str) -> dict:
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
             raise DataError(f"{loc}: the conversation must end with a `user` turn (the one to answer).")
-        return {"prompt": messages[-1]["content"], "messages": messages}
+        return {"prompt": messages[-1]["content"], "messages": messages, "tools": tools}
     if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        return {"prompt": row["prompt"], "messages": [{"role": "user", "content": row["prompt"]}]}
+        return {"prompt": row["prompt"], "messages": [{"role": "user", "content": row["prompt"]}], "tools": tools}
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
     raise DataError(f"{loc}: expected a `prompt` string or a `messages` list, got {keys}.",
                     "Use {\"prompt\": \"...\"} or {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]} per line.")
@@ -163,14 +176,17 @@ def cut_at_end(ids: list[int], end_ids: list[int], pad_id: int | None) -> list[i
 
 
 def generate_batch(loaded: Loaded, conversations: list[list[dict]], max_new_tokens: int = 256, do_sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
-    """Answers to several conversations at once: left-padded, stopping at the end-of-turn token."""
+                   temperature: float = 0.7, top_p: float = 0.9, tools: list[dict | None] | None = None) -> list[str]:
+    """Answers to several conversations at once: left-padded, stopping at an end-of-turn token (Llama 3.1: <|eot_id|>
+    or, after a built-in tool call, <|eom_id|>). `tools` gives each conversation's tools, rendered as in training."""
     import torch
 
     from lorafit.data.templates import encode_prompt
 
     tok = loaded.tokenizer
-    encoded = [encode_prompt(tok, with_system(m, loaded.system_prompt), loaded.template) for m in conversations]
+    tools = tools or [None] * len(conversations)
+    encoded = [encode_prompt(tok, with_system(m, loaded.system_prompt), loaded.template, t, loaded.tools_in_user_message)
+               for m, t in zip(conversations, tools)]
     width = max(len(ids) for ids in encoded)
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
@@ -191,13 +207,14 @@ def generate_batch(loaded: Loaded, conversations: list[list[dict]], max_new_toke
 
 def generate(target: str, prompts_file: str, out_file: str, max_new_tokens: int = 256, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8, seed: int = 0, system: str | None = None,
-             loaded: Loaded | None = None) -> Path:
-    """Answer every prompt of PROMPTS_FILE with TARGET; one {"prompt", "response"} JSON object per line in OUT_FILE."""
+             loaded: Loaded | None = None, tools_file: str | None = None) -> Path:
+    """Answer every prompt of PROMPTS_FILE with TARGET; one {"prompt", "response"} JSON object per line in OUT_FILE
+    (with `tool_call` {"name", "arguments"} when a prompt has tools and the answer is a call)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("`--batch-size` and `--max-new-tokens` must be at least 1.")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise DataError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
-    rows = read_prompts(prompts_file)  # bad input fails before the model is loaded
+    rows = read_prompts(prompts_file, read_tools_file(tools_file) if tools_file else None)  # bad input fails before loading
     import torch
 
     out = Path(out_file)
@@ -212,7 +229,7 @@ def generate(target: str, prompts_file: str, out_file: str, max_new_tokens: int 
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         for k, answer in zip(chunk, generate_batch(loaded, [rows[k]["messages"] for k in chunk], max_new_tokens,
-                                                    do_sample, temperature, top_p)):
+                                                    do_sample, temperature, top_p, [rows[k]["tools"] for k in chunk])):
             answers[k] = answer
         log.info("generated %d/%d", min(start + batch_size, len(rows)), len(rows))
     records = []
@@ -220,6 +237,9 @@ def generate(target: str, prompts_file: str, out_file: str, max_new_tokens: int 
         record = {"prompt": row["prompt"], "response": answers[k]}
         if len(row["messages"]) > 1:
             record["messages"] = row["messages"]
+        if row["tools"]:
+            call, problem = parse_tool_call(answers[k])
+            record.update({"tool_call": call} if call else {"tool_call_error": problem} if problem else {})
         records.append(json.dumps(record, ensure_ascii=False) + "\n")
     write_text_atomic(out, "".join(records))
     return out
