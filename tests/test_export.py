@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_run
+from helpers import save_tiny_run
 
 IDS = torch.tensor([[1, 400, 2000, 30, 7, 9000, 12, 5]])
 

@@ -18,8 +18,15 @@ import math
 import os
 from pathlib import Path
 
+from lorafit.data.special_tokens import adds_bos
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, ModelError, RunDirError
+from lorafit.export.merge import merged_model, prepare_tokenizer
+from lorafit.inference.generate import PROMPT_FILE
+from lorafit.models.tokenizer import load_tokenizer
 from lorafit.paths import user_path
+from lorafit.rundir import load_run_config
+from lorafit.runtime import pick_dtype
 
 log = logging.getLogger("lorafit")
 
@@ -33,13 +40,6 @@ def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") 
     """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.export.merge import merged_model, prepare_tokenizer
-    from lorafit.inference.generate import PROMPT_FILE
-    from lorafit.models.tokenizer import load_tokenizer
-    from lorafit.rundir import load_run_config
-    from lorafit.runtime import pick_dtype
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
@@ -173,7 +173,6 @@ def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def tokenizer_metadata(tokenizer, vocab_size: int, end_ids: list[int]) -> dict:
     """The `tokenizer.ggml.*` / `tokenizer.chat_template` values, named as llama.cpp names them."""
-    from lorafit.data.special_tokens import adds_bos
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     tokens, types = vocab_arrays(tokenizer, vocab_size)

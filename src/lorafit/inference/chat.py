@@ -14,7 +14,9 @@ import json
 import sys
 from typing import TextIO
 
+from lorafit.data.templates import encode_prompt, with_system
 from lorafit.data.tools import tool_name
+from lorafit.inference.generate import cut_at_end, load_for_inference
 from lorafit.inference.tool_calls import call_message, parse_tool_call, read_tools_file
 
 HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system message), /exit."
@@ -36,8 +38,6 @@ def _streamer(tokenizer, out: TextIO):
 def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int, tools: dict | None = None,
                 tools_in_user_message: bool = True) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
-    from lorafit.data.templates import encode_prompt
-    from lorafit.inference.generate import with_system
 
     while True:
         ids = encode_prompt(tokenizer, with_system(history, system), template, tools, tools_in_user_message)
@@ -51,8 +51,6 @@ def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, 
           tools: dict | None = None) -> tuple[str, list[dict]]:
     """Stream the assistant's answer to the conversation; (answer, history actually kept)."""
     import torch
-
-    from lorafit.inference.generate import cut_at_end
 
     model, tok = loaded.model, loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -114,7 +112,6 @@ class Session:
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None, tools_file: str | None = None) -> None:
     """Read user turns from INPUT_STREAM (stdin) until /exit or end of input; stream answers to OUTPUT."""
-    from lorafit.inference.generate import load_for_inference
 
     inp = input_stream or sys.stdin
     out = output or sys.stdout
