@@ -10,21 +10,26 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import chat_template
 
 from lorafit.data.encode import Encoder
 from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE, encode_prompt, render
 from lorafit.data.tool_render import tool_style
 from lorafit.errors import DataError
 
-from .helpers import chat_template
 from .test_tokenize import trained_spans
 from .tool_rows import AREA_TOOL, GLAIVE_NORMAL, OPENAI_NORMAL, WEATHER_TOOL, call
 
 OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "llama3" / "chat_template.jinja"
-BUILTIN = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Latest news on Mars, then weather in Nice?"},
-           call("brave_search", {"query": "Mars news"}), {"role": "tool", "content": "Rover finds ice."},
-           call("get_weather", {"city": "Nice"}), {"role": "tool", "content": {"temp_c": 19, "sky": "clear — sunny"}},
-           {"role": "assistant", "content": "Ice on Mars; 19 C and clear in Nice."}]
+BUILTIN = [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "Latest news on Mars, then weather in Nice?"},
+    call("brave_search", {"query": "Mars news"}),
+    {"role": "tool", "content": "Rover finds ice."},
+    call("get_weather", {"city": "Nice"}),
+    {"role": "tool", "content": {"temp_c": 19, "sky": "clear — sunny"}},
+    {"role": "assistant", "content": "Ice on Mars; 19 C and clear in Nice."},
+]
 CASES = [  # (messages, tools, builtin_tools, tools_in_user_message)
     (GLAIVE_NORMAL, [AREA_TOOL], None, True),
     (OPENAI_NORMAL, [WEATHER_TOOL], None, True),
@@ -44,15 +49,18 @@ def official():
 def official_ids(tokenizer, template, messages, tools, builtin, in_user, gen=False) -> list[int]:
     kwargs = {"builtin_tools": builtin} if builtin is not None else {}
     with chat_template(tokenizer, template) as tok:
-        return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=True,
-                                       tools_in_user_message=in_user, **kwargs)["input_ids"]
+        return tok.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=gen, tokenize=True, tools_in_user_message=in_user, **kwargs
+        )["input_ids"]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_token_ids_equal_the_official_template(llama3_tokenizer, official, case):
     messages, tools, builtin, in_user = CASES[case]
     spec = {"tools": tools, "builtin_tools": builtin}
-    ids, _ = Encoder(llama3_tokenizer, "llama3", tools_in_user_message=in_user).encode_batch([messages], [None], [spec])[0]
+    ids, _ = Encoder(llama3_tokenizer, "llama3", tools_in_user_message=in_user).encode_batch(
+        [messages], [None], [spec]
+    )[0]
     assert ids == official_ids(llama3_tokenizer, official, messages, tools, builtin, in_user)
     for end in range(2, len(messages)):  # every prompt a conversation can be cut at, as inference renders it
         if messages[end]["role"] == "assistant":
@@ -69,10 +77,16 @@ def test_calls_are_trained_with_their_end_token_results_and_tools_never(llama3_t
         '{"name": "calculate_area", "parameters": {"shape": "rectangle", "dimensions": [5, 3]}}<|eot_id|>',
         "The area is 15 square units.<|eot_id|>",
         '{"name": "calculate_area", "parameters": {"shape": "circle", "dimensions": [4]}}<|eot_id|>',
-        "About 50.24 square units.<|eot_id|>"]
+        "About 50.24 square units.<|eot_id|>",
+    ]
     text = llama3_tokenizer.decode(ids)
-    assert 'Environment: ipython\n' in text and '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"area\\": 15}"<|eot_id|>' in text
-    assert text.index('"name": "calculate_area",\n    "description"') < text.index("I need the area")  # in the user turn
+    assert (
+        "Environment: ipython\n" in text
+        and '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"area\\": 15}"<|eot_id|>' in text
+    )
+    assert text.index('"name": "calculate_area",\n    "description"') < text.index(
+        "I need the area"
+    )  # in the user turn
 
 
 def test_builtin_calls_end_with_eom(llama3_tokenizer):
@@ -81,7 +95,8 @@ def test_builtin_calls_end_with_eom(llama3_tokenizer):
     assert trained_spans(llama3_tokenizer, ids, labels) == [
         '<|python_tag|>brave_search.call(query="Mars news")<|eom_id|>',
         '{"name": "get_weather", "parameters": {"city": "Nice"}}<|eom_id|>',  # built-ins on: every call ends with eom
-        "Ice on Mars; 19 C and clear in Nice.<|eot_id|>"]
+        "Ice on Mars; 19 C and clear in Nice.<|eot_id|>",
+    ]
 
 
 def test_a_model_template_that_takes_tools_is_used(llama3_tokenizer, official):
@@ -133,7 +148,8 @@ def test_chatml_without_tool_support_uses_hermes(smollm2_tokenizer):
     ids, labels = Encoder(smollm2_tokenizer, "model").encode_batch([messages], [None], [spec])[0]
     assert trained_spans(smollm2_tokenizer, ids, labels) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
-        "It is 4 C in Oslo.<|im_end|>"]
+        "It is 4 C in Oslo.<|im_end|>",
+    ]
     no_system = render(smollm2_tokenizer, OPENAI_NORMAL[1:3], "model", tools=spec)
     assert no_system.startswith("<|im_start|>system\n# Tools\n")  # the tools replace the template's default system text
     with pytest.raises(DataError, match="built-in tools"):

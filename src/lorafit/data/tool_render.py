@@ -25,14 +25,20 @@ from lorafit.errors import DataError
 LLAMA31_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
 LLAMA31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 CALL_FORMAT = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
-TOOLS_IN_SYSTEM = ("You have access to the following functions. To call a function, please respond with JSON for a "
-                   "function call." + CALL_FORMAT + "Do not use variables.\n\n")
-TOOLS_IN_USER = ("Given the following functions, please respond with a JSON for a function call with its proper "
-                 "arguments that best answers the given prompt.\n\n" + CALL_FORMAT + "Do not use variables.\n\n")
-HERMES_TOOLS = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
-                "function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\nFor each function call, "
-                "return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
-                "<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+TOOLS_IN_SYSTEM = (
+    "You have access to the following functions. To call a function, please respond with JSON for a "
+    "function call." + CALL_FORMAT + "Do not use variables.\n\n"
+)
+TOOLS_IN_USER = (
+    "Given the following functions, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt.\n\n" + CALL_FORMAT + "Do not use variables.\n\n"
+)
+HERMES_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\nFor each function call, "
+    "return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
 # The same format as Jinja, saved with merged models and GGUF files so other runtimes render tool rows the same way.
 # Unlike the official template it treats a missing `tools` variable as none (llama.cpp and Ollama may not pass it).
 LLAMA31_TOOLS_JINJA = (
@@ -40,9 +46,9 @@ LLAMA31_TOOLS_JINJA = (
     "{%- if custom_tools is defined %}{%- set tools = custom_tools %}{%- endif %}"
     "{%- if tools is not defined %}{%- set tools = none %}{%- endif %}"
     "{%- if tools_in_user_message is not defined %}{%- set tools_in_user_message = true %}{%- endif %}"
-    "{%- if date_string is not defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}"
+    '{%- if date_string is not defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
     "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
+    '{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}'
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{%- if builtin_tools is defined or tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}"
     "{%- if builtin_tools is defined %}"
@@ -52,7 +58,8 @@ LLAMA31_TOOLS_JINJA = (
     "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}{%- endif %}"
     "{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- if tools_in_user_message and tools is not none %}"
-    "{%- if messages | length == 0 %}{{- raise_exception('tools go in the first user message, and there is none') }}{%- endif %}"
+    "{%- if messages | length == 0 %}"
+    "{{- raise_exception('tools go in the first user message, and there is none') }}{%- endif %}"
     "{%- set first_user_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
     "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}{{- " + json.dumps(TOOLS_IN_USER) + " }}"
     "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}"
@@ -66,12 +73,14 @@ LLAMA31_TOOLS_JINJA = (
     "{{- '<|python_tag|>' + call.name + '.call(' }}"
     "{%- for name, value in call.arguments | items %}{{- name + '=\"' + value + '\"' }}"
     "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}{{- ')' }}"
-    "{%- else %}{{- '{\"name\": \"' + call.name + '\", \"parameters\": ' }}{{- call.arguments | tojson }}{{- '}' }}{%- endif %}"
+    "{%- else %}{{- '{\"name\": \"' + call.name + '\", \"parameters\": ' }}"
+    "{{- call.arguments | tojson }}{{- '}' }}{%- endif %}"
     "{%- if builtin_tools is defined %}{{- '<|eom_id|>' }}{%- else %}{{- '<|eot_id|>' }}{%- endif %}"
     "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
     "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}{{- message.content | tojson }}{{- '<|eot_id|>' }}"
     "{%- else %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
@@ -86,12 +95,18 @@ def tools_of(spec: dict | None) -> tuple[list | None, list | None]:
 
 def has_tools(messages: list[dict], spec: dict | None) -> bool:
     return bool(spec and (spec.get("tools") or spec.get("builtin_tools"))) or any(
-        m["role"] == "tool" or "tool_calls" in m for m in messages)
+        m["role"] == "tool" or "tool_calls" in m for m in messages
+    )
 
 
 # -- the official Llama 3.1 layout ------------------------------------------------------------------------------------
-def render_llama31_tools(messages: list[dict], spec: dict | None, bos: str = "<|begin_of_text|>",
-                         add_generation_prompt: bool = False, tools_in_user_message: bool = True) -> str:
+def render_llama31_tools(
+    messages: list[dict],
+    spec: dict | None,
+    bos: str = "<|begin_of_text|>",
+    add_generation_prompt: bool = False,
+    tools_in_user_message: bool = True,
+) -> str:
     tools, builtin = tools_of(spec)
     system = ""
     if messages and messages[0]["role"] == "system":
@@ -107,10 +122,16 @@ def render_llama31_tools(messages: list[dict], spec: dict | None, bos: str = "<|
     parts += [system, "<|eot_id|>"]
     if tools is not None and tools_in_user_message:
         if not messages:
-            raise DataError("tools go in the first user message (the Llama 3.1 default), but the conversation has none.",
-                            "Start the conversation with a user turn, or set `data.tools_in_user_message: false`.")
+            raise DataError(
+                "tools go in the first user message (the Llama 3.1 default), but the conversation has none.",
+                "Start the conversation with a user turn, or set `data.tools_in_user_message: false`.",
+            )
         first, messages = messages[0]["content"].strip(), messages[1:]
-        parts += [LLAMA31_HEADER.format("user"), TOOLS_IN_USER] + [_schema(t) + "\n\n" for t in tools] + [first, "<|eot_id|>"]
+        parts += (
+            [LLAMA31_HEADER.format("user"), TOOLS_IN_USER]
+            + [_schema(t) + "\n\n" for t in tools]
+            + [first, "<|eot_id|>"]
+        )
     for m in messages:
         parts.append(_llama31_turn(m, builtin))
     if add_generation_prompt:
@@ -129,7 +150,13 @@ def _llama31_turn(m: dict, builtin: list | None) -> str:
             args = ", ".join(f'{k}="{v}"' for k, v in call["arguments"].items())
             body = f"<|python_tag|>{call['name']}.call({args})"
         else:
-            body = '{"name": "' + call["name"] + '", "parameters": ' + json.dumps(call["arguments"], ensure_ascii=False) + "}"
+            body = (
+                '{"name": "'
+                + call["name"]
+                + '", "parameters": '
+                + json.dumps(call["arguments"], ensure_ascii=False)
+                + "}"
+            )
         return LLAMA31_HEADER.format("assistant") + body + ("<|eom_id|>" if builtin is not None else "<|eot_id|>")
     if m["role"] in ("tool", "ipython"):
         # Jinja counts a string as iterable, so the official template writes every result through tojson.
@@ -142,8 +169,10 @@ def hermes_messages(messages: list[dict], spec: dict | None) -> list[dict]:
     """The conversation with tools, calls and results written as Hermes text in plain turns."""
     tools, builtin = tools_of(spec)
     if builtin:
-        raise DataError(f"built-in tools ({', '.join(builtin)}) are a Llama 3.1 feature; this model's chat format has none.",
-                        "Use `data.template: llama3` with a Llama 3 tokenizer, or describe the tools as `tools` schemas.")
+        raise DataError(
+            f"built-in tools ({', '.join(builtin)}) are a Llama 3.1 feature; this model's chat format has none.",
+            "Use `data.template: llama3` with a Llama 3 tokenizer, or describe the tools as `tools` schemas.",
+        )
     out = [dict(m) for m in messages]
     if tools:
         block = HERMES_TOOLS.format("\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
@@ -154,7 +183,13 @@ def hermes_messages(messages: list[dict], spec: dict | None) -> list[dict]:
     for k, m in enumerate(out):
         if "tool_calls" in m:
             call = m["tool_calls"][0]["function"]
-            text = '{"name": "' + call["name"] + '", "arguments": ' + json.dumps(call["arguments"], ensure_ascii=False) + "}"
+            text = (
+                '{"name": "'
+                + call["name"]
+                + '", "arguments": '
+                + json.dumps(call["arguments"], ensure_ascii=False)
+                + "}"
+            )
             out[k] = {"role": "assistant", "content": f"<tool_call>\n{text}\n</tool_call>"}
         elif m["role"] in ("tool", "ipython"):
             result = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"], ensure_ascii=False)
@@ -163,12 +198,26 @@ def hermes_messages(messages: list[dict], spec: dict | None) -> list[dict]:
 
 
 # -- which way a model's own template takes tools ---------------------------------------------------------------------
-PROBE_TOOL = {"type": "function", "function": {"name": "lorafit_probe", "description": "lorafit-probe-description",
-                                                "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
-PROBE = [{"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-             "name": "lorafit_probe", "arguments": {"x": "lorafit-probe-argument"}}}]},
-         {"role": "tool", "content": "lorafit-probe-result"}, {"role": "assistant", "content": "Done."}]
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lorafit_probe",
+        "description": "lorafit-probe-description",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}},
+    },
+}
+PROBE = [
+    {"role": "user", "content": "Hi"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "lorafit_probe", "arguments": {"x": "lorafit-probe-argument"}}}
+        ],
+    },
+    {"role": "tool", "content": "lorafit-probe-result"},
+    {"role": "assistant", "content": "Done."},
+]
 
 
 def tool_style(tokenizer) -> str | None:
@@ -182,7 +231,9 @@ def tool_style(tokenizer) -> str | None:
 def _probe(tokenizer) -> str | None:
     try:
         text = tokenizer.apply_chat_template(PROBE, tools=[PROBE_TOOL], tokenize=False)
-        if all(mark in text for mark in ("lorafit-probe-description", "lorafit-probe-argument", "lorafit-probe-result")):
+        if all(
+            mark in text for mark in ("lorafit-probe-description", "lorafit-probe-argument", "lorafit-probe-result")
+        ):
             return "native"
     except Exception:  # a template may refuse tool roles outright (raise_exception): it has no tool support
         pass
@@ -193,7 +244,9 @@ def _probe(tokenizer) -> str | None:
     return "hermes" if "<|im_start|>" in plain else None
 
 
-def model_tool_inputs(tokenizer, messages: list[dict], spec: dict | None, tools_in_user_message: bool) -> tuple[list, dict]:
+def model_tool_inputs(
+    tokenizer, messages: list[dict], spec: dict | None, tools_in_user_message: bool
+) -> tuple[list, dict]:
     """(messages, extra apply_chat_template arguments) that render this tool conversation with the model's template."""
     style = tool_style(tokenizer)
     tools, builtin = tools_of(spec)
@@ -201,12 +254,16 @@ def model_tool_inputs(tokenizer, messages: list[dict], spec: dict | None, tools_
         kwargs = {"tools": tools, "tools_in_user_message": tools_in_user_message}
         if builtin:
             if "builtin_tools" not in (tokenizer.chat_template or ""):
-                raise DataError("this model's chat template has no built-in tools, so `builtin_tools` would be dropped.",
-                                "Remove `builtin_tools` from the rows, or use a Llama 3.1 template.")
+                raise DataError(
+                    "this model's chat template has no built-in tools, so `builtin_tools` would be dropped.",
+                    "Remove `builtin_tools` from the rows, or use a Llama 3.1 template.",
+                )
             kwargs["builtin_tools"] = builtin
         return messages, kwargs
     if style == "hermes":
         return hermes_messages(messages, spec), {}
-    raise DataError("this model's chat template cannot render tools, tool calls or tool results, and it is not a ChatML "
-                    "template (where lorafit uses the Hermes tool format): the tools would be dropped.",
-                    "Use `data.template: llama3` with a Llama 3 tokenizer, or a model whose chat template takes `tools`.")
+    raise DataError(
+        "this model's chat template cannot render tools, tool calls or tool results, and it is not a ChatML "
+        "template (where lorafit uses the Hermes tool format): the tools would be dropped.",
+        "Use `data.template: llama3` with a Llama 3 tokenizer, or a model whose chat template takes `tools`.",
+    )

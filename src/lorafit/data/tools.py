@@ -30,7 +30,11 @@ NO_TOOLS = (None, "", "[]", [], "null")
 
 def is_tool_turn(role: str, turn: dict) -> bool:
     """Whether a turn is a call or a result (so the tool rules, not the plain ones, read it)."""
-    return role in RESULT_ROLES or role in CALL_ROLES or (role == "assistant" and bool(turn.get("tool_calls") or turn.get("function_call")))
+    return (
+        role in RESULT_ROLES
+        or role in CALL_ROLES
+        or (role == "assistant" and bool(turn.get("tool_calls") or turn.get("function_call")))
+    )
 
 
 def tool_turn(turn: dict, role: str, content_key: str, where: str) -> tuple[dict | None, list[Problem]]:
@@ -40,7 +44,9 @@ def tool_turn(turn: dict, role: str, content_key: str, where: str) -> tuple[dict
     if role in CALL_ROLES:  # ShareGPT: the value is the call as JSON (a list of one call is accepted)
         call, reason = _json_value(turn.get(content_key))
         if reason:
-            return None, [(f"{where}.{content_key}", f"a function call must be JSON {{\"name\", \"arguments\"}} ({reason})")]
+            return None, [
+                (f"{where}.{content_key}", f'a function call must be JSON {{"name", "arguments"}} ({reason})')
+            ]
         calls = call if isinstance(call, list) else [call]
         return _call_message(calls, f"{where}.{content_key}", "")
     key = "tool_calls" if turn.get("tool_calls") else "function_call"
@@ -54,15 +60,29 @@ def tool_turn(turn: dict, role: str, content_key: str, where: str) -> tuple[dict
 def _call_message(calls: list, where: str, text: str) -> tuple[dict | None, list[Problem]]:
     if len(calls) != 1:
         what = "no call" if not calls else f"{len(calls)} parallel calls"
-        return None, [(where, f"{what} in one assistant turn; the Llama 3.1 format takes exactly one call per turn: "
-                              "put each call in its own assistant turn, followed by its result")]
+        return None, [
+            (
+                where,
+                f"{what} in one assistant turn; the Llama 3.1 format takes exactly one call per turn: "
+                "put each call in its own assistant turn, followed by its result",
+            )
+        ]
     if text.strip():
-        return None, [(where, "text next to a tool call; the Llama 3.1 format renders only the call, so the text "
-                              "would be lost: put it in an assistant turn of its own, or drop it")]
+        return None, [
+            (
+                where,
+                "text next to a tool call; the Llama 3.1 format renders only the call, so the text "
+                "would be lost: put it in an assistant turn of its own, or drop it",
+            )
+        ]
     name, arguments, call_id, problems = _one_call(calls[0], f"{where}[0]" if where.endswith("tool_calls") else where)
     if problems:
         return None, problems
-    message = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+    message = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
+    }
     if call_id is not None:
         message["_id"] = call_id  # checked against the result's tool_call_id, then removed (see check_ids)
     return message, []
@@ -74,12 +94,22 @@ def _one_call(call: Any, where: str) -> tuple[str, dict, Any, list[Problem]]:
     body = call.get("function") if isinstance(call.get("function"), dict) else call  # OpenAI nests it; others don't
     name = body.get("name")
     if not isinstance(name, str) or not name.strip():
-        return "", {}, None, [(f"{where}.name", "missing" if name is None else "expected a function name (a non-empty string)")]
+        return (
+            "",
+            {},
+            None,
+            [(f"{where}.name", "missing" if name is None else "expected a function name (a non-empty string)")],
+        )
     key = "arguments" if "arguments" in body else "parameters"  # Llama writes `parameters`
     arguments, reason = _json_value(body.get(key), empty={})
     if reason or not isinstance(arguments, dict):
         got = reason or f"got {type(arguments).__name__}"
-        return "", {}, None, [(f"{where}.{key}", f"the arguments must be a JSON object or a string holding one ({got})")]
+        return (
+            "",
+            {},
+            None,
+            [(f"{where}.{key}", f"the arguments must be a JSON object or a string holding one ({got})")],
+        )
     if has_surrogate(arguments) or has_surrogate(name):
         return "", {}, None, [(f"{where}.{key}", SURROGATE_REASON)]
     return name.strip(), arguments, call.get("id"), []
@@ -99,7 +129,9 @@ def _json_value(value: Any, empty: Any = None) -> tuple[Any, str | None]:
 
 def _result(turn: dict, content_key: str, where: str) -> tuple[dict | None, list[Problem]]:
     value = turn.get(content_key)
-    if isinstance(value, dict) or (isinstance(value, list) and not all(isinstance(p, dict) and "type" in p for p in value)):
+    if isinstance(value, dict) or (
+        isinstance(value, list) and not all(isinstance(p, dict) and "type" in p for p in value)
+    ):
         if has_surrogate(value):
             return None, [(f"{where}.{content_key}", SURROGATE_REASON)]
         content: Any = value  # a JSON result: the official Llama template serialises it with tojson
@@ -136,8 +168,13 @@ def _tool_list(value: Any) -> tuple[list | None, list[Problem]]:
         return None, [("tools", f"expected a list of tool definitions, got {type(tools).__name__}")]
     for k, tool in enumerate(tools):
         if tool_name(tool) is None:
-            return None, [(f"tools[{k}]", "expected a function schema with a `name` ({\"name\", \"description\", "
-                                          "\"parameters\"} or {\"type\": \"function\", \"function\": {...}})")]
+            return None, [
+                (
+                    f"tools[{k}]",
+                    'expected a function schema with a `name` ({"name", "description", '
+                    '"parameters"} or {"type": "function", "function": {...}})',
+                )
+            ]
         if has_surrogate(tool):
             return None, [(f"tools[{k}]", SURROGATE_REASON)]
     return tools or None, []
@@ -148,7 +185,12 @@ def _builtin_list(value: Any) -> tuple[list | None, list[Problem]]:
         return None, []
     names, reason = _json_value(value)
     if reason or not isinstance(names, list) or not all(n in BUILTIN_TOOLS for n in names):
-        return None, [("builtin_tools", f"expected a list of Llama 3.1 built-in tools ({', '.join(BUILTIN_TOOLS)}), got {value!r}"[:200])]
+        return None, [
+            (
+                "builtin_tools",
+                f"expected a list of Llama 3.1 built-in tools ({', '.join(BUILTIN_TOOLS)}), got {value!r}"[:200],
+            )
+        ]
     return list(names) or None, []
 
 
@@ -190,12 +232,24 @@ def _check_order(messages: list[dict]) -> list[Problem]:
         ok = kind == "user" if previous is None else kind in allowed[previous]
         if not ok:
             expected = "a user turn" if previous is None else " or ".join(sorted(allowed[previous]))
-            what = "parallel tool results (one call per turn is supported)" if kind == previous == "tool" else f"{kind!r}"
-            return [(f"turn {i}", f"roles out of order: {what} where {expected} was expected "
-                                  "(system, user, then each tool call followed by its result)")]
+            what = (
+                "parallel tool results (one call per turn is supported)" if kind == previous == "tool" else f"{kind!r}"
+            )
+            return [
+                (
+                    f"turn {i}",
+                    f"roles out of order: {what} where {expected} was expected "
+                    "(system, user, then each tool call followed by its result)",
+                )
+            ]
         previous = kind
     if previous not in ("assistant", "call"):
-        return [(f"turn {len(messages) - 1}", "roles out of order: the conversation must end with an assistant answer or call")]
+        return [
+            (
+                f"turn {len(messages) - 1}",
+                "roles out of order: the conversation must end with an assistant answer or call",
+            )
+        ]
     return []
 
 
@@ -223,13 +277,28 @@ def _check_calls(messages: list[dict], spec: dict | None) -> list[Problem]:
             continue
         function = m["tool_calls"][0]["function"]
         if not defined and not builtin:
-            return [(f"turn {i}", f"a call to {function['name']!r} but the row has no `tools`: the model would learn to "
-                                  "call a tool it was never shown; add the row's tool definitions as `tools`")]
+            return [
+                (
+                    f"turn {i}",
+                    f"a call to {function['name']!r} but the row has no `tools`: the model would learn to "
+                    "call a tool it was never shown; add the row's tool definitions as `tools`",
+                )
+            ]
         if function["name"] in builtin:
             if not all(isinstance(v, str) for v in function["arguments"].values()):
-                return [(f"turn {i}", f"built-in tool {function['name']!r} takes string arguments (Llama writes "
-                                      "name.call(key=\"value\"))")]
+                return [
+                    (
+                        f"turn {i}",
+                        f"built-in tool {function['name']!r} takes string arguments (Llama writes "
+                        'name.call(key="value"))',
+                    )
+                ]
         elif function["name"] not in defined:
-            return [(f"turn {i}", f"a call to {function['name']!r}, which is not among the row's tools "
-                                  f"({', '.join(defined + builtin)[:200]})")]
+            return [
+                (
+                    f"turn {i}",
+                    f"a call to {function['name']!r}, which is not among the row's tools "
+                    f"({', '.join(defined + builtin)[:200]})",
+                )
+            ]
     return []

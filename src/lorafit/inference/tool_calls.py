@@ -88,13 +88,18 @@ def read_tools_file(path: str) -> dict:
     try:
         value = json.loads(p.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise DataError(f"{p}: broken JSON ({getattr(err, 'msg', err)}).", "Write the tools as one JSON list.") from None
+        raise DataError(
+            f"{p}: broken JSON ({getattr(err, 'msg', err)}).", "Write the tools as one JSON list."
+        ) from None
     row = value if isinstance(value, dict) and ("tools" in value or "builtin_tools" in value) else {"tools": value}
     spec, problems = row_tools(row)
     if problems or spec is None:
         reason = "; ".join(f"`{f}`: {r}" for f, r in problems) or "no tools in it"
-        raise DataError(f"{p}: {reason}.", 'Use [{"name": ..., "description": ..., "parameters": {...}}, ...] '
-                                           '(or OpenAI\'s {"type": "function", "function": {...}} form).')
+        raise DataError(
+            f"{p}: {reason}.",
+            'Use [{"name": ..., "description": ..., "parameters": {...}}, ...] '
+            '(or OpenAI\'s {"type": "function", "function": {...}} form).',
+        )
     return spec
 
 
@@ -122,6 +127,7 @@ def prompt_conversation(turns: list, loc: str) -> list[dict]:
 @dataclass
 class ToolScore:
     """Tool-call accuracy over rows that offer tools: each expected call, and each row that expects none."""
+
     expected: int = 0  # rows whose reference is a call
     valid: int = 0  # ... answered with a call that parses (valid JSON, a name, an arguments object)
     right_tool: int = 0  # ... calling the reference's tool
@@ -140,11 +146,21 @@ class ToolScore:
             self.valid += call is not None
             self.right_tool += bool(call and call["name"] == expected["name"])
             self.exact += bool(call and call == expected)
-        row = {"expected": expected, "call": call, "problem": problem,
-               "right": (call == expected) if expected is not None else (call is None and problem is None)}
+        row = {
+            "expected": expected,
+            "call": call,
+            "problem": problem,
+            "right": (call == expected) if expected is not None else (call is None and problem is None),
+        }
         self.details.append(row)
         return row
 
     def summary(self) -> dict[str, Any]:
-        return {"expected_calls": self.expected, "valid_calls": self.valid, "right_tool": self.right_tool,
-                "exact_calls": self.exact, "no_call_expected": self.no_call_expected, "no_call": self.no_call}
+        return {
+            "expected_calls": self.expected,
+            "valid_calls": self.valid,
+            "right_tool": self.right_tool,
+            "exact_calls": self.exact,
+            "no_call_expected": self.no_call_expected,
+            "no_call": self.no_call,
+        }
