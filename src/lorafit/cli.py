@@ -129,11 +129,12 @@ def compare(
     limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    tool_limit: int = typer.Option(200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."),
 ):
-    """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
+    """Base vs fine-tuned: answers side by side, both validation losses, and tool-call accuracy on the same data."""
     from lorafit.inference.compare import compare as run_compare
 
-    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, tool_limit=tool_limit)
 
 
 @app.command()
@@ -151,14 +152,19 @@ def plan(
 
 @app.command()
 def demo(
-    config: str = typer.Option("configs/demo.yaml", "--config", help="Demo config."),
-    heldout: str = typer.Option("examples/heldout.jsonl", "--heldout", help="Held-out questions with the key fact of each answer."),
+    config: Optional[str] = typer.Option(None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl)."),
+    tools: bool = typer.Option(False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides."),
 ):
     """Fine-tune the embedded SmolLM2 on examples/ and compare base vs tuned answers on held-out questions."""
+    if tools:
+        from lorafit.demo_tools import TOOL_CONFIG, TOOL_HELDOUT, run_tool_demo
+
+        raise typer.Exit(run_tool_demo(config or TOOL_CONFIG, heldout or TOOL_HELDOUT, overrides or []))
     from lorafit.demo import run_demo
 
-    raise typer.Exit(run_demo(config, heldout, overrides or []))
+    raise typer.Exit(run_demo(config or "configs/demo.yaml", heldout or "examples/heldout.jsonl", overrides or []))
 
 
 @data_app.command("check")
