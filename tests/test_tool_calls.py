@@ -12,25 +12,47 @@ import pytest
 from lorafit.errors import DataError
 from lorafit.inference.tool_calls import ToolScore, parse_tool_call, read_tools_file
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
-@pytest.mark.parametrize("text, call, problem", [
-    ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', {"name": "get_weather", "arguments": {"city": "Oslo"}}, None),
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
-     {"name": "get_weather", "arguments": {"city": "Oslo"}}, None),
-    ('<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}', {"name": "get_weather",
-                                                                                       "arguments": {"city": "Oslo"}}, None),
-    ('<|python_tag|>brave_search.call(query="news \\"today\\"", n="3")',
-     {"name": "brave_search", "arguments": {"query": 'news "today"', "n": "3"}}, None),
-    ('wolfram_alpha.call(query="2+2")', {"name": "wolfram_alpha", "arguments": {"query": "2+2"}}, None),
-    ("It is sunny in Oslo.", None, None),
-    ('{"name": "get_weather", "parameters": {"city": "Oslo"', None, "not valid JSON"),
-    ('{"city": "Oslo"}', None, "JSON without a `name`"),
-    ('{"name": "get_weather", "parameters": [1]}', None, "arguments are a list"),
-    ('brave_search.call(query=news)', None, "unreadable built-in call arguments"),
-])
+@pytest.mark.parametrize(
+    "text, call, problem",
+    [
+        (
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+            {"name": "get_weather", "arguments": {"city": "Oslo"}},
+            None,
+        ),
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+            {"name": "get_weather", "arguments": {"city": "Oslo"}},
+            None,
+        ),
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}',
+            {"name": "get_weather", "arguments": {"city": "Oslo"}},
+            None,
+        ),
+        (
+            '<|python_tag|>brave_search.call(query="news \\"today\\"", n="3")',
+            {"name": "brave_search", "arguments": {"query": 'news "today"', "n": "3"}},
+            None,
+        ),
+        ('wolfram_alpha.call(query="2+2")', {"name": "wolfram_alpha", "arguments": {"query": "2+2"}}, None),
+        ("It is sunny in Oslo.", None, None),
+        ('{"name": "get_weather", "parameters": {"city": "Oslo"', None, "not valid JSON"),
+        ('{"city": "Oslo"}', None, "JSON without a `name`"),
+        ('{"name": "get_weather", "parameters": [1]}', None, "arguments are a list"),
+        ("brave_search.call(query=news)", None, "unreadable built-in call arguments"),
+    ],
+)
 def test_parse_tool_call(text, call, problem):
     got, why = parse_tool_call(text)
     assert got == call
@@ -46,8 +68,14 @@ def test_tool_score_counts_each_criterion():
     score.add(expected, '{"name": "get_weather", "parameters": {')  # broken JSON
     score.add(None, "Hello!")  # no call expected, none made
     score.add(None, '{"name": "get_weather", "parameters": {}}')  # a call where none was expected
-    assert score.summary() == {"expected_calls": 4, "valid_calls": 3, "right_tool": 2, "exact_calls": 1,
-                               "no_call_expected": 2, "no_call": 1}
+    assert score.summary() == {
+        "expected_calls": 4,
+        "valid_calls": 3,
+        "right_tool": 2,
+        "exact_calls": 1,
+        "no_call_expected": 2,
+        "no_call": 1,
+    }
 
 
 def test_tools_file(tmp_path):
@@ -57,8 +85,11 @@ def test_tools_file(tmp_path):
     both = tmp_path / "both.json"
     both.write_text(json.dumps({"tools": [WEATHER], "builtin_tools": ["brave_search"]}))
     assert read_tools_file(str(both))["builtin_tools"] == ["brave_search"]
-    for content, message in (("[{", "broken JSON"), ('[{"description": "x"}]', "`tools[0]`: expected a function schema"),
-                             ("[]", "no tools in it")):
+    for content, message in (
+        ("[{", "broken JSON"),
+        ('[{"description": "x"}]', "`tools[0]`: expected a function schema"),
+        ("[]", "no tools in it"),
+    ):
         plain.write_text(content)
         with pytest.raises(DataError, match=re.escape(message)):
             read_tools_file(str(plain))
@@ -71,12 +102,26 @@ def test_prompts_carry_their_tools(tmp_path):
 
     prompts = tmp_path / "p.jsonl"
     own = {"tools": [{"name": "ferry_times", "parameters": {}}], "builtin_tools": None}
-    prompts.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Weather in Oslo?"},
-        {"prompt": "Ferries to Osk?", "tools": json.dumps(own["tools"])},
-        {"messages": [{"role": "user", "content": "Weather in Oslo?"},
-                      {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
-                      {"role": "tool", "content": "4 C"}]}]) + "\n")
+    prompts.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Weather in Oslo?"},
+                {"prompt": "Ferries to Osk?", "tools": json.dumps(own["tools"])},
+                {
+                    "messages": [
+                        {"role": "user", "content": "Weather in Oslo?"},
+                        {
+                            "role": "assistant",
+                            "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}],
+                        },
+                        {"role": "tool", "content": "4 C"},
+                    ]
+                },
+            ]
+        )
+        + "\n"
+    )
     default = {"tools": [WEATHER], "builtin_tools": None}
     rows = read_prompts(str(prompts), default)
     assert [r["tools"] for r in rows] == [default, own, default]
@@ -126,14 +171,21 @@ def test_llama_generation_stops_at_eot_and_eom_and_renders_the_tools(llama3_toke
     from lorafit.data.templates import encode_prompt
     from lorafit.inference.generate import generate_batch
 
-    loaded = scripted(llama3_tokenizer, "llama3", [
-        '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>never',
-        '<|python_tag|>brave_search.call(query="Oslo news")<|eom_id|>never'])
+    loaded = scripted(
+        llama3_tokenizer,
+        "llama3",
+        [
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>never',
+            '<|python_tag|>brave_search.call(query="Oslo news")<|eom_id|>never',
+        ],
+    )
     conversation = [{"role": "user", "content": "Weather in Oslo?"}]
     spec = {"tools": [WEATHER], "builtin_tools": ["brave_search"]}
     answers = [generate_batch(loaded, [conversation], 16, tools=[spec])[0] for _ in range(2)]
-    assert [parse_tool_call(a)[0] for a in answers] == [{"name": "get_weather", "arguments": {"city": "Oslo"}},
-                                                        {"name": "brave_search", "arguments": {"query": "Oslo news"}}]
+    assert [parse_tool_call(a)[0] for a in answers] == [
+        {"name": "get_weather", "arguments": {"city": "Oslo"}},
+        {"name": "brave_search", "arguments": {"query": "Oslo news"}},
+    ]
     assert {128008, 128009} <= set(loaded.model.kwargs[0]["eos_token_id"])
     assert loaded.model.prompts[0] == encode_prompt(llama3_tokenizer, conversation, "llama3", spec)
     assert "Environment: ipython\nTools: brave_search" in llama3_tokenizer.decode(loaded.model.prompts[0])
@@ -142,14 +194,21 @@ def test_llama_generation_stops_at_eot_and_eom_and_renders_the_tools(llama3_toke
 def test_generate_writes_the_parsed_call(smollm2_tokenizer, tmp_path):
     from lorafit.inference.generate import generate
 
-    loaded = scripted(smollm2_tokenizer, "model", ["Hello!<|im_end|>",  # generate answers the shortest prompt first
-                                                   '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
-                                                   "</tool_call><|im_end|>"])
+    loaded = scripted(
+        smollm2_tokenizer,
+        "model",
+        [
+            "Hello!<|im_end|>",  # generate answers the shortest prompt first
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+        ],
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("Weather in Oslo?\nHi\n")
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]))
-    out = generate("scripted", str(prompts), str(tmp_path / "out.jsonl"), batch_size=1, loaded=loaded, tools_file=str(tools))
+    out = generate(
+        "scripted", str(prompts), str(tmp_path / "out.jsonl"), batch_size=1, loaded=loaded, tools_file=str(tools)
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_prompt = {r["prompt"]: r for r in rows}
     assert by_prompt["Hi"]["response"] == "Hello!" and "tool_call" not in by_prompt["Hi"]
@@ -162,22 +221,38 @@ def test_chat_prints_the_call_and_takes_the_pasted_result(llama3_tokenizer, tmp_
 
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]))
-    loaded = scripted(llama3_tokenizer, "llama3", ['{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>',
-                                                   "It is 4 C in Oslo.<|eot_id|>", "Bye!<|eot_id|>"])
+    loaded = scripted(
+        llama3_tokenizer,
+        "llama3",
+        [
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>',
+            "It is 4 C in Oslo.<|eot_id|>",
+            "Bye!<|eot_id|>",
+        ],
+    )
     out = io.StringIO()
-    chat("scripted", input_stream=io.StringIO('Weather in Oslo?\n{"temp_c": 4}\nThanks\n'), output=out, loaded=loaded,
-         tools_file=str(tools))
+    chat(
+        "scripted",
+        input_stream=io.StringIO('Weather in Oslo?\n{"temp_c": 4}\nThanks\n'),
+        output=out,
+        loaded=loaded,
+        tools_file=str(tools),
+    )
     transcript = out.getvalue()
     assert "(tools: get_weather)" in transcript
     assert 'tool call: {"name": "get_weather", "arguments": {"city": "Oslo"}}' in transcript
     assert "result> " in transcript and "It is 4 C in Oslo." in transcript and transcript.count(">>> ") == 3
     second = llama3_tokenizer.decode(loaded.model.prompts[1])
-    assert second.endswith('{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>'
-                           '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"temp_c\\": 4}"<|eot_id|>'
-                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert second.endswith(
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>'
+        '<|start_header_id|>ipython<|end_header_id|>\n\n"{\\"temp_c\\": 4}"<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     third = llama3_tokenizer.decode(loaded.model.prompts[2])
-    assert third.endswith("It is 4 C in Oslo.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nThanks<|eot_id|>"
-                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert third.endswith(
+        "It is 4 C in Oslo.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nThanks<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_compare_scores_tool_calls(tiny_run_dir, tmp_path):
@@ -185,10 +260,25 @@ def test_compare_scores_tool_calls(tiny_run_dir, tmp_path):
 
     from lorafit.inference.compare import compare
 
-    rows = [{"messages": [{"role": "user", "content": f"Weather in {city}?"},
-                          {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": city}}}]}],
-             "tools": [WEATHER]} for city in ("Oslo", "Bergen", "Tromso")]
-    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], "tools": [WEATHER]})
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Weather in {city}?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": city}}}],
+                },
+            ],
+            "tools": [WEATHER],
+        }
+        for city in ("Oslo", "Bergen", "Tromso")
+    ]
+    rows.append(
+        {
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+            "tools": [WEATHER],
+        }
+    )
     data = write_jsonl(tmp_path / "tools.jsonl", rows)
     result = compare(str(tiny_run_dir), str(data), limit=1, max_new_tokens=4, as_json=True)
     tools = result["tool_calls"]

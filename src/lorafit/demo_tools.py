@@ -36,12 +36,19 @@ def run_tool_demo(config: str, heldout: str, overrides: list[str]) -> int:
     console = Console()
     cfg = load_config(config, overrides)
     if not Path(heldout).is_file():
-        raise DataError(f"held-out file {heldout} does not exist.", "Run `python examples/make_tool_data.py`, or pass --heldout FILE.")
+        raise DataError(
+            f"held-out file {heldout} does not exist.",
+            "Run `python examples/make_tool_data.py`, or pass --heldout FILE.",
+        )
     rows = conversations(heldout, cfg.data)
     if not any(r["tools"] for r in rows):
-        raise DataError(f"{heldout} has no rows with `tools`.", "The tool demo scores tool calls: give each row its `tools`.")
-    console.print(f"[bold]lorafit demo --tools[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on "
-                  f"{', '.join(s.path for s in cfg.data.train)}")
+        raise DataError(
+            f"{heldout} has no rows with `tools`.", "The tool demo scores tool calls: give each row its `tools`."
+        )
+    console.print(
+        f"[bold]lorafit demo --tools[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on "
+        f"{', '.join(s.path for s in cfg.data.train)}"
+    )
     prompts, tools = [r["messages"] for r in rows], [r["tools"] for r in rows]
     max_new = cfg.eval.max_new_tokens
     base = load_for_inference(cfg.model.name)
@@ -64,11 +71,18 @@ def run_tool_demo(config: str, heldout: str, overrides: list[str]) -> int:
     console.print(table)
     base_s, tuned_s = scores["base"].summary(), scores["tuned"].summary()
     n = base_s["expected_calls"]
-    console.print(f"[bold]exact calls (right tool, exactly the right arguments): base {base_s['exact_calls']}/{n}   "
-                  f"fine-tuned {tuned_s['exact_calls']}/{n}[/]  (valid calls: base {base_s['valid_calls']}/{n}, "
-                  f"fine-tuned {tuned_s['valid_calls']}/{n})")
-    result = {"base": base_s, "tuned": tuned_s,
-              "answers": [{"request": question(r["messages"]), "expected": r["call"], "base": b, "tuned": a}
-                          for r, b, a in zip(rows, before, after)]}
+    console.print(
+        f"[bold]exact calls (right tool, exactly the right arguments): base {base_s['exact_calls']}/{n}   "
+        f"fine-tuned {tuned_s['exact_calls']}/{n}[/]  (valid calls: base {base_s['valid_calls']}/{n}, "
+        f"fine-tuned {tuned_s['valid_calls']}/{n})"
+    )
+    result = {
+        "base": base_s,
+        "tuned": tuned_s,
+        "answers": [
+            {"request": question(r["messages"]), "expected": r["call"], "base": b, "tuned": a}
+            for r, b, a in zip(rows, before, after)
+        ],
+    }
     (Path(run_dir) / "demo_results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0

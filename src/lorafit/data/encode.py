@@ -119,7 +119,8 @@ class Encoder:
         pieces.append((full[cursor:], False))
         return [(t, trained) for t, trained in pieces if t]
 
-    def encode_batch(self, messages_list: list, texts: list, tools_list: list | None = None) -> list[tuple[list[int], list[int]]]:
+    def encode_batch(self, messages_list: list, texts: list,
+                     tools_list: list | None = None) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per row; all segments of the batch go through the tokenizer in one call."""
         plan, flat = [], []
         for messages, text, tools in zip(messages_list, texts, tools_list or [None] * len(texts)):

@@ -22,7 +22,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "observation": "observation", "tool": "tool", "ipython": "ipython"}
 MESSAGE_ROLES = {r: r for r in ROLES} | {"tool": "tool", "ipython": "ipython", "function": "function"}
 # Row keys each form reads; any other key is reported as unused. `tools`/`builtin_tools` only serve conversations.
-USED_KEYS = {"messages": {"messages", "tools", "builtin_tools"}, "sharegpt": {"conversations", "messages", "tools", "builtin_tools"},
+USED_KEYS = {"messages": {"messages", "tools", "builtin_tools"},
+             "sharegpt": {"conversations", "messages", "tools", "builtin_tools"},
              "alpaca": {"instruction", "input", "output", "system"}, "prompt_completion": {"prompt", "completion"},
              "text": {"text"}}
 # Keys that identify a form, most specific first.
@@ -138,7 +139,8 @@ def _alpaca(row: dict) -> tuple[list[dict], list[Problem]]:
     return messages, problems
 
 
-def _turns(row: dict, key: str, role_key: str, content_key: str, role_map: dict | None) -> tuple[list[dict], list[Problem], set]:
+def _turns(row: dict, key: str, role_key: str, content_key: str,
+           role_map: dict | None) -> tuple[list[dict], list[Problem], set]:
     """(messages, problems, turn keys not used)."""
     turns = row.get(key)
     if isinstance(turns, str):  # CSV/TSV cells hold the conversation as a JSON string
@@ -172,7 +174,8 @@ def _turn(turn: dict, where: str, role_key: str, content_key: str, role_map: dic
     if role is None and role_map is None and "from" in turn:  # a ShareGPT turn inside `messages`
         role, content_key, role_map = turn.get("from"), "value", SHAREGPT_ROLES
     if not isinstance(role, str):
-        return None, [(f"{where}.{role_key}", "missing" if role is None else f"expected a string, got {type(role).__name__}")]
+        reason = "missing" if role is None else f"expected a string, got {type(role).__name__}"
+        return None, [(f"{where}.{role_key}", reason)]
     mapped = (role_map or MESSAGE_ROLES).get(role.strip().lower())
     if mapped is None:
         allowed = ", ".join(sorted(set(role_map or MESSAGE_ROLES)))

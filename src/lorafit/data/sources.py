@@ -73,14 +73,16 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
     keys = "messages | conversations | instruction+output | prompt+completion | text"
     for f in files:
         for loc, row, problem in read_rows(f, split):
-            record = {"messages": None, "text": None, "tools": None, "loc": loc, "problems": [], "source": source, "unused": []}
+            record = {"messages": None, "text": None, "tools": None, "loc": loc, "problems": [], "source": source,
+                      "unused": []}
             if problem is not None:
                 record["problems"] = [f"(row): {problem}"]
                 yield record
                 continue
             row = _mapped(row, columns)
             if fmt is None:
-                record["problems"] = [f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); map yours with `columns:`"]
+                record["problems"] = [f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); "
+                                      "map yours with `columns:`"]
                 yield record
                 continue
             n = normalize(row, fmt)
@@ -89,7 +91,8 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
             if other and other != fmt:  # e.g. one ShareGPT row in a `messages` file
                 problems.append(f"(row): this row is in {other} form but the source is {fmt}; use one form per source")
             record.update(messages=json.dumps(n.messages, ensure_ascii=False) if n.messages else None, text=n.text,
-                          tools=json.dumps(n.tools, ensure_ascii=False) if n.tools else None, problems=problems, unused=n.unused)
+                          tools=json.dumps(n.tools, ensure_ascii=False) if n.tools else None, problems=problems,
+                          unused=n.unused)
             yield record
 
 
@@ -132,7 +135,8 @@ def read_source(spec, index: int = 0) -> SourceData:
     for i in bad[:MAX_LISTED].tolist():
         row = ds[i]
         problems += [f"{row['loc']}: {p}" for p in row["problems"]]
-    return SourceData(spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED], _unused_counts(ds))
+    return SourceData(spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED],
+                      _unused_counts(ds))
 
 
 def raise_for_problems(sources: list[SourceData], what: str) -> None:

@@ -61,7 +61,8 @@ def render(tokenizer, messages: list[dict], template: str, add_generation_prompt
     if with_tools:
         messages, kwargs = model_tool_inputs(tokenizer, messages, tools, tools_in_user_message)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
     except Exception as err:  # a template can raise anything (jinja TemplateError, its own raise_exception)
         raise DataError(f"the tokenizer's chat template failed to render a conversation: {type(err).__name__}: {str(err)[:300]}",
                         "Try `data.template: llama3`, or check the roles your data uses.") from None

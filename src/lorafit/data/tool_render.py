@@ -73,7 +73,7 @@ LLAMA31_TOOLS_JINJA = (
     "{{- '<|python_tag|>' + call.name + '.call(' }}"
     "{%- for name, value in call.arguments | items %}{{- name + '=\"' + value + '\"' }}"
     "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}{{- ')' }}"
-    "{%- else %}{{- '{\"name\": \"' + call.name + '\", \"parameters\": ' }}"
+    '{%- else %}{{- \'{"name": "\' + call.name + \'", "parameters": \' }}'
     "{{- call.arguments | tojson }}{{- '}' }}{%- endif %}"
     "{%- if builtin_tools is defined %}{{- '<|eom_id|>' }}{%- else %}{{- '<|eot_id|>' }}{%- endif %}"
     "{%- elif message.role == 'tool' or message.role == 'ipython' %}"

@@ -35,8 +35,8 @@ def _streamer(tokenizer, out: TextIO):
     return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int, tools: dict | None = None,
-                tools_in_user_message: bool = True) -> tuple[list[dict], list[int]]:
+def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int,
+                tools: dict | None = None, tools_in_user_message: bool = True) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
 
     while True:
@@ -76,7 +76,7 @@ def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, 
 
 
 class Session:
-    """What the REPL remembers: the conversation, the system message, the tools, and whether a call awaits its result."""
+    """What the REPL remembers: the conversation, system message and tools, and whether a call awaits its result."""
 
     def __init__(self, system: str | None, tools: dict | None):
         self.system, self.tools, self.history, self.awaiting_result = system, tools, [], False
@@ -110,7 +110,8 @@ class Session:
 
 
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-         input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None, tools_file: str | None = None) -> None:
+         input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None,
+         tools_file: str | None = None) -> None:
     """Read user turns from INPUT_STREAM (stdin) until /exit or end of input; stream answers to OUTPUT."""
 
     inp = input_stream or sys.stdin

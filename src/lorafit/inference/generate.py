@@ -129,8 +129,9 @@ def read_prompts(file: str, tools: dict | None = None) -> list[dict]:
 def _prompt_row(row, loc: str, tools: dict | None = None) -> dict:
     if isinstance(row, dict):
         tools = prompt_tools(row, loc) or tools
-    if isinstance(row, dict) and isinstance(row.get("messages"), list) and any(
-            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") in ("tool", "ipython")) for m in row["messages"]):
+    turns = row.get("messages") if isinstance(row, dict) else None
+    if isinstance(turns, list) and any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") in ("tool", "ipython"))
+                                       for m in turns):
         messages = prompt_conversation(row["messages"], loc)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         return {"prompt": last_user, "messages": messages, "tools": tools}

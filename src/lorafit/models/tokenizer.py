@@ -32,7 +32,8 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_co
     # Meta's tiktoken file: given itself, or in a folder (its `original/` folder, or that folder's copy) that has
     # no Hugging Face tokenizer files.
     folder = Path(source)
-    original = next((f for f in (folder / "original" / "tokenizer.model", folder / "tokenizer.model") if f.is_file()), None)
+    candidates = (folder / "original" / "tokenizer.model", folder / "tokenizer.model")
+    original = next((f for f in candidates if f.is_file()), None)
     try:
         if folder.is_file() or (folder.is_dir() and not (folder / "tokenizer.json").exists()
                                 and not (folder / "tokenizer_config.json").exists() and original is not None):
