@@ -62,11 +62,12 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
-    """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
+    """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed, results pasted."""
     from lorafit.inference.chat import chat as run_chat
 
-    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature, tools_file=tools)
 
 
 @app.command()
@@ -111,11 +112,14 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    tools: Optional[str] = typer.Option(
+        None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."),
 ):
-    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
+    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token; calls are parsed."""
     from lorafit.inference.generate import generate as run_generate
 
-    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
+    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system,
+                        tools_file=tools)
     print(f"answers written to {path}")
 
 
@@ -126,11 +130,13 @@ def compare(
     limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    tool_limit: int = typer.Option(
+        200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."),
 ):
-    """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
+    """Base vs fine-tuned: answers side by side, both validation losses, and tool-call accuracy on the same data."""
     from lorafit.inference.compare import compare as run_compare
 
-    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, tool_limit=tool_limit)
 
 
 @app.command()
@@ -148,14 +154,22 @@ def plan(
 
 @app.command()
 def demo(
-    config: str = typer.Option("configs/demo.yaml", "--config", help="Demo config."),
-    heldout: str = typer.Option("examples/heldout.jsonl", "--heldout", help="Held-out questions with the key fact of each answer."),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."),
+    heldout: Optional[str] = typer.Option(
+        None, "--heldout", help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl)."),
+    tools: bool = typer.Option(
+        False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides."),
 ):
     """Fine-tune the embedded SmolLM2 on examples/ and compare base vs tuned answers on held-out questions."""
+    if tools:
+        from lorafit.demo_tools import TOOL_CONFIG, TOOL_HELDOUT, run_tool_demo
+
+        raise typer.Exit(run_tool_demo(config or TOOL_CONFIG, heldout or TOOL_HELDOUT, overrides or []))
     from lorafit.demo import run_demo
 
-    raise typer.Exit(run_demo(config, heldout, overrides or []))
+    raise typer.Exit(run_demo(config or "configs/demo.yaml", heldout or "examples/heldout.jsonl", overrides or []))
 
 
 @data_app.command("check")

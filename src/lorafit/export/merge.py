@@ -102,6 +102,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / PROMPT_FILE).write_text(json.dumps({"template": template, "system_prompt": cfg.data.system_prompt,
+                                               "tools_in_user_message": cfg.data.tools_in_user_message,
                                                "merged_from": str(Path(run_dir).resolve()), "notes": notes}, indent=2))
     _copy_licences(cfg.model.name, tmp)
     if out.exists():

@@ -29,11 +29,15 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_co
     from transformers import AutoTokenizer
 
     source = tokenizer_name if tokenizer_name else resolve_model(name)
-    original = Path(source) / "original" / "tokenizer.model"
+    # Meta's tiktoken file: given itself, or in a folder (its `original/` folder, or that folder's copy) that has
+    # no Hugging Face tokenizer files.
+    folder = Path(source)
+    candidates = (folder / "original" / "tokenizer.model", folder / "tokenizer.model")
+    original = next((f for f in candidates if f.is_file()), None)
     try:
-        if Path(source).is_file() or (Path(source).is_dir() and not (Path(source) / "tokenizer.json").exists()
-                                      and not (Path(source) / "tokenizer_config.json").exists() and original.exists()):
-            tokenizer = load_llama3_tokenizer(source if Path(source).is_file() else original)
+        if folder.is_file() or (folder.is_dir() and not (folder / "tokenizer.json").exists()
+                                and not (folder / "tokenizer_config.json").exists() and original is not None):
+            tokenizer = load_llama3_tokenizer(source if folder.is_file() else original)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
