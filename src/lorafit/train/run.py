@@ -328,7 +328,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         s.progress.close()
 
     if main:
-        _save_final(model, s.tokenizer, run_dir, s.checkpoints)
+        _save_final(model, s.tokenizer, template, run_dir, s.checkpoints)
         if after is not None:
             write_after(run_dir, prompts, after)
         summary = summarize(cfg, s, result, final_eval, started)
@@ -381,7 +381,7 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
+def _save_final(model, tokenizer, template: str, run_dir: Path, checkpoints: Path) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
     from lorafit.train.checkpoints import (
         atomic_dir,
@@ -390,7 +390,9 @@ def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
         save_error,
     )
 
-    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
+    from lorafit.models.tokenizer import save_tokenizer
+
+    for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d, template)),
                        ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
         try:
             with atomic_dir(run_dir / name) as tmp:
