@@ -70,10 +70,10 @@ def test_a_template_that_differs_is_refused(smollm2_tokenizer):
 
 def _modelfile(folder: Path) -> dict:
     text = (folder / "Modelfile").read_text()
-    return {"from": re.search(r"^FROM (.+)$", text, re.M).group(1),
-            "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.M | re.S).group(1),
-            "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.M | re.S)) else None),
-            "stops": re.findall(r'^PARAMETER stop "(.+)"$', text, re.M)}
+    return {"from": re.search(r"^FROM (.+)$", text, re.MULTILINE).group(1),
+            "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.MULTILINE | re.DOTALL).group(1),
+            "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.MULTILINE | re.DOTALL)) else None),
+            "stops": re.findall(r'^PARAMETER stop "(.+)"$', text, re.MULTILINE)}
 
 
 def test_export_ollama_writes_gguf_and_modelfile(tmp_path_factory, tiny_chat_model, smollm2_tokenizer):

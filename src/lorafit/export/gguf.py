@@ -49,9 +49,8 @@ def load_export_source(source: str | Path) -> ExportSource:
 
     from lorafit.data.templates import resolve_template
     from lorafit.export.merge import merged_model
-    from lorafit.models.tokenizer import prepare_tokenizer
     from lorafit.inference.generate import PROMPT_FILE
-    from lorafit.models.tokenizer import load_tokenizer
+    from lorafit.models.tokenizer import load_tokenizer, prepare_tokenizer
     from lorafit.rundir import load_run_config
     from lorafit.runtime import pick_dtype
 

@@ -53,7 +53,7 @@ class Engine:
         seconds = sum(a.seconds for a in self.answers)
         return sum(a.tokens for a in self.answers) / seconds if seconds else 0.0
 
-    def passed(self, reference: "Engine") -> bool:
+    def passed(self, reference: Engine) -> bool:
         if self.tolerance is None:
             return True
         n = len(self.answers)
@@ -170,8 +170,8 @@ def verify(run_dir: str, gguf: str | None = None, prompts_file: str | None = Non
     """Print the parity table; 0 when every engine is within tolerance, 1 otherwise."""
     from lorafit.data.templates import encode_prompt, end_of_turn_ids
     from lorafit.export.gguf import write_gguf
-    from lorafit.models.tokenizer import prepare_tokenizer
     from lorafit.inference.generate import with_system
+    from lorafit.models.tokenizer import prepare_tokenizer
     from lorafit.paths import user_path
     from lorafit.rundir import load_run_config
 

@@ -102,7 +102,11 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, list[st
     """Write OUT_DIR for `vllm serve`; returns it and the command (also saved as OUT_DIR/serve.sh)."""
     from lorafit.data.templates import end_of_turn_ids, resolve_template
     from lorafit.export.merge import check_empty_target
-    from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
+    from lorafit.models.tokenizer import (
+        generation_config_for,
+        load_tokenizer,
+        prepare_tokenizer,
+    )
     from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 
     run, out = user_path(run_dir), user_path(out_dir)

@@ -383,14 +383,13 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
 
 def _save_final(model, tokenizer, template: str, run_dir: Path, checkpoints: Path) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
+    from lorafit.models.tokenizer import save_tokenizer
     from lorafit.train.checkpoints import (
         atomic_dir,
         complete_checkpoints,
         is_write_failure,
         save_error,
     )
-
-    from lorafit.models.tokenizer import save_tokenizer
 
     for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d, template)),
                        ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
