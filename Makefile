@@ -23,9 +23,12 @@ install: $(VENV)/.installed-$(EXTRAS)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lorafit demo
 
+# The tests keep their caches in .cache/test-cache (tests/conftest.py); the embedded model is converted there once.
 test: install
-	$(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q --durations=15
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+	LORAFIT_CACHE=.cache/test-cache $(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q -rs --durations=15
 
 bench: install
 	$(PIP) install -q -e ".[bench]"

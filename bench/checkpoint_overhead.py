@@ -48,7 +48,7 @@ def main() -> None:
 
     from lorafit.config import load_config
     from lorafit.train.checkpoints import staging_dir
-    from lorafit.train.run import build_session
+    from lorafit.train.setup import build_run
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     try:
@@ -58,7 +58,7 @@ def main() -> None:
         cfg = load_config(config)
         run = tmp / "run"
         run.mkdir()
-        s = build_session(cfg, run, quiet=True, say=lambda *a: None)
+        s = build_run(cfg, run, quiet=True, say=lambda *a: None)
         s.trainer.train()
         trainer, model = s.trainer, s.model
 

@@ -101,7 +101,8 @@ def lorafit_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, a
     from lorafit.data.collate import make_collator
     from lorafit.data.packing import best_fit_decreasing, pack_rows
     from lorafit.models.lora import attach_lora
-    from lorafit.train.run import _trainer_class, training_arguments
+    from lorafit.train.callbacks import NanGuard, TokenCounter
+    from lorafit.train.trainer import LorafitTrainer, training_arguments
 
     bins = best_fit_decreasing([len(s["input_ids"]) for s in data], capacity=_seq(work))
     packed = pack_rows({"member_ids": [[data[i]["input_ids"] for i in b] for b in bins],
@@ -114,11 +115,11 @@ def lorafit_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, a
                      "warmup_ratio": 0.0, "loss": "chunked"},
         "output": {"dir": str(work), "name": "lorafit"}})
     model = attach_lora(model, cfg.lora, gc)
-    trainer = _trainer_class()(model=model, args=training_arguments(cfg, work / "lorafit", has_eval=False),
-                               train_dataset=Rows(rows), data_collator=make_collator(SimpleNamespace(pad_token_id=pad),
-                                                                                     packed=True, attn_implementation="sdpa"))
-    trainer.loss_mode = cfg.training.loss
-    return trainer
+    collator = make_collator(SimpleNamespace(pad_token_id=pad), packed=True, attn_implementation="sdpa")
+    return LorafitTrainer(model=model, args=training_arguments(cfg, work / "lorafit", has_eval=False),
+                          train_dataset=Rows(rows), data_collator=collator, loss_mode=cfg.training.loss,
+                          pad_token_id=pad, tokens=TokenCounter(), nan_guard=NanGuard(cfg.training.max_bad_steps),
+                          checkpoint_dir=work / "lorafit" / "checkpoints", checkpoint_keep=None)
 
 
 def plain_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, accum: int, steps: int, bf16: bool,

@@ -100,10 +100,11 @@ def gpu(repeats: int) -> dict:
 
 
 def cpu_child(variant: str, repeats: int) -> None:
-    import lorafit.train.loss  # noqa: F401
     import psutil
     import torch
     import transformers.loss.loss_utils  # noqa: F401 - imports are not the loss's memory
+
+    import lorafit.train.loss  # noqa: F401
 
     h, w, labels = inputs("cpu", **SHAPES["cpu"], dtype=torch.float32)
     before = psutil.Process().memory_info().rss

@@ -46,7 +46,7 @@ def measure_gpu_steps(cfg, device: str = "cuda", steps: int = 3) -> int:
     from transformers import AutoModelForCausalLM
 
     from lorafit.models.lora import attach_lora
-    from lorafit.plan import load_architecture
+    from lorafit.plan.architecture import load_architecture
     from lorafit.train.loss import causal_lm_loss
 
     config = load_architecture(cfg.model)
@@ -87,7 +87,7 @@ def saved_activation_bytes(cfg) -> int:
     from transformers import AutoModelForCausalLM
 
     from lorafit.models.lora import lora_config
-    from lorafit.plan import load_architecture
+    from lorafit.plan.architecture import load_architecture
 
     config = load_architecture(cfg.model)
     config._attn_implementation = "sdpa"
@@ -115,7 +115,7 @@ def main() -> None:
     import torch
     from _report import machine, table, write_section
 
-    from lorafit.plan import build_plan
+    from lorafit.plan.planner import build_plan
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, nothing written")

@@ -116,7 +116,6 @@ def clock_callback():
 
 def child_lorafit(work: Path, rows_per_step: int, data: Path) -> dict:
     import lorafit.train.loss
-
     from lorafit.train.run import run_training
 
     counts = {"real": 0, "computed": 0}

@@ -6,13 +6,29 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import save_tiny_llama, save_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3" / "tokenizer.model"))
 
+# Every cache a test run writes stays inside the project (ignored by git), never in the user's home: converted
+# models and tokenizers persist across runs in .cache/test-cache; Arrow files get a fresh folder per session.
+os.environ["LORAFIT_CACHE"] = str(ROOT / ".cache" / "test-cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_cache(tmp_path_factory):
+    """Arrow files written by the tests go to a temporary folder, not the user's lorafit cache."""
+    old = os.environ.get("LORAFIT_DATA_CACHE")
+    os.environ["LORAFIT_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
+    if old is None:
+        os.environ.pop("LORAFIT_DATA_CACHE", None)
+    else:
+        os.environ["LORAFIT_DATA_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
@@ -43,23 +59,6 @@ def llama3_tokenizer():
     return tok
 
 
-def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
-    """A random Llama (hidden 64, 2 layers) sized to the tokenizer, saved with it as a model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
     """Tiny random Llama with SmolLM2's tokenizer and chat template (ChatML, <|im_end|>)."""
@@ -70,28 +69,6 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
 def tiny_llama3_model(tmp_path_factory, llama3_tokenizer) -> Path:
     """Tiny random Llama with the real Llama 3 tokenizer (no chat template: the built-in Llama 3.1 format is used)."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama3"), llama3_tokenizer)
-
-
-def save_tiny_run(run: Path, model_dir: Path, seed: int = 1, **config) -> Path:
-    """A finished-looking run directory on `model_dir`: a PEFT adapter whose B weights are non-zero
-    (init_lora_weights=False, so merging really changes the logits), the tokenizer, and config.yaml."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorafit.config import RunConfig, dump_config
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(base, lora).save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "tokenizer")
-    raw = {"model": {"name": str(model_dir)}, "lora": {"r": 4, "alpha": 8}, "output": {"name": run.name}}
-    for dotted, value in config.items():  # e.g. model__quantization="4bit"
-        section, field = dotted.split("__")
-        raw.setdefault(section, {})[field] = value
-    (run / "config.yaml").write_text(dump_config(RunConfig.model_validate(raw)))
-    return run
 
 
 @pytest.fixture(scope="session")

@@ -35,12 +35,20 @@ def _train(target: Path) -> Path:
     from lorafit.config import load_config
     from lorafit.train.run import run_training
 
-    cfg = {"model": {"name": "smollm2-135m-instruct", "dtype": "fp32"},
-           "data": {"train": str(ROOT / "examples" / "train.jsonl"), "max_length": 256, "packing": True},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "training": {"max_steps": 14, "micro_batch_size": 4, "learning_rate": 3e-3, "warmup_ratio": 0.0,
-                        "lr_scheduler": "linear", "seed": 7},
-           "output": {"dir": str(target), "name": "smol", "overwrite": True}}
+    cfg = {
+        "model": {"name": "smollm2-135m-instruct", "dtype": "fp32"},
+        "data": {"train": str(ROOT / "examples" / "train.jsonl"), "max_length": 256, "packing": True},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "max_steps": 14,
+            "micro_batch_size": 4,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "linear",
+            "seed": 7,
+        },
+        "output": {"dir": str(target), "name": "smol", "overwrite": True},
+    }
     path = target / "smol.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return run_training(load_config(path), quiet=True)
@@ -71,5 +79,10 @@ def served(tmp_path_factory) -> Served:
         if not (target / "done").exists():
             _build(target)
             (target / "done").write_text("ok")
-    return Served(target / "smol", target / "smol-f16.gguf", target / "smol-q8_0.gguf", read_prompts(str(HELDOUT)),
-                  json.loads((target / "merged_answers.json").read_text()))
+    return Served(
+        target / "smol",
+        target / "smol-f16.gguf",
+        target / "smol-q8_0.gguf",
+        read_prompts(str(HELDOUT)),
+        json.loads((target / "merged_answers.json").read_text()),
+    )

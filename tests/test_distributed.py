@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import adapter_tensors, cli_env, metrics, tiny_config
+from helpers import adapter_tensors, cli_env, metrics, tiny_config
 
 SPY = """
 import json, os
@@ -93,9 +93,8 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
 
 def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, Path]:
     """The reference: one process, micro-batch 4 = the DDP run's global batch (in this process: no start-up cost)."""
-    import lorafit.train.loss
-
     import lorafit.data
+    import lorafit.train.loss
     from lorafit.config import load_config
     from lorafit.train.run import run_training
 

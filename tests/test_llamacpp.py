@@ -61,7 +61,7 @@ def test_q8_0_gguf_agrees_on_the_stated_fraction(served):
 
 
 def test_llama_cpp_pythons_own_chat_completion_uses_the_embedded_template(served):
-    """A user's plain `Llama(...).create_chat_completion` (template from the file, eos from the file) answers the same."""
+    """A plain `Llama(...).create_chat_completion` (template and eos from the file) gives the same answers."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(served.f16), n_ctx=512, verbose=False)
@@ -78,19 +78,28 @@ def test_llama_cpp_pythons_own_chat_completion_uses_the_embedded_template(served
 def _tiny_llama31(tmp_path, llama3_tokenizer, **rope) -> Path:
     """Random tiny Llama with the real 128k tokenizer, the official template and Llama 3.1 RoPE scaling whose
     original context is short, so the scaled frequencies change the logits at these short lengths."""
-    from conftest import save_tiny_llama
+    from helpers import save_tiny_llama
 
     tok = copy.deepcopy(llama3_tokenizer)
     tok.chat_template = OFFICIAL_TEMPLATE.read_text()
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     return save_tiny_llama(tmp_path, tok, rope_theta=500000.0, rope_scaling=scaling | rope)
 
 
 CHATS = [
     [{"role": "user", "content": "Hello world! 1234567 don't  spaces\ttab\n\n\nünïcödé 😀"}],
-    [{"role": "system", "content": "  You answer in one line.  "}, {"role": "user", "content": "What's up?"},
-     {"role": "assistant", "content": "Not much."}, {"role": "user", "content": "<|eot_id|> is text here"}],
+    [
+        {"role": "system", "content": "  You answer in one line.  "},
+        {"role": "user", "content": "What's up?"},
+        {"role": "assistant", "content": "Not much."},
+        {"role": "user", "content": "<|eot_id|> is text here"},
+    ],
 ]
 
 
@@ -118,9 +127,10 @@ def test_llama3_gguf_in_llama_cpp_tokenizes_like_lorafit_and_applies_rope_scalin
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
-    unscaled = AutoModelForCausalLM.from_pretrained(_tiny_llama31(tmp_path / "plain", llama3_tokenizer,
-                                                                  factor=1.0, low_freq_factor=1.0,
-                                                                  high_freq_factor=1.0), dtype=torch.float32).eval()
+    unscaled = AutoModelForCausalLM.from_pretrained(
+        _tiny_llama31(tmp_path / "plain", llama3_tokenizer, factor=1.0, low_freq_factor=1.0, high_freq_factor=1.0),
+        dtype=torch.float32,
+    ).eval()
     with torch.no_grad():
         plain = unscaled(torch.tensor([ids])).logits[0].numpy()
     error = np.abs(got - want).max()

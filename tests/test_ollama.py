@@ -10,21 +10,27 @@ from pathlib import Path
 import pytest
 
 from lorafit.export import gotemplate
-from lorafit.export.ollama import LLAMA31_TEMPLATE, check_template, go_template_for
+from lorafit.export.ollama import LLAMA31_TEMPLATE, check_template, go_template_for, ollama_values
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_TEMPLATE = ROOT.parent / "shared" / "llama3" / "chat_template.jinja"
 CONVERSATIONS = [
     [{"role": "user", "content": "Ünïcödé question 😀 with 12345 digits?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}, {"role": "user", "content": "e\n\nf"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "e\n\nf"},
+    ],
 ]
 
 
 def _ollama_ids(tokenizer, go_source, messages):
     from lorafit.data.special_tokens import encode_rendered
 
-    return encode_rendered(tokenizer, gotemplate.render(go_source, gotemplate.ollama_values(messages)))
+    return encode_rendered(tokenizer, gotemplate.render(go_source, ollama_values(messages)))
 
 
 def _trained_ids(tokenizer, messages, template):
@@ -59,7 +65,9 @@ def test_llama31_template_matches_builtin_and_official_templates(llama3_tokenize
 def test_a_template_that_differs_is_refused(smollm2_tokenizer):
     from lorafit.errors import ModelError
 
-    broken = go_template_for(smollm2_tokenizer, "model").replace("<|im_end|>\n{{ end }}\n{{- if and", "{{ end }}\n{{- if and")
+    broken = go_template_for(smollm2_tokenizer, "model").replace(
+        "<|im_end|>\n{{ end }}\n{{- if and", "{{ end }}\n{{- if and"
+    )
     with pytest.raises(ModelError, match="differs from the chat template at character"):
         check_template(broken, smollm2_tokenizer, "model", None)
     unknown = copy.deepcopy(smollm2_tokenizer)
@@ -70,19 +78,23 @@ def test_a_template_that_differs_is_refused(smollm2_tokenizer):
 
 def _modelfile(folder: Path) -> dict:
     text = (folder / "Modelfile").read_text()
-    return {"from": re.search(r"^FROM (.+)$", text, re.MULTILINE).group(1),
-            "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.MULTILINE | re.DOTALL).group(1),
-            "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.MULTILINE | re.DOTALL)) else None),
-            "stops": re.findall(r'^PARAMETER stop "(.+)"$', text, re.MULTILINE)}
+    return {
+        "from": re.search(r"^FROM (.+)$", text, re.MULTILINE).group(1),
+        "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.MULTILINE | re.DOTALL).group(1),
+        "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.MULTILINE | re.DOTALL)) else None),
+        "stops": re.findall(r'^PARAMETER stop "(.+)"$', text, re.MULTILINE),
+    }
 
 
 def test_export_ollama_writes_gguf_and_modelfile(tmp_path_factory, tiny_chat_model, smollm2_tokenizer):
-    from conftest import save_tiny_run
     from gguf import GGUFReader
-    from trainkit import run_cli
+    from helpers import run_cli, save_tiny_run
 
-    run = save_tiny_run(tmp_path_factory.mktemp("runs") / "quill", tiny_chat_model,
-                        data__system_prompt="You are Quill, a guide to Quillmoor.")
+    run = save_tiny_run(
+        tmp_path_factory.mktemp("runs") / "quill",
+        tiny_chat_model,
+        data__system_prompt="You are Quill, a guide to Quillmoor.",
+    )
     out = tmp_path_factory.mktemp("ollama") / "quill"
     result = run_cli("export", str(run), "--format", "ollama", "--out", str(out), "--outtype", "q8_0", timeout=300)
     assert result.returncode == 0, result.stderr
@@ -96,8 +108,9 @@ def test_export_ollama_writes_gguf_and_modelfile(tmp_path_factory, tiny_chat_mod
     assert GGUFReader(gguf_file).fields["tokenizer.chat_template"].contents() == smollm2_tokenizer.chat_template
     for messages in CONVERSATIONS[:1] + [[{"role": "user", "content": "Where is Quillmoor?"}]]:
         with_system = [{"role": "system", "content": modelfile["system"]}] + messages  # Ollama adds SYSTEM
-        assert _ollama_ids(smollm2_tokenizer, modelfile["template"], with_system) == \
-            _trained_ids(smollm2_tokenizer, with_system, "model")
+        assert _ollama_ids(smollm2_tokenizer, modelfile["template"], with_system) == _trained_ids(
+            smollm2_tokenizer, with_system, "model"
+        )
 
     again = run_cli("export", str(run), "--format", "ollama", "--out", str(out), timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr  # never overwrites

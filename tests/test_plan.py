@@ -24,7 +24,7 @@ def _cfg(name="meta-llama/Llama-3.1-8B-Instruct", **sections) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def llama8b():
-    from lorafit.plan import count_parameters
+    from lorafit.plan.architecture import count_parameters
 
     return count_parameters(_cfg())
 
@@ -53,7 +53,7 @@ def test_the_tutorials_matrix(tmp_path):
     """W 1000×1000 with r=16: B 1000×16 + A 16×1000 = 32,000 trainable instead of 1,000,000 (96.8% fewer)."""
     from transformers import LlamaConfig
 
-    from lorafit.plan import count_parameters
+    from lorafit.plan.architecture import count_parameters
 
     LlamaConfig(vocab_size=64, hidden_size=1000, intermediate_size=64, num_hidden_layers=1, num_attention_heads=10,
                 num_key_value_heads=10).save_pretrained(tmp_path)
@@ -64,7 +64,7 @@ def test_the_tutorials_matrix(tmp_path):
 
 
 def test_70b_and_dora_counts():
-    from lorafit.plan import count_parameters
+    from lorafit.plan.architecture import count_parameters
 
     counts, table, _, _ = count_parameters(_cfg("meta-llama/Llama-3.1-70B-Instruct", lora={"use_dora": True}))
     assert counts["base"] == 70_553_706_496
@@ -78,7 +78,7 @@ def test_counts_equal_a_real_model_with_real_weights(tiny_chat_model):
     from transformers import AutoModelForCausalLM
 
     from lorafit.models.lora import attach_lora
-    from lorafit.plan import count_parameters
+    from lorafit.plan.architecture import count_parameters
 
     cfg = _cfg(str(tiny_chat_model), lora={"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})
     counts, _, _, _ = count_parameters(cfg)
@@ -123,7 +123,8 @@ def _measured_per_token_layer(h, i, heads, kv_heads, r, targets, mixed):
 @pytest.mark.parametrize("mixed", [True, False], ids=["bf16-autocast", "fp32"])
 @pytest.mark.parametrize("targets", [ALL, ["q_proj", "v_proj"]], ids=["all-linear", "q-v"])
 def test_activation_formula_equals_what_autograd_saves(mixed, targets):
-    from lorafit.plan import Arch, activation_bytes_per_token_layer
+    from lorafit.plan.architecture import Arch
+    from lorafit.plan.memory import activation_bytes_per_token_layer
 
     h, i, heads, kv_heads, r = 96, 160, 4, 2, 8
     formula = activation_bytes_per_token_layer(Arch(h, i, 3, heads, kv_heads, h // heads, 256), targets, r, dropout=0.0,
@@ -134,7 +135,7 @@ def test_activation_formula_equals_what_autograd_saves(mixed, targets):
 # -- memory terms ---------------------------------------------------------------------------------------------------
 
 def test_memory_terms_arithmetic(llama8b):
-    from lorafit.plan import CONTEXT_BYTES, FRAGMENTATION, NF4_BYTES, memory_terms
+    from lorafit.plan.memory import CONTEXT_BYTES, FRAGMENTATION, NF4_BYTES, memory_terms
 
     counts, _, arch, _ = llama8b
     cfg = _cfg()
@@ -164,7 +165,7 @@ def test_memory_terms_arithmetic(llama8b):
 
 def test_verdicts_and_changes_that_make_it_fit(llama8b):
     from lorafit.config import load_config
-    from lorafit.plan import build_plan
+    from lorafit.plan.planner import build_plan
 
     result = build_plan(_cfg(), gpu="4090")
     gpus = {row["gpu"]: row for row in result["gpus"]}
@@ -204,7 +205,9 @@ def test_out_of_memory_advice_names_changes_that_fit():
     from pathlib import Path
 
     from lorafit.config import load_config
-    from lorafit.plan import GiB, changes_to_fit, count_parameters, suggest_for_oom
+    from lorafit.plan.architecture import count_parameters
+    from lorafit.plan.memory import GiB, changes_to_fit
+    from lorafit.plan.planner import suggest_for_oom
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     cfg = load_config(configs / "llama31-8b-lora.yaml", ["training.gradient_checkpointing=false"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainkit import adapter_tensors, metrics, tiny_config
+from helpers import adapter_tensors, metrics, tiny_config
 
 from lorafit.config import load_config
 
@@ -13,12 +13,12 @@ bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the `qlora` extra 
 
 
 def _session(tmp_path, model_dir, model=None, **training):
-    from lorafit.train.run import build_session
+    from lorafit.train.setup import build_run
 
     cfg = load_config(tiny_config(tmp_path, model_dir, model={"dtype": "fp32", **(model or {})},
                                   training={"max_steps": 2, **training}))
     (tmp_path / "run").mkdir()
-    return build_session(cfg, tmp_path / "run", quiet=True, say=lambda *a: None)
+    return build_run(cfg, tmp_path / "run", quiet=True, say=lambda *a: None)
 
 
 def test_qlora_4bit_trains_and_saves_an_adapter(tmp_path, tiny_chat_model):

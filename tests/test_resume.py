@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import (
+from helpers import (
     adapter_tensors,
     cli_env,
     lorafit_cmd,

@@ -8,17 +8,17 @@ import math
 
 import pytest
 import torch
-from trainkit import metrics, run_cli, tiny_config
+from helpers import metrics, run_cli, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import LoraSection, ModelSection, load_config
 
 
 def quiet_session(cfg, run_dir, callbacks=None):
-    from lorafit.train.run import build_session
+    from lorafit.train.setup import build_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return build_session(cfg, run_dir, quiet=True, callbacks=callbacks, say=lambda *a: None)
+    return build_run(cfg, run_dir, quiet=True, callbacks=callbacks, say=lambda *a: None)
 
 
 class GradAtFirstStep(TrainerCallback):
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_chat_mod
 
 def test_precision_per_device(tmp_path, tiny_chat_model):
     from lorafit.runtime import resolve_precision
-    from lorafit.train.run import training_arguments
+    from lorafit.train.trainer import training_arguments
 
     expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
     assert resolve_precision("auto") == expected

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import servekit
-from trainkit import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,15 @@ def served(tmp_path_factory):
 
 
 def test_verify_passes_for_the_runs_own_export(served):
-    result = run_cli("verify", str(served.run), "--prompts", str(servekit.HELDOUT),
-                     "--max-new-tokens", str(servekit.MAX_NEW_TOKENS), timeout=900)
+    result = run_cli(
+        "verify",
+        str(served.run),
+        "--prompts",
+        str(servekit.HELDOUT),
+        "--max-new-tokens",
+        str(servekit.MAX_NEW_TOKENS),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     rows = [re.split(r"\s{2,}", line) for line in lines if line.startswith(("transformers", "llama.cpp"))]
@@ -34,16 +41,26 @@ def test_verify_fails_when_the_gguf_is_not_what_was_trained(served, smollm2_dir,
 
     wrong = export_gguf(smollm2_dir, tmp_path / "base-q8_0.gguf", "q8_0")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in served.prompts[:3]])
-    result = run_cli("verify", str(served.run), "--gguf", str(wrong), "--prompts", str(prompts),
-                     "--max-new-tokens", "24", timeout=900)
+    result = run_cli(
+        "verify",
+        str(served.run),
+        "--gguf",
+        str(wrong),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "24",
+        timeout=900,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED llama.cpp, base-q8_0.gguf (q8_0)" in result.stdout
     assert "prompt 1, token" in result.stdout or "prompt 2, token" in result.stdout  # where the answers part
 
 
 def test_verify_input_errors_exit_2(served, tmp_path):
-    missing = run_cli("verify", str(served.run), "--gguf", str(tmp_path / "none.gguf"), "--prompts",
-                      str(servekit.HELDOUT))
+    missing = run_cli(
+        "verify", str(served.run), "--gguf", str(tmp_path / "none.gguf"), "--prompts", str(servekit.HELDOUT)
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad = run_cli("verify", str(served.run), "--min-identical", "1.5")
     assert bad.returncode == 2 and "`--min-identical`" in bad.stderr

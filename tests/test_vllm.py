@@ -17,13 +17,14 @@ from lorafit.export.vllm import (
 
 
 def test_export_vllm_writes_what_vllm_serve_needs(tiny_run_dir, tiny_chat_model, tmp_path, smollm2_tokenizer):
-    from trainkit import run_cli
+    from helpers import run_cli
     from transformers import GenerationConfig
 
     out = tmp_path / "serve"
     result = run_cli("export", str(tiny_run_dir), "--format", "vllm", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "chat_template.jinja", "generation_config.json", "serve.sh"]
+    files = ["adapter", "chat_template.jinja", "generation_config.json", "serve.sh"]
+    assert sorted(p.name for p in out.iterdir()) == files
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # the adapter exactly as PEFT saved it
         assert (out / "adapter" / name).read_bytes() == (tiny_run_dir / "adapter" / name).read_bytes()
     assert (out / "chat_template.jinja").read_text() == smollm2_tokenizer.chat_template
@@ -39,17 +40,20 @@ def test_export_vllm_writes_what_vllm_serve_needs(tiny_run_dir, tiny_chat_model,
     assert "--tool-call-parser" not in command
 
 
-@pytest.mark.parametrize("setting, reason", [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "lm_head"),
-    ({"modules_to_save": ["embed_tokens"]}, "embed_tokens"),
-    ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
-    ({"bias": "lora_only"}, "biases"),
-])
+@pytest.mark.parametrize(
+    "setting, reason",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "lm_head"),
+        ({"modules_to_save": ["embed_tokens"]}, "embed_tokens"),
+        ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
+        ({"bias": "lora_only"}, "biases"),
+    ],
+)
 def test_adapters_vllm_cannot_load_are_refused_naming_why(tiny_run_dir, tmp_path, setting, reason):
     import shutil
 
-    from trainkit import run_cli
+    from helpers import run_cli
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)

@@ -15,12 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune Llama 3.x (and other Llama-architecture models) with LoRA / QLoRA on your own data.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(data_app, name="data")
-STATE = {"debug": False}
 
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks and library warnings.")):
-    STATE["debug"] = debug
     _setup_logging(debug)
 
 
@@ -171,7 +169,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ):
     """Exact parameter counts, the LoRA arithmetic and a memory estimate; which GPUs it fits and what would make it fit."""
-    from lorafit.plan import plan as run_plan
+    from lorafit.plan.planner import plan as run_plan
 
     run_plan(config, gpu=gpu, as_json=as_json, overrides=overrides or [])
 

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from lorafit.errors import ConfigError
+from lorafit.redact import redact
 
 MAX_CONFIG_BYTES = 1_000_000  # a run config is a few KB; anything this big is a mistake or an attack
 MAX_YAML_ALIASES = 100  # refuses "billion laughs" alias bombs before they expand
@@ -320,7 +321,6 @@ def _absolute(path: str, base: Path) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    from lorafit.redact import redact
 
     return redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # config.yaml never holds a token
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit.config import load_config
 from lorafit.errors import DataError
+from lorafit.inference.generate import generate_batch, load_for_inference
 
 
 def read_heldout(path: str) -> list[dict]:
@@ -43,8 +45,6 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lorafit.config import load_config
-    from lorafit.inference.generate import generate_batch, load_for_inference
     from lorafit.train.run import run_training
 
     console = Console()

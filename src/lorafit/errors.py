@@ -1,3 +1,5 @@
+from lorafit.redact import redact
+
 """The few exception types a user sees. The CLI prints them as one paragraph and exits with their code."""
 
 
@@ -7,7 +9,6 @@ class LorafitError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
-        from lorafit.redact import redact
 
         message, hint = redact(message), redact(hint) if hint else hint  # messages quote user input: a pasted token
         super().__init__(message)

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 from lorafit.errors import RunDirError
+from lorafit.metrics import perplexity
+from lorafit.redact import redact
 from lorafit.rundir import write_text_atomic
+from lorafit.runtime import resolve_precision
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -193,7 +196,6 @@ def write_report(run_dir: str | Path) -> Path:
                           "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
-    from lorafit.redact import redact
 
     write_text_atomic(out, redact(build_html(run_dir, png)))  # no token in the report
     return out
@@ -219,8 +221,6 @@ def _device_name() -> str:
 
 def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
     """summary.json: what the report and `lorafit` commands read back about a finished run."""
-    from lorafit.runtime import resolve_precision
-    from lorafit.train.callbacks import perplexity
 
     peak, kind = _peak_memory()
     eval_loss = final_eval.get("eval_loss")

@@ -20,13 +20,21 @@ import os
 import shutil
 from pathlib import Path
 
+from lorafit.config import load_config
 from lorafit.errors import RunDirError
+from lorafit.models.sources import load_base_model
+from lorafit.models.tokenizer import load_tokenizer
 from lorafit.paths import user_path
+from lorafit.redact import redact
 
 
-def create_run_dir(parent: str, name: str, overwrite: bool, resume: bool = False) -> Path:
+def run_dir_path(parent: str, name: str | None) -> Path:
+    """The run directory of `output.dir` / `output.name`, the same on every rank (`~` expanded)."""
+    return user_path(parent) / (name or "run")
+
+
+def create_run_dir(path: Path, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
-    path = user_path(parent) / name
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists.",
@@ -45,7 +53,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    from lorafit.redact import redact
 
     write_text_atomic(path, redact(json.dumps(data, indent=2, default=str)))  # no token in summary.json & co
 
@@ -55,7 +62,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_run_config(run_dir: str | Path):
-    from lorafit.config import load_config
 
     path = Path(run_dir)
     if not (path / "config.yaml").exists():
@@ -78,9 +84,6 @@ def safe_adapter(run_dir: str | Path) -> str:
 def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     """(model, tokenizer, cfg) of a finished run: the base model with the adapter on top (merged if asked)."""
     from peft import PeftModel
-
-    from lorafit.models.sources import load_base_model
-    from lorafit.models.tokenizer import load_tokenizer
 
     path = Path(run_dir)
     cfg = load_run_config(path)

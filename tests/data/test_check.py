@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lorafit.data.check import data_check
+from helpers import chat, write_jsonl
 
-from .helpers import chat, write_jsonl
+from lorafit.data.check import data_check
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

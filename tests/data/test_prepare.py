@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import chat, write_jsonl
 
 from lorafit.config import DataSection
 from lorafit.data.prepare import prepare_data
-from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
+from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.errors import DataError
-
-from .helpers import chat, write_jsonl
 
 
 def rows(n: int, prefix: str = "q") -> list[dict]:
@@ -33,7 +32,7 @@ def test_unpacked_columns_stats_and_masks(tmp_path, smollm2_tokenizer):
     assert (s["rows_read"], s["invalid"], s["train_samples"], s["sources"][0]["format"]) == (20, 0, 20, "messages")
     assert 0 < s["trained_fraction"] < 1 and s["length"]["p50"] <= s["length"]["p95"] <= s["length"]["max"]
     for r in p.train:
-        assert r["labels"][0] == IGNORE and all(l in (IGNORE, i) for i, l in zip(r["input_ids"], r["labels"]))
+        assert r["labels"][0] == IGNORE_INDEX and all(l in (IGNORE_INDEX, i) for i, l in zip(r["input_ids"], r["labels"]))
 
 
 def test_packed_rows_hold_the_same_samples(tmp_path, smollm2_tokenizer):

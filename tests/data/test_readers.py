@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import chat, write_jsonl
 
 from lorafit.data.readers import expand_source, read_rows
 from lorafit.errors import DataError
-
-from .helpers import chat, write_jsonl
 
 ROWS = [chat("q1", "a1"), chat("q2", "a2")]
 

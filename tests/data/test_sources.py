@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import chat, write_jsonl
 
 from lorafit.config import DataSource
 from lorafit.data.sources import raise_for_problems, read_source, valid_rows
 from lorafit.errors import DataError
-
-from .helpers import chat, write_jsonl
 
 
 def test_every_problem_is_named(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import MULTI_TURN, chat_template
 
 from lorafit.data.templates import (
     LLAMA31_CHAT_TEMPLATE,
@@ -14,8 +15,6 @@ from lorafit.data.templates import (
     resolve_template,
 )
 from lorafit.errors import DataError
-
-from .helpers import MULTI_TURN, chat_template
 
 HEADER = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import MULTI_TURN, chat_template
 
 from lorafit.data.encode import Encoder, fit_length, tokenize_rows
-from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
+from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE
 from lorafit.errors import DataError
-
-from .helpers import MULTI_TURN, chat_template
 
 
 def trained_spans(tokenizer, ids, labels) -> list[str]:
     spans, current = [], []
     for i, label in zip(ids, labels):
-        if label != IGNORE:
+        if label != IGNORE_INDEX:
             assert label == i  # labels are aligned with input_ids; the loss shifts them
             current.append(i)
         elif current:
@@ -50,7 +49,7 @@ def test_train_on_last_assistant_and_all(llama3_tokenizer):
     ids, labels = encode(llama3_tokenizer, "llama3", train_on="last_assistant")
     assert trained_spans(llama3_tokenizer, ids, labels) == ["You're welcome.<|eot_id|>"]
     ids, labels = encode(llama3_tokenizer, "llama3", train_on="all")
-    assert labels[0] == IGNORE and labels[1:] == ids[1:]
+    assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]
 
 
 def test_template_with_bos_and_a_bos_adding_tokenizer_gives_one_bos(llama3_tokenizer):
@@ -64,7 +63,7 @@ def test_template_with_bos_and_a_bos_adding_tokenizer_gives_one_bos(llama3_token
 def test_raw_text_is_bos_text_end_all_trained(llama3_tokenizer, smollm2_tokenizer):
     ids, labels = encode(llama3_tokenizer, "llama3", messages=[], text="Once upon a time")
     assert ids == [128000] + llama3_tokenizer("Once upon a time", add_special_tokens=False)["input_ids"] + [128001]
-    assert labels == [IGNORE] + ids[1:]
+    assert labels == [IGNORE_INDEX] + ids[1:]
     ids, _ = encode(smollm2_tokenizer, "model", messages=[], text="Once")  # no BOS: SmolLM2 never uses one
     assert ids[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>") and ids[0] != smollm2_tokenizer.bos_token_id
 
@@ -77,13 +76,13 @@ def test_system_prompt_is_added_when_missing(llama3_tokenizer):
 
 
 def test_length_policy():
-    ids, labels = list(range(10)), [IGNORE] * 6 + list(range(6, 10))
+    ids, labels = list(range(10)), [IGNORE_INDEX] * 6 + list(range(6, 10))
     assert fit_length(ids, labels, 10, "drop") == (ids, labels, "ok")
     assert fit_length(ids, labels, 8, "drop")[2] == "too_long"
     cut = fit_length(ids, labels, 8, "right")
     assert cut == (ids[:8], labels[:8], "truncated")
     assert fit_length(ids, labels, 6, "right")[2] == "no_trained"  # truncation keeps >= 1 trained token or drops
-    assert fit_length(ids, [IGNORE] * 10, 10, "drop")[2] == "no_trained"
+    assert fit_length(ids, [IGNORE_INDEX] * 10, 10, "drop")[2] == "no_trained"
 
 
 def test_tokenize_rows_reports_status(llama3_tokenizer):

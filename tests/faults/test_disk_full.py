@@ -11,7 +11,7 @@ from pathlib import Path
 
 import peft.peft_model
 import pytest
-from trainkit import metrics, tiny_config
+from helpers import metrics, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import load_config

@@ -69,7 +69,7 @@ conversations = st.lists(st.tuples(odd_text, odd_text), min_size=1, max_size=3).
 def test_accepted_rows_tokenize_with_a_trained_token(smollm2_tokenizer, row, fmt):
     """Strange but valid text (NUL, control characters, special-token look-alikes) still renders and tokenizes."""
     from lorafit.data.encode import Encoder
-    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
+    from lorafit.data.special_tokens import IGNORE_INDEX
 
     normalized = assert_normalized(row, detect_format(row) or "text" if fmt == "auto" else fmt)
     if normalized is None:
@@ -78,4 +78,4 @@ def test_accepted_rows_tokenize_with_a_trained_token(smollm2_tokenizer, row, fmt
     messages, text = (normalized, None) if isinstance(normalized, list) else (None, normalized)
     with time_limit():
         [(ids, labels)] = encoder.encode_batch([messages], [text])
-    assert len(ids) == len(labels) and any(label != IGNORE for label in labels)
+    assert len(ids) == len(labels) and any(label != IGNORE_INDEX for label in labels)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trainkit import cli_env, metrics, tiny_config
+from helpers import cli_env, metrics, tiny_config
 
 from lorafit.config import load_config
 from lorafit.errors import RunDirError

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from trainkit import metrics, tiny_config
+from helpers import metrics, tiny_config
 from transformers import TrainerCallback
 
 from lorafit.config import load_config
@@ -56,11 +56,11 @@ class Poison(TrainerCallback):
 
 
 def _session(tmp_path, model_dir, **training):
-    from lorafit.train.run import build_session
+    from lorafit.train.setup import build_run
 
     cfg = load_config(tiny_config(tmp_path, model_dir, training={"max_steps": 6, **training}))
     (tmp_path / "run").mkdir()
-    return build_session(cfg, tmp_path / "run", quiet=True, say=lambda *a: None)
+    return build_run(cfg, tmp_path / "run", quiet=True, say=lambda *a: None)
 
 
 @pytest.mark.parametrize("where", ["loss", "grads"])

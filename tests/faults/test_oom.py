@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import transformers
-from trainkit import tiny_config
+from helpers import tiny_config
 
 from lorafit.config import load_config
 from lorafit.errors import TrainingError
@@ -57,14 +57,14 @@ def test_advice_leaves_out_what_the_config_already_does(tmp_path, tiny_chat_mode
 
 
 def test_the_planner_suggestion_is_used_when_the_planner_offers_one(tmp_path, tiny_chat_model, monkeypatch):
-    import lorafit.plan
+    import lorafit.plan.planner
     from lorafit.train.faults import oom_error
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model))
-    monkeypatch.setattr(lorafit.plan, "suggest_for_oom", lambda c: f"  - planner: r={c.lora.r} fits in 7.9 GiB",
+    monkeypatch.setattr(lorafit.plan.planner, "suggest_for_oom", lambda c: f"  - planner: r={c.lora.r} fits in 7.9 GiB",
                         raising=False)
     assert "planner: r=4 fits" in oom_error(torch.OutOfMemoryError("x"), cfg, "step 1", tmp_path).hint
-    monkeypatch.setattr(lorafit.plan, "suggest_for_oom", lambda c: 1 / 0, raising=False)  # a broken planner
+    monkeypatch.setattr(lorafit.plan.planner, "suggest_for_oom", lambda c: 1 / 0, raising=False)  # a broken planner
     assert "model.quantization=4bit" in oom_error(torch.OutOfMemoryError("x"), cfg, "step 1", tmp_path).hint
 
 

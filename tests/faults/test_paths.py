@@ -67,7 +67,7 @@ def test_relative_paths_resolve_against_the_config_and_are_saved_absolute(tmp_pa
 
 def test_a_run_writes_only_inside_its_run_directory(tmp_path, monkeypatch, tiny_chat_model):
     """Every file a training run creates is under output.dir/output.name (or the data cache we point elsewhere)."""
-    from trainkit import tiny_config
+    from helpers import tiny_config
 
     from lorafit.train.run import run_training
 

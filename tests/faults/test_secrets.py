@@ -107,7 +107,7 @@ def _files_holding(root: Path, secret: str) -> list[str]:
 
 
 def test_token_appears_nowhere_end_to_end(tmp_path, tiny_chat_model):
-    from trainkit import tiny_config
+    from helpers import tiny_config
 
     token = hub_token()
     env = dict(os.environ, HF_TOKEN=token, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(SRC),

@@ -112,7 +112,7 @@ def test_known_architecture_with_auto_map_loads_built_in_code(tmp_path, tiny_cha
 
 
 def test_training_refuses_remote_code_before_any_work(tmp_path, smollm2_dir, monkeypatch):
-    from trainkit import tiny_config
+    from helpers import tiny_config
 
     from lorafit.train.run import run_training
 
@@ -162,7 +162,7 @@ def test_run_dir_with_a_pickled_adapter_is_refused(tmp_path, tiny_run_dir):
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory, tiny_chat_model):
     """A finished 2-step run with a checkpoint at step 1 (checkpoint-2 removed, so resume starts from step 1)."""
-    from trainkit import tiny_config
+    from helpers import tiny_config
 
     from lorafit.train.run import run_training
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.config import DataSection, load_config
+from lorafit.data.encode import Encoder
+from lorafit.data.prepare import prepare_data, read_source
+from lorafit.data.readers import expand_source
+from lorafit.data.sources import valid_rows
+from lorafit.data.special_tokens import IGNORE_INDEX
 from lorafit.errors import LorafitError
+from lorafit.models.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -36,7 +43,6 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
 
 
 def _load_target(target: str, model: str | None, max_length: int | None):
-    from lorafit.config import DataSection, load_config
 
     overrides = [f"data.max_length={max_length}"] if max_length else []
     if Path(target).suffix.lower() in CONFIG_SUFFIXES:
@@ -50,9 +56,6 @@ def _load_target(target: str, model: str | None, max_length: int | None):
 
 def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -> dict:
     """The check as a JSON-serialisable dict; `ok` is False when training would refuse this data."""
-    from lorafit.data.prepare import prepare_data, read_source
-    from lorafit.data.readers import expand_source
-    from lorafit.models.tokenizer import load_tokenizer
 
     for source in data_cfg.train + data_cfg.validation:  # a missing file fails before the tokenizer loads
         expand_source(source.path)
@@ -101,9 +104,6 @@ def _histogram(prepared, max_length: int, buckets: int = 10) -> list[dict]:
 
 def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     """The first valid row of the first source, as tokens with their trained flag."""
-    from lorafit.data.encode import Encoder
-    from lorafit.data.sources import valid_rows
-    from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
 
     rows = valid_rows([source])
     if not len(rows):
@@ -114,7 +114,7 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     ids, labels = encoder.encode_batch([messages], [row["text"]])[0]
     spans, current, flag = [], [], None
     for i, label in zip(ids, labels):
-        trained = label != IGNORE
+        trained = label != IGNORE_INDEX
         if flag is not None and trained != flag:
             spans.append({"text": tokenizer.decode(current), "trained": flag})
             current = []

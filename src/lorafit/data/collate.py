@@ -13,7 +13,7 @@ labels stay aligned with input_ids (the loss shifts them); the first token of ev
 
 from __future__ import annotations
 
-from lorafit.data.special_tokens import IGNORE_INDEX as IGNORE
+from lorafit.data.special_tokens import IGNORE_INDEX
 
 
 def make_collator(tokenizer, packed: bool, attn_implementation: str):
@@ -37,7 +37,7 @@ class PadCollator:
 
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for b, f in enumerate(features):
             n = len(f["input_ids"])
@@ -77,7 +77,7 @@ class BlockMaskCollator:
         width = max(len(f["input_ids"]) for f in features)
         batch = len(features)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((batch, width), dtype=torch.long)
         # Padding is one more segment of its own: a query row with nothing to attend to would give NaN.
         segment = torch.full((batch, width), -1, dtype=torch.long)

@@ -21,8 +21,9 @@ from lorafit.data.special_tokens import (
     text_end_id,
     with_bos,
 )
-from lorafit.data.templates import end_of_turn_ids, render
+from lorafit.data.templates import end_of_turn_ids, render, with_system
 from lorafit.errors import DataError
+from lorafit.hf_compat import compile_chat_template
 
 
 class Encoder:
@@ -63,9 +64,7 @@ class Encoder:
         if self.template != "model":
             return None
         try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            compiled = _compile_jinja_template(self.tokenizer.chat_template)
+            compiled = compile_chat_template(self.tokenizer.chat_template)
             probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
             for gen, msgs in ((False, probe), (True, probe[:2])):
                 fast = compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **self._special)
@@ -97,8 +96,7 @@ class Encoder:
     # -- one conversation -------------------------------------------------------------------------
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """(text, trained) pieces whose concatenation is the rendered conversation."""
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        messages = with_system(messages, self.system_prompt)
         full = self.render(messages, False)
         if self.train_on == "all":
             return [(full, True)]

@@ -27,6 +27,7 @@ from lorafit.data.sources import (
 )
 from lorafit.data.templates import resolve_template
 from lorafit.errors import DataError
+from lorafit.hf_compat import dataset_fingerprint
 from lorafit.paths import data_cache_dir
 
 log = logging.getLogger("lorafit")
@@ -54,7 +55,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
     """input_ids, labels, length (before truncation), trained, status, source, loc for each valid row."""
     encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt)
-    fp = stable_hash("tok", PIPELINE_VERSION, rows._fingerprint, tok_fp, template, data_cfg.train_on,
+    fp = stable_hash("tok", PIPELINE_VERSION, dataset_fingerprint(rows), tok_fp, template, data_cfg.train_on,
                      data_cfg.system_prompt, data_cfg.max_length, data_cfg.truncation)
     from datasets import Value
 
@@ -113,7 +114,7 @@ def pack_dataset(ds, lengths: list[int], capacity: int, seed: int):
     bins = [bins[i] for i in order]
     efficiency = packing_efficiency(lengths, bins, capacity)
     table = Dataset.from_dict({"members": bins})
-    fp = stable_hash("pack", ds._fingerprint, capacity, seed, PIPELINE_VERSION)
+    fp = stable_hash("pack", dataset_fingerprint(ds), capacity, seed, PIPELINE_VERSION)
     features = token_features({"position_ids": List(Value("int32")), "seq_lengths": List(Value("int32"))})
     packed = table.map(partial(_gather_and_pack, source=ds), batched=True, batch_size=256, remove_columns=["members"],
                        new_fingerprint=fp, features=features, cache_file_name=str(Path(data_cache_dir()) / f"packed-{fp}.arrow"), desc="packing")
@@ -218,10 +219,10 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     if any(w != 1.0 for w in weights.values()):
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
-    train = train_tok.select(train_idx, new_fingerprint=stable_hash(train_tok._fingerprint, train_idx.tobytes()))
+    train = train_tok.select(train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes()))
     validation = None
     if val_tok is not None and val_idx is not None and len(val_idx):
-        validation = val_tok.select(val_idx, new_fingerprint=stable_hash(val_tok._fingerprint, "val", val_idx.tobytes()))
+        validation = val_tok.select(val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val", val_idx.tobytes()))
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
     for source in train_sources + val_sources:  # unmap the raw rows' Arrow files before packing touches the tokens

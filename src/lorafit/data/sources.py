@@ -16,6 +16,7 @@ import numpy as np
 from lorafit.data.formats import FORMATS, detect_format, normalize_row
 from lorafit.data.readers import expand_source, file_signature, read_rows
 from lorafit.errors import DataError
+from lorafit.hf_compat import dataset_fingerprint
 from lorafit.paths import data_cache_dir
 
 MAX_LISTED = 20  # problems listed in an error; the total is always given
@@ -137,6 +138,6 @@ def valid_rows(sources: list[SourceData]):
     for s in sources:
         counts = pc.list_value_length(s.dataset.data.column("problems")).to_numpy(zero_copy_only=False)
         good = np.flatnonzero(counts == 0)
-        parts.append(s.dataset.select(good, new_fingerprint=stable_hash(s.dataset._fingerprint, "valid")) if len(good) < len(s.dataset) else s.dataset)
+        parts.append(s.dataset.select(good, new_fingerprint=stable_hash(dataset_fingerprint(s.dataset), "valid")) if len(good) < len(s.dataset) else s.dataset)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return merged

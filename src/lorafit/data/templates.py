@@ -80,6 +80,13 @@ def render_llama31(messages: list[dict], bos: str = "<|begin_of_text|>", add_gen
     return "".join(parts)
 
 
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """The conversation with `system` as its system message, unless it already has one (the row's own wins)."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
 def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
     """Text up to and including the generation prompt, exactly as in training.
 

@@ -19,8 +19,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafit.data.special_tokens import adds_bos
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, ModelError, RunDirError
+from lorafit.export.merge import merged_model
+from lorafit.inference.generate import PROMPT_FILE
+from lorafit.models.tokenizer import load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
+from lorafit.rundir import load_run_config
+from lorafit.runtime import pick_dtype
 
 log = logging.getLogger("lorafit")
 
@@ -46,13 +53,6 @@ def load_export_source(source: str | Path) -> ExportSource:
     """SOURCE is a run directory (merged in memory) or a folder written by `lorafit merge`."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lorafit.data.templates import resolve_template
-    from lorafit.export.merge import merged_model
-    from lorafit.inference.generate import PROMPT_FILE
-    from lorafit.models.tokenizer import load_tokenizer, prepare_tokenizer
-    from lorafit.rundir import load_run_config
-    from lorafit.runtime import pick_dtype
 
     src = user_path(source)
     if (src / "config.yaml").exists():
@@ -93,8 +93,6 @@ def check_gguf_target(out_file: str | Path, outtype: str) -> Path:
 def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16",
                 loaded: ExportSource | None = None) -> Path:
     """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
-    from lorafit.data.templates import end_of_turn_ids
-
     out = check_gguf_target(out_file, outtype)
     loaded = loaded or load_export_source(source)
     end_ids = end_of_turn_ids(loaded.tokenizer, loaded.template)
@@ -202,7 +200,6 @@ def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def tokenizer_metadata(tokenizer, vocab_size: int, end_ids: list[int]) -> dict:
     """The `tokenizer.ggml.*` / `tokenizer.chat_template` values, named as llama.cpp names them."""
-    from lorafit.data.special_tokens import adds_bos
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     tokens, types = vocab_arrays(tokenizer, vocab_size)

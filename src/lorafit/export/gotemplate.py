@@ -16,8 +16,10 @@ import re
 from dataclasses import dataclass, field
 
 SPACE = " \t\r\n"
-_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+)|(?P<decl>:=)|(?P<assign>=)'
-                    r'|(?P<punct>[()|,])|(?P<var>\$\w*(?:\.\w+)*)|(?P<field>(?:\.\w+)+|\.)|(?P<ident>\w+))')
+_TOKEN = re.compile(
+    r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+)|(?P<decl>:=)|(?P<assign>=)'
+    r"|(?P<punct>[()|,])|(?P<var>\$\w*(?:\.\w+)*)|(?P<field>(?:\.\w+)+|\.)|(?P<ident>\w+))"
+)
 
 
 class GoTemplateError(ValueError):
@@ -35,6 +37,7 @@ class Node:
 
 # -- parsing -------------------------------------------------------------------------------------------------------
 
+
 def _action_end(source: str, pos: int) -> int:
     """Offset of the `}}` closing the action opened before POS (a `}}` inside a quoted string does not count)."""
     quote = None
@@ -45,7 +48,7 @@ def _action_end(source: str, pos: int) -> int:
                 pos += 1
             elif ch == quote:
                 quote = None
-        elif ch in "\"`":
+        elif ch in '"`':
             quote = ch
         elif source.startswith("}}", pos):
             return pos
@@ -62,7 +65,7 @@ def _actions(source: str):
             pieces.append(["text", source[pos:]])
             return pieces
         end = _action_end(source, start + 2)
-        text, body = source[pos:start], source[start + 2:end]
+        text, body = source[pos:start], source[start + 2 : end]
         if body.startswith("-") and body[1:2] in tuple(SPACE):
             text, body = text.rstrip(SPACE), body[1:]
         trim_after = body.endswith("-") and body[-2:-1] in tuple(SPACE)
@@ -137,6 +140,7 @@ def parse(source: str) -> list[Node]:
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
 
+
 def truth(value) -> bool:
     if value is None or value is False:
         return False
@@ -169,7 +173,7 @@ def _slice(value, *bounds):
         return value
     if any(b < 0 or b > len(value) for b in ints):
         raise GoTemplateError(f"slice index out of range: {ints} of {len(value)}")
-    return value[ints[0]:ints[1]] if len(ints) > 1 else value[ints[0]:]
+    return value[ints[0] : ints[1]] if len(ints) > 1 else value[ints[0] :]
 
 
 def _and(*args):
@@ -187,9 +191,19 @@ def _or(*args):
 
 
 FUNCS = {
-    "and": _and, "or": _or, "not": lambda a: not truth(a), "eq": _eq, "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "len": len, "slice": _slice, "index": lambda v, *keys: _index(v, keys), "print": lambda *a: "".join(map(show, a)),
+    "and": _and,
+    "or": _or,
+    "not": lambda a: not truth(a),
+    "eq": _eq,
+    "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "len": len,
+    "slice": _slice,
+    "index": lambda v, *keys: _index(v, keys),
+    "print": lambda *a: "".join(map(show, a)),
     "json": lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False),
 }
 
@@ -255,7 +269,7 @@ def _operand(toks: list, i: int, dot, scope: _Scope):
                 raise GoTemplateError("unclosed parenthesis")
             depth += {"(": 1, ")": -1}.get(toks[j][1], 0) if toks[j][0] == "punct" else 0
             j += 1
-        return _pipeline(toks[i + 1:j - 1], dot, scope), j
+        return _pipeline(toks[i + 1 : j - 1], dot, scope), j
     raise GoTemplateError(f"unexpected {text!r}")
 
 
@@ -300,7 +314,7 @@ def _declared(toks: list):
     for i, (kind, _) in enumerate(toks):
         if kind in ("decl", "assign"):
             names = [t for k, t in toks[:i] if k == "var"]
-            return names, kind == "decl", toks[i + 1:]
+            return names, kind == "decl", toks[i + 1 :]
     return [], False, toks
 
 
@@ -353,18 +367,3 @@ def render(source: str, data) -> str:
     out: list[str] = []
     _run(parse(source), data, _Scope(data), out)
     return "".join(out)
-
-
-def ollama_values(messages: list[dict], tools: list | None = None) -> dict:
-    """What Ollama passes a `.Messages` template: every system message joined as `.System`, consecutive
-    messages of one role (tool results excepted) merged with a blank line, fields named as in api.Message."""
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    collated: list[dict] = []
-    for m in messages:
-        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
-            collated[-1]["Content"] += "\n\n" + m["content"]
-        else:
-            collated.append({"Role": m["role"], "Content": m["content"], "ToolCalls": m.get("tool_calls") or [],
-                             "ToolName": m.get("name", ""), "Thinking": "", "Images": []})
-    return {"System": "\n\n".join(system), "Messages": collated, "Tools": tools or [], "Response": "",
-            "Think": False, "IsThinkSet": False}

@@ -32,15 +32,25 @@ class LlamaCppModel:
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError:
-            raise ModelError("llama-cpp-python is not installed, so the GGUF cannot be run in llama.cpp.",
-                             "pip install llama-cpp-python  (it compiles llama.cpp; cmake and a C++ compiler needed)") from None
+            raise ModelError(
+                "llama-cpp-python is not installed, so the GGUF cannot be run in llama.cpp.",
+                "pip install llama-cpp-python  (it compiles llama.cpp: cmake and a C++ compiler)",
+            ) from None
         threads = int(os.environ.get("LORAFIT_LLAMACPP_THREADS", "0")) or os.cpu_count() or 1
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_batch=min(n_ctx, 512),
-                             logits_all=logits_all, verbose=False)
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_batch=min(n_ctx, 512),
+                logits_all=logits_all,
+                verbose=False,
+            )
         except ValueError as err:  # llama-cpp-python reports a file llama.cpp cannot load as ValueError
-            raise ModelError(f"llama.cpp could not load {path}: {err}",
-                             "Export it again with `lorafit export RUN_DIR --format gguf --out FILE`.") from None
+            raise ModelError(
+                f"llama.cpp could not load {path}: {err}",
+                "Export it again with `lorafit export RUN_DIR --format gguf --out FILE`.",
+            ) from None
         self.path = Path(path)
         meta = self.llm.metadata
         self.chat_template = meta.get("tokenizer.chat_template")
@@ -50,10 +60,13 @@ class LlamaCppModel:
         self.bos_text = text(self.bos_id) if self.bos_id >= 0 else ""
         self.eos_text = text(self.eos_id) if self.eos_id >= 0 else ""
         if not self.chat_template:
-            raise ModelError(f"{path} has no chat template (tokenizer.chat_template), so prompts cannot be rendered.",
-                             "Export it with lorafit, which stores the template training used.")
-        self.formatter = Jinja2ChatFormatter(template=self.chat_template, eos_token=self.eos_text,
-                                             bos_token=self.bos_text, add_generation_prompt=True)
+            raise ModelError(
+                f"{path} has no chat template (tokenizer.chat_template), so prompts cannot be rendered.",
+                "Export it with lorafit, which stores the template training used.",
+            )
+        self.formatter = Jinja2ChatFormatter(
+            template=self.chat_template, eos_token=self.eos_text, bos_token=self.bos_text, add_generation_prompt=True
+        )
 
     def render(self, messages: list[dict]) -> str:
         return self.formatter(messages=messages).prompt
@@ -71,8 +84,9 @@ class LlamaCppModel:
     def complete(self, prompt_ids: list[int], max_tokens: int) -> Completion:
         """Greedy decoding (temperature 0, no repetition penalty) from token ids."""
         start = time.perf_counter()
-        out = self.llm.create_completion(prompt=prompt_ids, max_tokens=max_tokens, temperature=0.0,
-                                         repeat_penalty=1.0, stop=[])
+        out = self.llm.create_completion(
+            prompt=prompt_ids, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stop=[]
+        )
         seconds = time.perf_counter() - start
         choice = out["choices"][0]
         return Completion(choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"], seconds)
@@ -83,7 +97,7 @@ class LlamaCppModel:
 
         self.llm.reset()
         self.llm.eval(ids)
-        return np.array(self.llm.scores[:len(ids)])
+        return np.array(self.llm.scores[: len(ids)])
 
     def close(self) -> None:
         self.llm.close()

@@ -13,23 +13,25 @@ import os
 import shutil
 from pathlib import Path
 
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, RunDirError
-from lorafit.models.tokenizer import generation_config_for, prepare_tokenizer
+from lorafit.inference.generate import PROMPT_FILE
+from lorafit.models.sources import load_base_model, resolve_model
+from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
+from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
+from lorafit.runtime import DTYPE_NAMES, torch_dtype
 
 log = logging.getLogger("lorafit")
 
-DTYPES = ("bf16", "fp16", "fp32")
 # Files Meta's licence asks redistributions to carry; copied from the base folder when it has them.
 LICENCE_FILES = ("LICENSE", "LICENSE.txt", "USE_POLICY.md", "NOTICE")
 
 
 def _torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}, got {name!r}.")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPE_NAMES)}, got {name!r}.")
+    return torch_dtype(name)
 
 
 def check_empty_target(out: Path) -> None:
@@ -42,10 +44,6 @@ def check_empty_target(out: Path) -> None:
 def merged_model(run_dir: str | Path, dtype):
     """(model, tokenizer, cfg, notes): the run's adapter merged into a full-precision copy of its base."""
     from peft import PeftModel
-
-    from lorafit.models.sources import load_base_model
-    from lorafit.models.tokenizer import load_tokenizer
-    from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 
     path = Path(run_dir)
     cfg = load_run_config(path)
@@ -67,8 +65,6 @@ def merged_model(run_dir: str | Path, dtype):
 
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """Write RUN_DIR's base+adapter as one model folder that AutoModelForCausalLM.from_pretrained loads."""
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.inference.generate import PROMPT_FILE
 
     out = user_path(out)
     torch_dtype = _torch_dtype(dtype)
@@ -99,7 +95,6 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
 
 
 def _copy_licences(model_name: str, target: Path) -> None:
-    from lorafit.models.sources import resolve_model
 
     try:
         source = Path(resolve_model(model_name))

@@ -16,7 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafit.data.templates import encode_prompt, end_of_turn_ids, with_system
 from lorafit.errors import ConfigError, DataError
+from lorafit.export.gguf import write_gguf
+from lorafit.export.llamacpp import LlamaCppModel
+from lorafit.export.merge import merged_model
+from lorafit.inference.generate import cut_at_end, load_for_inference, read_prompts
+from lorafit.models.tokenizer import prepare_tokenizer
+from lorafit.paths import user_path
+from lorafit.rundir import load_run_config
 
 log = logging.getLogger("lorafit")
 
@@ -66,9 +74,6 @@ def hf_answers(loaded, conversations: list[list[dict]], max_new_tokens: int) -> 
     """Greedy answers one prompt at a time (no padding, so nothing but the weights can differ)."""
     import torch
 
-    from lorafit.data.templates import encode_prompt
-    from lorafit.inference.generate import cut_at_end
-
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
     answers = []
@@ -76,12 +81,19 @@ def hf_answers(loaded, conversations: list[list[dict]], max_new_tokens: int) -> 
         ids = encode_prompt(tok, messages, loaded.template)
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids], device=device),
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, eos_token_id=loaded.end_ids, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=loaded.end_ids,
+                pad_token_id=tok.pad_token_id,
+            )
         seconds = time.perf_counter() - start
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         kept = cut_at_end(new, loaded.end_ids, None)
         stop = "stop" if len(kept) < len(new) else "length"
         answers.append(Answer(tok.decode(kept, skip_special_tokens=True).strip(), stop, len(kept), seconds))
@@ -90,8 +102,6 @@ def hf_answers(loaded, conversations: list[list[dict]], max_new_tokens: int) -> 
 
 def gguf_answers(gguf: Path, conversations: list[list[dict]], want_ids: list[list[int]], max_new_tokens: int):
     """(answers, prompts whose llama.cpp token ids equal lorafit's, file type) from the GGUF in llama.cpp."""
-    from lorafit.export.llamacpp import LlamaCppModel
-
     n_ctx = max(len(ids) for ids in want_ids) + max_new_tokens + 8
     model = LlamaCppModel(gguf, n_ctx=n_ctx)
     try:
@@ -119,7 +129,7 @@ def compare(engine: Engine, reference: Engine, tokenizer) -> None:
         a = tokenizer(got.text, add_special_tokens=False)["input_ids"]
         b = tokenizer(want.text, add_special_tokens=False)["input_ids"]
         at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        shown = [repr(tokenizer.decode(ids[at:at + 1])) if at < len(ids) else "(end)" for ids in (a, b)]
+        shown = [repr(tokenizer.decode(ids[at : at + 1])) if at < len(ids) else "(end)" for ids in (a, b)]
         engine.first_difference = f"prompt {k + 1}, token {at + 1}: {shown[0]} vs {shown[1]}"
 
 
@@ -127,29 +137,33 @@ def parity_table(engines: list[Engine]) -> str:
     n = len(engines[0].answers)
     rows = [("engine", "identical", "stopped by end token", "prompt ids equal", "tokens/s", "first difference")]
     for e in engines:
-        rows.append((e.name, "reference" if e.tolerance is None else f"{e.identical}/{n}", f"{e.stopped}/{n}",
-                     "-" if e.prompt_ids_equal is None else f"{e.prompt_ids_equal}/{n}", f"{e.tokens_per_second:.1f}",
-                     e.first_difference or "-"))
+        rows.append(
+            (
+                e.name,
+                "reference" if e.tolerance is None else f"{e.identical}/{n}",
+                f"{e.stopped}/{n}",
+                "-" if e.prompt_ids_equal is None else f"{e.prompt_ids_equal}/{n}",
+                f"{e.tokens_per_second:.1f}",
+                e.first_difference or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def load_prompts(prompts_file: str | None, cfg) -> list[dict]:
-    from lorafit.inference.generate import read_prompts
-
     if prompts_file:
         return read_prompts(prompts_file)
     if cfg.eval.prompts:
         return [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in cfg.eval.prompts]
-    raise DataError("the run has no `eval.prompts`, so there is nothing to verify with.",
-                    "Pass --prompts FILE (JSONL with `prompt`, `question` or `messages` per line, or one prompt per line).")
+    raise DataError(
+        "the run has no `eval.prompts`, so there is nothing to verify with.",
+        "Pass --prompts FILE (JSONL with `prompt`, `question` or `messages` per line, or one prompt per line).",
+    )
 
 
 def _reference_and_merged(run: Path, conversations, max_new_tokens: int):
     """(reference engine, merged engine, merged model, loaded): the merged model is kept for a temporary GGUF."""
-    from lorafit.export.merge import merged_model
-    from lorafit.inference.generate import load_for_inference
-
     loaded = load_for_inference(str(run), merge=False)
     reference = Engine("transformers, base + adapter", hf_answers(loaded, conversations, max_new_tokens))
     if loaded.cfg.model.quantization == "none":
@@ -165,16 +179,14 @@ def _reference_and_merged(run: Path, conversations, max_new_tokens: int):
     return reference, merged, loaded
 
 
-def verify(run_dir: str, gguf: str | None = None, prompts_file: str | None = None, max_new_tokens: int = 128,
-           min_identical: float | None = None) -> int:
+def verify(
+    run_dir: str,
+    gguf: str | None = None,
+    prompts_file: str | None = None,
+    max_new_tokens: int = 128,
+    min_identical: float | None = None,
+) -> int:
     """Print the parity table; 0 when every engine is within tolerance, 1 otherwise."""
-    from lorafit.data.templates import encode_prompt, end_of_turn_ids
-    from lorafit.export.gguf import write_gguf
-    from lorafit.inference.generate import with_system
-    from lorafit.models.tokenizer import prepare_tokenizer
-    from lorafit.paths import user_path
-    from lorafit.rundir import load_run_config
-
     if min_identical is not None and not 0 <= min_identical <= 1:
         raise ConfigError(f"`--min-identical` is a fraction between 0 and 1, got {min_identical}.")
     run = user_path(run_dir)
@@ -211,14 +223,24 @@ def report(run: Path, engines: list[Engine], rows: list[dict], max_new_tokens: i
     failed = [e for e in engines if not e.passed(reference)]
     for e in engines[1:]:
         for k in e.differing[:3]:
-            print(f"  {e.name}, prompt {k + 1} {rows[k]['prompt'][:60]!r}:\n"
-                  f"    reference: {reference.answers[k].text[:120]!r}\n    this:      {e.answers[k].text[:120]!r}")
+            print(
+                f"  {e.name}, prompt {k + 1} {rows[k]['prompt'][:60]!r}:\n"
+                f"    reference: {reference.answers[k].text[:120]!r}\n    this:      {e.answers[k].text[:120]!r}"
+            )
     for e in failed:
-        print(f"FAILED {e.name}: {e.identical}/{len(rows)} identical (needs {e.tolerance:.0%}), "
-              f"{e.stopped}/{len(rows)} stopped by an end token"
-              + ("" if e.prompt_ids_equal in (None, len(rows)) else
-                 f", {len(rows) - e.prompt_ids_equal} prompt(s) tokenized differently from training"))
+        print(
+            f"FAILED {e.name}: {e.identical}/{len(rows)} identical (needs {e.tolerance:.0%}), "
+            f"{e.stopped}/{len(rows)} stopped by an end token"
+            + (
+                ""
+                if e.prompt_ids_equal in (None, len(rows))
+                else f", {len(rows) - e.prompt_ids_equal} prompt(s) tokenized differently from training"
+            )
+        )
     if not failed:
-        print("verify: ok (" + "; ".join(f"{e.name} needs {e.tolerance:.0%} identical" for e in engines[1:]) +
-              ", every reference stop kept)")
+        print(
+            "verify: ok ("
+            + "; ".join(f"{e.name} needs {e.tolerance:.0%} identical" for e in engines[1:])
+            + ", every reference stop kept)"
+        )
     return 1 if failed else 0

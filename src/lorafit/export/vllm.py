@@ -19,8 +19,14 @@ import shlex
 import shutil
 from pathlib import Path
 
+from lorafit.data.special_tokens import token_id
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, RunDirError
+from lorafit.export.merge import check_empty_target
+from lorafit.models.sources import EMBEDDED, resolve_model
+from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
+from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 
 # vLLM's LoRAConfig.max_lora_rank accepts only these values (vllm/config/lora.py `MaxLoRARanks`).
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -39,8 +45,9 @@ def vllm_problems(adapter_config: dict) -> list[str]:
         problems.append("it is a DoRA adapter (`lora.use_dora: true`), which vLLM does not support")
     saved = [m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")]
     if saved:
-        problems.append(f"it trains whole modules ({', '.join(saved)}, `lora.modules_to_save`), which vLLM cannot "
-                        "load with a LoRA")
+        problems.append(
+            f"it trains whole modules ({', '.join(saved)}, `lora.modules_to_save`), which vLLM cannot load with a LoRA"
+        )
     if adapter_config.get("trainable_token_indices"):
         problems.append("it trains token embeddings (`trainable_token_indices`), which vLLM cannot load with a LoRA")
     if adapter_config.get("bias", "none") != "none" or adapter_config.get("lora_bias"):
@@ -55,14 +62,14 @@ def max_lora_rank(adapter_config: dict) -> int:
     rank = max([int(adapter_config["r"]), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
     fitting = [r for r in MAX_LORA_RANKS if r >= rank]
     if not fitting:
-        raise ConfigError(f"LoRA rank {rank} is above vLLM's largest `--max-lora-rank` ({MAX_LORA_RANKS[-1]}).",
-                          "Serve the merged model instead (`lorafit merge`).")
+        raise ConfigError(
+            f"LoRA rank {rank} is above vLLM's largest `--max-lora-rank` ({MAX_LORA_RANKS[-1]}).",
+            "Serve the merged model instead (`lorafit merge`).",
+        )
     return fitting[0]
 
 
 def chat_family(tokenizer, template: str) -> str:
-    from lorafit.data.special_tokens import token_id
-
     if template == "llama3" or token_id(tokenizer, "<|start_header_id|>") is not None:
         return "llama3"
     return "chatml" if token_id(tokenizer, "<|im_start|>") is not None else "other"
@@ -82,17 +89,26 @@ def run_uses_tools(run_dir: Path) -> bool:
 
 def base_model_ref(name: str) -> str:
     """What `vllm serve` takes: the base's local folder when lorafit has one, else the Hub id as configured."""
-    from lorafit.models.sources import EMBEDDED, resolve_model
-
     if name in EMBEDDED or Path(name).expanduser().is_dir():
         return str(Path(resolve_model(name)).resolve())
     return name
 
 
 def serve_command(base: str, rank: int, lora_name: str, out: Path, tool_parser: str | None) -> list[str]:
-    cmd = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(rank),
-           "--lora-modules", f"{lora_name}={out / 'adapter'}", "--chat-template", str(out / "chat_template.jinja"),
-           "--generation-config", str(out)]
+    cmd = [
+        "vllm",
+        "serve",
+        base,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(rank),
+        "--lora-modules",
+        f"{lora_name}={out / 'adapter'}",
+        "--chat-template",
+        str(out / "chat_template.jinja"),
+        "--generation-config",
+        str(out),
+    ]
     if tool_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser]
     return cmd
@@ -100,28 +116,23 @@ def serve_command(base: str, rank: int, lora_name: str, out: Path, tool_parser: 
 
 def export_vllm(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, list[str]]:
     """Write OUT_DIR for `vllm serve`; returns it and the command (also saved as OUT_DIR/serve.sh)."""
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.export.merge import check_empty_target
-    from lorafit.models.tokenizer import (
-        generation_config_for,
-        load_tokenizer,
-        prepare_tokenizer,
-    )
-    from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
-
     run, out = user_path(run_dir), user_path(out_dir)
     cfg = load_run_config(run)
     if not is_run_dir(run):
-        raise RunDirError(f"{run} has no complete adapter (adapter/adapter_config.json is missing).",
-                          "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
+        raise RunDirError(
+            f"{run} has no complete adapter (adapter/adapter_config.json is missing).",
+            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
+        )
     adapter = Path(safe_adapter(run))
     adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     problems = vllm_problems(adapter_config)
     name = cfg.output.name or run.name
     if problems:
-        raise ConfigError(f"vLLM cannot serve this run as a LoRA: {'; '.join(problems)}.",
-                          f"Serve the merged model instead: `lorafit merge {run} --out merged/{name}` then "
-                          f"`vllm serve merged/{name}` (the merged folder carries the chat template and stop tokens).")
+        raise ConfigError(
+            f"vLLM cannot serve this run as a LoRA: {'; '.join(problems)}.",
+            f"Serve the merged model instead: `lorafit merge {run} --out merged/{name}` then "
+            f"`vllm serve merged/{name}` (the merged folder carries the chat template and stop tokens).",
+        )
     rank = max_lora_rank(adapter_config)
     check_empty_target(out)
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(run / "tokenizer"))

@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from lorafit.data.templates import encode_prompt, with_system
+from lorafit.inference.generate import cut_at_end, load_for_inference
+
 HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system message), /exit."
 
 
@@ -27,8 +30,6 @@ def _streamer(tokenizer, out: TextIO):
 
 def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
-    from lorafit.data.templates import encode_prompt
-    from lorafit.inference.generate import with_system
 
     while True:
         ids = encode_prompt(tokenizer, with_system(history, system), template)
@@ -40,8 +41,6 @@ def fit_history(tokenizer, history: list[dict], system: str | None, template: st
 def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, temperature: float, out: TextIO) -> tuple[str, list[dict]]:
     """Stream the assistant's answer to the conversation; (answer, history actually kept)."""
     import torch
-
-    from lorafit.inference.generate import cut_at_end
 
     model, tok = loaded.model, loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -68,7 +67,6 @@ def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, 
 def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None) -> None:
     """Read user turns from INPUT_STREAM (stdin) until /exit or end of input; stream answers to OUTPUT."""
-    from lorafit.inference.generate import load_for_inference
 
     inp = input_stream or sys.stdin
     out = output or sys.stdout

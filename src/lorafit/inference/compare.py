@@ -9,16 +9,19 @@ policy) tokenize the file, and the loss is the mean over trained tokens.
 from __future__ import annotations
 
 import json
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.config import DataSource
+from lorafit.data.collate import PadCollator
 from lorafit.errors import DataError
+from lorafit.inference.generate import generate_batch, load_for_inference
+from lorafit.metrics import perplexity
+from lorafit.rundir import load_run_config
 
 
 def conversations(data_file: str, data_cfg) -> list[dict]:
     """{"messages": prompt turns, "reference": the last assistant answer} for every valid chat row."""
-    from lorafit.config import DataSource
     from lorafit.data.sources import raise_for_problems, read_source
 
     source = read_source(DataSource(path=data_file))
@@ -39,20 +42,17 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     """(mean loss per trained token, trained tokens) over tokenized rows (input_ids, labels)."""
     import torch
 
-    from lorafit.data.special_tokens import IGNORE_INDEX
     from lorafit.train.loss import causal_lm_loss
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
+    collate = PadCollator(tokenizer.pad_token_id)
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start:start + batch_size]
-        width = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows["input_ids"]], device=device)
-        labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows["labels"]], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows["input_ids"]], device=device)
+        batch = collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])])
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            _, stats = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": mask})
+            _, stats = causal_lm_loss(model, batch)
         total += float(stats["loss_sum"])
         count += int(stats["trained_tokens"])
     return (total / count if count else float("nan")), count
@@ -61,10 +61,7 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
 def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
             console=None) -> dict:
     """Answers of the base and the tuned model side by side, and both validation losses on DATA_FILE."""
-    from lorafit.config import DataSource
     from lorafit.data.prepare import prepare_data
-    from lorafit.inference.generate import generate_batch, load_for_inference
-    from lorafit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():
@@ -90,8 +87,8 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
     result = {
         "run": str(run_dir), "data": str(data_file), "rows": len(tokenized), "trained_tokens": tokens,
         "base_loss": base_loss, "tuned_loss": tuned_loss,
-        "base_perplexity": math.exp(base_loss) if base_loss < 50 else float("inf"),
-        "tuned_perplexity": math.exp(tuned_loss) if tuned_loss < 50 else float("inf"),
+        "base_perplexity": perplexity(base_loss),
+        "tuned_perplexity": perplexity(tuned_loss),
         "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "base": b, "tuned": t}
                     for r, b, t in zip(shown, base_answers, tuned_answers)],
     }
@@ -115,5 +112,9 @@ def print_comparison(result: dict, console=None) -> None:
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
     console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
-                  f"base {result['base_loss']:.4f} (ppl {result['base_perplexity']:.2f}) -> tuned {result['tuned_loss']:.4f} "
-                  f"(ppl {result['tuned_perplexity']:.2f}), {change:+.4f}", markup=False)
+                  f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
+                  f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
+
+
+def _ppl(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"

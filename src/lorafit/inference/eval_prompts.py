@@ -10,46 +10,27 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.data.templates import end_of_turn_ids
+from lorafit.inference.generate import generate_answers
 from lorafit.rundir import write_json
 
 GENERATIONS = "generations.json"
 
 
-def generate_answers(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
-                     system_prompt: str | None = None, batch_size: int = 8) -> list[str]:
-    """Greedy answers in the training chat format, stopped at the end-of-turn token."""
-    import torch
+def tuned_answers(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
+                  system_prompt: str | None = None, batch_size: int = 8) -> list[str]:
+    """Greedy answers of the model as it is (adapter on), in the training chat format."""
 
-    from lorafit.data.templates import end_of_turn_ids, render_prompt
-
-    if not prompts:
-        return []
     was_training = model.training
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush right
     stop = end_of_turn_ids(tokenizer, template)
-    device = next(p for p in model.parameters()).device
-    answers: list[str] = []
     model.eval()
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            texts = [render_prompt(tokenizer, _messages(p, system_prompt), template) for p in chunk]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
-            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [answer for start in range(0, len(prompts), batch_size)
+                for answer in generate_answers(model, tokenizer, [[{"role": "user", "content": p}]
+                                                                  for p in prompts[start:start + batch_size]],
+                                               template, stop, max_new_tokens, system_prompt)]
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
-    return answers
-
-
-def _messages(prompt: str, system_prompt: str | None) -> list[dict]:
-    messages = [{"role": "user", "content": prompt}]
-    return ([{"role": "system", "content": system_prompt}] + messages) if system_prompt else messages
 
 
 def base_answers(peft_model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
@@ -57,7 +38,7 @@ def base_answers(peft_model, tokenizer, prompts: list[str], template: str, max_n
     """The base model's answers: the same weights with the adapter switched off."""
     context = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext()
     with context:
-        return generate_answers(peft_model, tokenizer, prompts, template, max_new_tokens, system_prompt)
+        return tuned_answers(peft_model, tokenizer, prompts, template, max_new_tokens, system_prompt)
 
 
 def read_generations(run_dir: Path) -> list[dict]:

@@ -12,16 +12,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafit.data.templates import encode_prompt, end_of_turn_ids, resolve_template, with_system
 from lorafit.errors import DataError, ModelError
+from lorafit.models.sources import EMBEDDED, resolve_model
+from lorafit.models.tokenizer import ensure_pad_token, load_tokenizer
 from lorafit.paths import user_path
-from lorafit.rundir import write_text_atomic
+from lorafit.rundir import load_run_config, load_tuned, write_text_atomic
+from lorafit.runtime import pick_dtype
 
 log = logging.getLogger("lorafit")
 PROMPT_FILE = "lorafit_prompt.json"  # prompt settings a merged model keeps from its run
 
 
 @dataclass
-class Loaded:
+class InferenceModel:
     model: object
     tokenizer: object
     template: str  # "model" (the tokenizer's chat template) or "llama3" (built-in Llama 3.1 format)
@@ -38,16 +42,10 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
+def load_for_inference(target: str, merge: bool = True, dtype=None) -> InferenceModel:
     """A run directory (base + adapter), a merged model folder, a .gguf file, or an embedded model name."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lorafit.data.templates import end_of_turn_ids, resolve_template
-    from lorafit.models.sources import EMBEDDED, resolve_model
-    from lorafit.models.tokenizer import ensure_pad_token, load_tokenizer
-    from lorafit.rundir import load_run_config, load_tuned
-    from lorafit.runtime import pick_dtype
 
     path = user_path(target)
     dtype = dtype or pick_dtype("auto")
@@ -57,7 +55,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
         # Merging into 4-bit weights would round the adapter away; a quantized base keeps the adapter separate.
         model, tokenizer, cfg = load_tuned(path, dtype=dtype, merge=merge and not quantized)
         template = resolve_template(tokenizer, cfg.data.template)
-        loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), cfg.data.system_prompt, "run", cfg)
+        loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), cfg.data.system_prompt, "run", cfg)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         from transformers import AutoTokenizer
 
@@ -69,7 +67,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
                              "Export it again with `lorafit export RUN_DIR --format gguf --out FILE`.") from None
         ensure_pad_token(tokenizer)
         template = resolve_template(tokenizer, "auto")
-        loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="gguf")
+        loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="gguf")
     elif path.is_dir() or target in EMBEDDED or (not path.exists() and target.count("/") == 1):  # folder, embedded, Hub id
         folder = resolve_model(target)
         tokenizer = load_tokenizer(folder)
@@ -79,7 +77,7 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Loaded:
             raise ModelError(f"{folder} could not be loaded as a model: {str(err)[:300]}",
                              "Pass a run directory, a folder written by `lorafit merge`, or a .gguf file.") from None
         template = resolve_template(tokenizer, "auto")
-        loaded = Loaded(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="model")
+        loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="model")
         saved = Path(folder) / PROMPT_FILE  # written by `lorafit merge`: the run's system prompt
         if saved.exists():
             loaded.system_prompt = json.loads(saved.read_text(encoding="utf-8")).get("system_prompt")
@@ -141,12 +139,6 @@ def _prompt_row(row, loc: str) -> dict:
                     "Use {\"prompt\": \"...\"} or {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]} per line.")
 
 
-def with_system(messages: list[dict], system: str | None) -> list[dict]:
-    if system and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system}] + messages
-    return messages
-
-
 # -- generation ----------------------------------------------------------------------------------------------------
 
 def cut_at_end(ids: list[int], end_ids: list[int], pad_id: int | None) -> list[int]:
@@ -163,36 +155,40 @@ def cut_at_end(ids: list[int], end_ids: list[int], pad_id: int | None) -> list[i
     return out
 
 
-def generate_batch(loaded: Loaded, conversations: list[list[dict]], max_new_tokens: int = 256, do_sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
-    """Answers to several conversations at once: left-padded, stopping at the end-of-turn token."""
+def generate_batch(loaded: InferenceModel, conversations: list[list[dict]], max_new_tokens: int = 256,
+                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
+    """Answers to several conversations at once, in the format and with the system prompt training used."""
+    return generate_answers(loaded.model, loaded.tokenizer, conversations, loaded.template, loaded.end_ids,
+                            max_new_tokens, loaded.system_prompt, do_sample, temperature, top_p)
+
+
+def generate_answers(model, tokenizer, conversations: list[list[dict]], template: str, end_ids: list[int],
+                     max_new_tokens: int, system_prompt: str | None = None, do_sample: bool = False,
+                     temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
+    """The one generation path: prompts rendered as in training (BOS exactly once), left-padded, stopped at any
+    end-of-turn token, decoded without special tokens."""
     import torch
 
-    from lorafit.data.templates import encode_prompt
-
-    tok = loaded.tokenizer
-    encoded = [encode_prompt(tok, with_system(m, loaded.system_prompt), loaded.template) for m in conversations]
+    encoded = [encode_prompt(tokenizer, with_system(m, system_prompt), template) for m in conversations]
     width = max(len(ids) for ids in encoded)
-    pad = tok.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])  # (B, T), pads in front
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-    device = next(loaded.model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=loaded.end_ids, pad_token_id=pad)
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=end_ids, pad_token_id=pad)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)  # silence "sampling flags set but greedy" warnings
     with torch.no_grad():
-        out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    answers = []
-    for row in out[:, width:].tolist():
-        answers.append(tok.decode(cut_at_end(row, loaded.end_ids, pad), skip_special_tokens=True).strip())
-    return answers
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    return [tokenizer.decode(cut_at_end(row, end_ids, pad), skip_special_tokens=True).strip()
+            for row in out[:, width:].tolist()]
 
 
 def generate(target: str, prompts_file: str, out_file: str, max_new_tokens: int = 256, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8, seed: int = 0, system: str | None = None,
-             loaded: Loaded | None = None) -> Path:
+             loaded: InferenceModel | None = None) -> Path:
     """Answer every prompt of PROMPTS_FILE with TARGET; one {"prompt", "response"} JSON object per line in OUT_FILE."""
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("`--batch-size` and `--max-new-tokens` must be at least 1.")

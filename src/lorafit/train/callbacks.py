@@ -90,12 +90,6 @@ def over_ranks(values: list[int], op: str) -> list[int]:
     return [int(v) for v in tensor.tolist()]
 
 
-def perplexity(loss: float | None) -> float | None:
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
 class MetricsCallback(TrainerCallback):
     """One JSON object per log event (training steps and evaluations), appended as they happen."""
 

@@ -257,9 +257,11 @@ class AtomicCheckpoints:
     A write failure becomes a TrainingError that names what is still intact; the partial folder is removed.
     """
 
-    checkpoint_dir: Path  # where complete checkpoints live (run_dir/checkpoints)
-    checkpoint_keep: int | None = None
-    checkpoint_extra = None  # callable -> dict stored in the manifest (token counts for an exact resume)
+    # Set by the Trainer subclass's __init__ (train/trainer.py): where complete checkpoints live, how many to keep,
+    # and a callable whose dict goes into each manifest.
+    checkpoint_dir: Path
+    checkpoint_keep: int | None
+    checkpoint_extra: object
 
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step

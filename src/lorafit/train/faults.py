@@ -12,20 +12,19 @@ from pathlib import Path
 
 from lorafit.config import RunConfig
 from lorafit.errors import TrainingError
+from lorafit.plan.planner import suggest_for_oom
+from lorafit.runtime import resolve_precision
+from lorafit.train.checkpoints import complete_checkpoints
 
 log = logging.getLogger("lorafit")
 
 
-def latest_line(checkpoints: Path) -> str:
-    from lorafit.train.checkpoints import complete_checkpoints
-
+def last_checkpoint_sentence(checkpoints: Path) -> str:
     done = complete_checkpoints(checkpoints)
     return f"The last good checkpoint is {done[-1]}." if done else "No checkpoint had been written yet."
 
 
 def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
-    from lorafit.runtime import resolve_precision
-
     t = cfg.training
     causes = [f"a learning rate too high for this model (training.learning_rate={t.learning_rate:g}; try 10× lower)"]
     if resolve_precision(t.precision) == "fp16":
@@ -36,13 +35,11 @@ def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
     return TrainingError(
         f"training stopped at step {failed['step']}: {t.max_bad_steps} optimizer step(s) in a row (from step "
         f"{failed['first_step']}) had a NaN/inf {failed['reason']}; those updates were skipped. "
-        f"{latest_line(checkpoints)} Likely causes: " + "; ".join(causes) + ".",
+        f"{last_checkpoint_sentence(checkpoints)} Likely causes: " + "; ".join(causes) + ".",
         "Fix the cause, then start again, or continue from the last checkpoint with `--resume`.")
 
 
 def interrupted_error(signum: int, step: int, checkpoints: Path) -> TrainingError:
-    from lorafit.train.checkpoints import complete_checkpoints
-
     done = complete_checkpoints(checkpoints)
     where = f"checkpoint saved at {done[-1]}" if done else "no checkpoint could be saved"
     err = TrainingError(f"training interrupted by {signal.Signals(signum).name} at step {step}; {where}.",
@@ -59,22 +56,16 @@ def oom_error(err: BaseException, cfg: RunConfig, where: str, checkpoints: Path)
         torch.cuda.empty_cache()
     advice = planner_advice(cfg) or generic_oom_advice(cfg)
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
-    return TrainingError(f"out of GPU memory during {where} ({first_line}). {latest_line(checkpoints)}",
+    return TrainingError(f"out of GPU memory during {where} ({first_line}). {last_checkpoint_sentence(checkpoints)}",
                          "To fit this run:\n" + advice)
 
 
 def planner_advice(cfg: RunConfig) -> str | None:
-    """The memory planner's suggestion for this config, when the planner is installed (lorafit.plan)."""
+    """The memory planner's suggestion for this config; None if it has none or fails (advice never hides the error)."""
+
     try:
-        from lorafit import plan
-    except ImportError:
-        return None
-    suggest = getattr(plan, "suggest_for_oom", None)
-    if suggest is None:
-        return None
-    try:
-        text = suggest(cfg)
-    except Exception as err:  # advice must never hide the real error
+        text = suggest_for_oom(cfg)
+    except Exception as err:
         log.debug("planner failed: %s", err)
         return None
     return str(text) if text else None

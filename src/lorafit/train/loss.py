@@ -24,6 +24,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from lorafit.hf_compat import compiled_inner
+
 log = logging.getLogger("lorafit")
 
 IGNORE_INDEX = -100
@@ -120,8 +122,8 @@ def unwrap(model):
     seen = 0
     while seen < 8:
         seen += 1
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        if compiled_inner(model) is not None:
+            model = compiled_inner(model)
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()
         elif isinstance(getattr(model, "module", None), torch.nn.Module):

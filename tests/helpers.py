@@ -1,4 +1,5 @@
-"""Helpers shared by the training, resume and fault tests: tiny chat data, tiny configs, the CLI as a subprocess."""
+"""Test helpers: data files and conversations, tiny random Llama models and run directories, tiny run configs,
+the CLI as a subprocess."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -31,9 +33,10 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One row per line: a dict as JSON, a string as it is (broken lines for the error tests)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -88,3 +91,71 @@ def adapter_tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def chat(user: str, answer: str, system: str | None = None) -> dict:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return {"messages": messages}
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "  You answer briefly.  "},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?\n"},
+    {"role": "assistant", "content": " Rome, since 1871. "},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome."},
+]
+
+
+@contextmanager
+def chat_template(tokenizer, template: str | None):
+    """Give a (session-wide) tokenizer another chat template for one test; deep-copying a 128k vocabulary is slow."""
+    old = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.chat_template = old
+
+
+def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """A random Llama (hidden 64, 2 layers) sized to the tokenizer, saved with it as a model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_run(run: Path, model_dir: Path, seed: int = 1, **config) -> Path:
+    """A finished-looking run directory on `model_dir`: a PEFT adapter whose B weights are non-zero
+    (init_lora_weights=False, so merging really changes the logits), the tokenizer, and config.yaml."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.config import RunConfig, dump_config
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "tokenizer")
+    raw = {"model": {"name": str(model_dir)}, "lora": {"r": 4, "alpha": 8}, "output": {"name": run.name}}
+    for dotted, value in config.items():  # e.g. model__quantization="4bit"
+        section, field = dotted.split("__")
+        raw.setdefault(section, {})[field] = value
+    (run / "config.yaml").write_text(dump_config(RunConfig.model_validate(raw)))
+    return run

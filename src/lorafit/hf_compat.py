@@ -1,0 +1,46 @@
+"""Every use of a private transformers / datasets API, in one place.
+
+Each is something the public API does not offer yet. tests/test_hf_compat.py checks each against the installed
+versions, so an incompatible release fails there, loudly and by name, instead of deep inside a run; pyproject.toml
+bounds transformers below its next major version for the same reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+# Trainer._save_checkpoint(model, trial) writes one checkpoint folder; train/checkpoints.AtomicCheckpoints overrides it
+# to seal that folder and rename it into place, since the public save hooks run before the folder is complete.
+SAVE_CHECKPOINT_PARAMETERS = ["self", "model", "trial"]
+
+
+def check_trainer() -> None:
+    """Raise if transformers' Trainer no longer has the `_save_checkpoint(model, trial)` lorafit overrides."""
+    from transformers import Trainer
+
+    method = getattr(Trainer, "_save_checkpoint", None)
+    found = list(inspect.signature(method).parameters) if method is not None else None
+    if found != SAVE_CHECKPOINT_PARAMETERS:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__}: Trainer._save_checkpoint has parameters {found}, "
+                           f"lorafit's atomic checkpoints need {SAVE_CHECKPOINT_PARAMETERS}; install transformers>=5.17,<6.")
+
+
+def compile_chat_template(template: str):
+    """transformers' own compiled Jinja environment for chat templates (the sandbox and filters it renders with):
+    rendering it directly skips apply_chat_template's ~0.5 ms of per-call checks, which dominates at a million rows.
+    Callers must check the result against apply_chat_template and fall back to it."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template)
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The content hash datasets keeps for its cache files; lorafit chains it into its own cache keys."""
+    return dataset._fingerprint
+
+
+def compiled_inner(model):
+    """The module torch.compile wrapped, or None."""
+    return getattr(model, "_orig_mod", None)
