@@ -84,20 +84,48 @@ def merge(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge`."),
-    out: str = typer.Option(..., "--out", help="Output .gguf file (refused if it exists)."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (for llama.cpp and Ollama)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or q8_0."),
+    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge` (gguf, ollama)."),
+    out: str = typer.Option(..., "--out", help="gguf: the .gguf file; ollama / vllm: a new folder (refused if it exists and is not empty)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile) or vllm (adapter + serve command)."),
+    outtype: str = typer.Option("f16", "--outtype", help="GGUF weights: f16, bf16 or q8_0."),
 ):
-    """Write a GGUF file (llama.cpp / Ollama) with the tokenizer and chat template inside."""
+    """Write the model for llama.cpp (GGUF), Ollama (GGUF + Modelfile) or vLLM (adapter, chat template, command)."""
     from lorafit.errors import ConfigError
 
-    if fmt != "gguf":
-        raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
-    from lorafit.export.gguf import export_gguf
+    if fmt == "gguf":
+        from lorafit.export.gguf import export_gguf
 
-    path = export_gguf(source, out, outtype)
-    print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        path = export_gguf(source, out, outtype)
+        print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    elif fmt == "ollama":
+        from lorafit.export.ollama import export_ollama
+
+        folder = export_ollama(source, out, outtype)
+        print(f"Ollama model written to {folder} (Modelfile + GGUF)\nnext: ollama create NAME -f {folder / 'Modelfile'}")
+    elif fmt == "vllm":
+        from lorafit.export.vllm import export_vllm
+
+        folder, command = export_vllm(source, out)
+        import shlex
+
+        print(f"vLLM files written to {folder}\nserve with ({folder / 'serve.sh'}):\n{shlex.join(command)}")
+    else:
+        raise ConfigError(f"`--format` must be gguf, ollama or vllm, got {fmt!r}.",
+                          "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="GGUF file to check (default: a temporary f16 export)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL (`prompt`, `question` or `messages`) or a text file; default: the run's eval.prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    min_identical: Optional[float] = typer.Option(None, "--min-identical", help="Fraction of answers that must be identical (default 0.9; q8_0 GGUF 0.7)."),
+):
+    """Same prompts through transformers (base + adapter), the merged model and the GGUF in llama.cpp; exit 1 on disagreement."""
+    from lorafit.export.verify import verify as run_verify
+
+    raise typer.Exit(run_verify(run_dir, gguf, prompts, max_new_tokens, min_identical))
 
 
 @app.command()

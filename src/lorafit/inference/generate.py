@@ -145,10 +145,11 @@ def _prompt_row(row, loc: str, tools: dict | None = None) -> dict:
         if not messages or messages[-1]["role"] != "user":
             raise DataError(f"{loc}: the conversation must end with a `user` turn (the one to answer).")
         return {"prompt": messages[-1]["content"], "messages": messages, "tools": tools}
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        return {"prompt": row["prompt"], "messages": [{"role": "user", "content": row["prompt"]}], "tools": tools}
+    for key in ("prompt", "question"):  # `question`: held-out files such as examples/heldout.jsonl
+        if isinstance(row, dict) and isinstance(row.get(key), str):
+            return {"prompt": row[key], "messages": [{"role": "user", "content": row[key]}], "tools": tools}
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise DataError(f"{loc}: expected a `prompt` string or a `messages` list, got {keys}.",
+    raise DataError(f"{loc}: expected a `prompt` (or `question`) string or a `messages` list, got {keys}.",
                     "Use {\"prompt\": \"...\"} or {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]} per line.")
 
 
