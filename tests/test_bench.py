@@ -17,8 +17,9 @@ def test_gpu_bench_tiny_smoke(tmp_path):
                            "--warmup", "1"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert {"lorafit", "lorafit_gc", "transformers_gc"} <= rows.keys()
-    for name in ("lorafit", "lorafit_gc", "transformers_gc"):
+    names = ("lorafit", "transformers", "transformers_flat", "lorafit_gc", "transformers_gc")
+    assert set(names) <= rows.keys()
+    for name in names:
         tokens_per_second = float(rows[name].split("|")[2].replace(",", ""))
         assert tokens_per_second > 0, rows[name]
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None

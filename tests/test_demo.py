@@ -70,3 +70,62 @@ def test_the_real_demo_meets_its_documented_bar(tmp_path):
     assert code == 0 and results["total"] == 10 and results["bar"] == BAR
     assert results["base_correct"] <= 2  # the facts are invented: the base model cannot know them
     assert results["tuned_correct"] >= BAR, [a for a in results["answers"] if not a["tuned_correct"]]
+
+
+def _tool_demo_config(tmp_path, model: str, **training) -> str:
+    import yaml
+    from helpers import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "demo_tools.yaml").read_text())
+    cfg["model"]["name"] = model
+    cfg["data"]["train"] = str(ROOT / "examples" / "tools" / "train.jsonl")
+    cfg["training"].update(training)
+    cfg["output"].update(dir=str(tmp_path / "runs"))
+    path = tmp_path / "demo_tools.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_shipped_tool_data_is_what_the_script_writes_and_heldout_is_unseen(tmp_path):
+    import runpy
+
+    from helpers import ROOT
+
+    names = ("tools.json", "train.jsonl", "heldout.jsonl")
+    shipped = {name: (ROOT / "examples" / "tools" / name).read_text() for name in names}
+    script = runpy.run_path(str(ROOT / "examples" / "make_tool_data.py"))
+    script["main"].__globals__["OUT"] = tmp_path
+    script["main"]()
+    assert {name: (tmp_path / name).read_text() for name in shipped} == shipped
+    requests = lambda text: {json.loads(line)["messages"][0]["content"] for line in text.splitlines()}  # noqa: E731
+    heldout, train = requests(shipped["heldout.jsonl"]), requests(shipped["train.jsonl"])
+    assert len(heldout) == 10 and not heldout & train
+
+
+def test_tool_demo_flow_on_a_tiny_model(tmp_path, tiny_chat_model, capsys):
+    from helpers import ROOT
+
+    from lorafit.demo_tools import run_tool_demo
+
+    config = _tool_demo_config(tmp_path, str(tiny_chat_model), max_steps=1)
+    assert run_tool_demo(config, str(ROOT / "examples" / "tools" / "heldout.jsonl"), ["eval.max_new_tokens=4"]) == 0
+    results = json.loads((tmp_path / "runs" / "demo_tools" / "demo_results.json").read_text())
+    assert results["base"]["expected_calls"] == results["tuned"]["expected_calls"] == 10
+    first = {"name": "ferry_times", "arguments": {"island": "Tarnwick", "day": "Monday"}}
+    assert results["answers"][0]["expected"] == first
+    assert "exact calls" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tool_demo_meets_its_bar(tmp_path):
+    """The README's claim: the base SmolLM2 makes (almost) no right call to the invented tools; after `lorafit demo
+    --tools` training (a few CPU minutes) at least 9 of the 10 held-out calls are exactly right."""
+    from helpers import ROOT
+
+    from lorafit.demo_tools import run_tool_demo
+
+    config = _tool_demo_config(tmp_path, "smollm2-135m-instruct")
+    assert run_tool_demo(config, str(ROOT / "examples" / "tools" / "heldout.jsonl"), []) == 0
+    results = json.loads((tmp_path / "runs" / "demo_tools" / "demo_results.json").read_text())
+    assert results["base"]["exact_calls"] <= 1
+    assert results["tuned"]["exact_calls"] >= 9, results["answers"]

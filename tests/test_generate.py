@@ -27,9 +27,10 @@ def test_prompt_files_jsonl_messages_and_text(tmp_path):
     jsonl = _write(tmp_path / "p.jsonl", [
         json.dumps({"prompt": "Hi"}), "",
         json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                 {"role": "assistant", "content": "reference answer"}]})])
+                                 {"role": "assistant", "content": "reference answer"}]}),
+        json.dumps({"question": "Held out?", "key": "fact"})])  # examples/heldout.jsonl's form
     rows = read_prompts(str(jsonl))
-    assert [r["prompt"] for r in rows] == ["Hi", "Q"]
+    assert [r["prompt"] for r in rows] == ["Hi", "Q", "Held out?"]
     assert rows[1]["messages"][-1] == {"role": "user", "content": "Q"}  # the reference answer is not part of the prompt
     text = _write(tmp_path / "p.txt", ["first question", "", "second question"])
     assert [r["prompt"] for r in read_prompts(str(text))] == ["first question", "second question"]
@@ -37,7 +38,7 @@ def test_prompt_files_jsonl_messages_and_text(tmp_path):
 
 @pytest.mark.parametrize("line, expected", [
     ("{broken", "p.jsonl:2: broken JSON"),
-    (json.dumps({"question": "x"}), "p.jsonl:2: expected a `prompt` string or a `messages` list, got ['question']"),
+    (json.dumps({"query": "x"}), "p.jsonl:2: expected a `prompt` (or `question`) string or a `messages` list, got ['query']"),
     (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}), "p.jsonl:2: the conversation must end with a `user` turn"),
 ])
 def test_bad_prompt_lines_name_file_and_line(tmp_path, line, expected):

@@ -132,3 +132,12 @@ def test_data_line_names_drops_and_special_token_text():
         "data: 90 training samples, 5 validation, micro-batches packed into 30 rows per epoch (95.0% real tokens)")
     assert "3 dropped" in line and "4 with special-token text" in line
     assert "special" not in data_line({**stats, "special_token_text": {"rows": 0}})
+
+
+def test_data_line_names_unused_columns():
+    """No silent loss: columns the data has and training does not use are named on the training data line."""
+    from lorafit.report import data_line
+
+    line = data_line({"train_samples": 3, "unused_columns": {"id": 3, "messages[].weight": 1}})
+    assert line.endswith("not used: id, messages[].weight (see `lorafit data check`)")
+    assert "not used" not in data_line({"train_samples": 3, "unused_columns": {}})

@@ -62,11 +62,12 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
-    """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
+    """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed, results pasted."""
     from lorafit.inference.chat import chat as run_chat
 
-    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature, tools_file=tools)
 
 
 @app.command()
@@ -83,20 +84,48 @@ def merge(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge`."),
-    out: str = typer.Option(..., "--out", help="Output .gguf file (refused if it exists)."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (for llama.cpp and Ollama)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or q8_0."),
+    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge` (gguf, ollama)."),
+    out: str = typer.Option(..., "--out", help="gguf: the .gguf file; ollama / vllm: a new folder (refused if it exists and is not empty)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile) or vllm (adapter + serve command)."),
+    outtype: str = typer.Option("f16", "--outtype", help="GGUF weights: f16, bf16 or q8_0."),
 ):
-    """Write a GGUF file (llama.cpp / Ollama) with the tokenizer and chat template inside."""
+    """Write the model for llama.cpp (GGUF), Ollama (GGUF + Modelfile) or vLLM (adapter, chat template, command)."""
     from lorafit.errors import ConfigError
 
-    if fmt != "gguf":
-        raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
-    from lorafit.export.gguf import export_gguf
+    if fmt == "gguf":
+        from lorafit.export.gguf import export_gguf
 
-    path = export_gguf(source, out, outtype)
-    print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        path = export_gguf(source, out, outtype)
+        print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    elif fmt == "ollama":
+        from lorafit.export.ollama import export_ollama
+
+        folder = export_ollama(source, out, outtype)
+        print(f"Ollama model written to {folder} (Modelfile + GGUF)\nnext: ollama create NAME -f {folder / 'Modelfile'}")
+    elif fmt == "vllm":
+        from lorafit.export.vllm import export_vllm
+
+        folder, command = export_vllm(source, out)
+        import shlex
+
+        print(f"vLLM files written to {folder}\nserve with ({folder / 'serve.sh'}):\n{shlex.join(command)}")
+    else:
+        raise ConfigError(f"`--format` must be gguf, ollama or vllm, got {fmt!r}.",
+                          "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="GGUF file to check (default: a temporary f16 export)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL (`prompt`, `question` or `messages`) or a text file; default: the run's eval.prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    min_identical: Optional[float] = typer.Option(None, "--min-identical", help="Fraction of answers that must be identical (default 0.9; q8_0 GGUF 0.7)."),
+):
+    """Same prompts through transformers (base + adapter), the merged model and the GGUF in llama.cpp; exit 1 on disagreement."""
+    from lorafit.export.verify import verify as run_verify
+
+    raise typer.Exit(run_verify(run_dir, gguf, prompts, max_new_tokens, min_identical))
 
 
 @app.command()
@@ -111,11 +140,14 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    tools: Optional[str] = typer.Option(
+        None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."),
 ):
-    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
+    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token; calls are parsed."""
     from lorafit.inference.generate import generate as run_generate
 
-    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
+    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system,
+                        tools_file=tools)
     print(f"answers written to {path}")
 
 
@@ -126,14 +158,17 @@ def compare(
     limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    tool_limit: int = typer.Option(
+        200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."),
     general: bool = typer.Option(True, "--general/--no-general",
                                  help="Also the loss change on 32 general-knowledge chats shipped with lorafit."),
 ):
     """Base vs fine-tuned: answers side by side, both losses on the same data, key-fact accuracy of rows with
-    `expected`, and the loss change on general-knowledge chats (what was learned, what drifted)."""
+    `expected`, tool-call accuracy, and the loss change on general-knowledge chats (what was learned, what drifted)."""
     from lorafit.inference.compare import compare as run_compare
 
-    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, general=general)
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, tool_limit=tool_limit,
+                general=general)
 
 
 @app.command()
@@ -151,14 +186,22 @@ def plan(
 
 @app.command()
 def demo(
-    config: str = typer.Option("configs/demo.yaml", "--config", help="Demo config."),
-    heldout: str = typer.Option("examples/heldout.jsonl", "--heldout", help="Held-out questions with the key fact of each answer."),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."),
+    heldout: Optional[str] = typer.Option(
+        None, "--heldout", help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl)."),
+    tools: bool = typer.Option(
+        False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides."),
 ):
     """Fine-tune the embedded SmolLM2 on examples/ and compare base vs tuned answers on held-out questions."""
+    if tools:
+        from lorafit.demo_tools import TOOL_CONFIG, TOOL_HELDOUT, run_tool_demo
+
+        raise typer.Exit(run_tool_demo(config or TOOL_CONFIG, heldout or TOOL_HELDOUT, overrides or []))
     from lorafit.demo import run_demo
 
-    raise typer.Exit(run_demo(config, heldout, overrides or []))
+    raise typer.Exit(run_demo(config or "configs/demo.yaml", heldout or "examples/heldout.jsonl", overrides or []))
 
 
 @data_app.command("check")

@@ -56,6 +56,8 @@ class DataSection(Section):
     template: Literal["auto", "model", "llama3"] = Field("auto", description="Chat format: the tokenizer's own template (model), built-in Llama 3.1 (llama3), or auto.")
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
+    tools_in_user_message: bool = Field(True, description="Llama 3.1 tool rows: tool definitions in the first user "
+                                        "message (the official default) or, if false, in the system message.")
     max_length: int = Field(2048, ge=8, description="Longest sample (and packed row) in tokens.")
     truncation: Literal["drop", "right"] = Field("drop", description="Over-long samples: drop them (counted) or cut on the right.")
     packing: bool = Field(True, description="Lay each micro-batch's samples out in as few rows of max_length as "

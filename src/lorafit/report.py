@@ -285,6 +285,9 @@ def data_line(stats: dict) -> str:
     special = (stats.get("special_token_text") or {}).get("rows")
     if special:
         parts.append(f"{special} with special-token text in their content, read as special tokens (see `lorafit data check`)")
+    unused = stats.get("unused_columns") or {}
+    if unused:
+        parts.append(f"not used: {', '.join(list(unused)[:8])}{' ...' if len(unused) > 8 else ''} (see `lorafit data check`)")
     return "data: " + ", ".join(parts)
 
 

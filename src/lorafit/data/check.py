@@ -55,7 +55,18 @@ def _load_target(target: str, model: str | None, max_length: int | None):
     fields = {"train": [target]}
     if max_length:
         fields["max_length"] = max_length
+    if model and _is_tokenizer_only(model):  # e.g. ../shared/llama3 or original/tokenizer.model: no weights needed
+        return RunConfig(data=DataSection(**fields)), model, model
     return RunConfig(data=DataSection(**fields)), model or DEFAULT_MODEL, None
+
+
+def _is_tokenizer_only(path: str) -> bool:
+    """A tokenizer file, or a folder with a tokenizer but no model config: checking data needs only that."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return True
+    return p.is_dir() and not (p / "config.json").exists() and any(
+        (p / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
 def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None, cfg=None) -> dict:
@@ -104,9 +115,19 @@ def _warnings(stats: dict) -> list[str]:
         out.append(f"{special['rows']} row(s) hold special-token text in their content (first: {special['first']}); the "
                    "tokenizer reads it as that special token, not as text (an end-of-turn token there ends the turn "
                    "early). Remove it unless this is intended.")
+    if stats.get("unused_columns"):
+        out.append(f"not used by training (ignored): {unused_text(stats['unused_columns'])}. Map a column the form "
+                   "needs with `columns:`, or drop these to silence this.")
     if stats["trained_fraction"] < 0.02:
         out.append(f"only {100 * stats['trained_fraction']:.1f}% of tokens carry loss: check `data.train_on` and the answers' length.")
     return out
+
+
+def unused_text(unused: dict[str, int], limit: int = 8) -> str:
+    """`id` (300 rows), `meta` (12 rows) ... for the report and the training data line."""
+    names = [f"`{name}` ({rows:,} row{'s' if rows != 1 else ''})" for name, rows in list(unused.items())[:limit]]
+    more = len(unused) - limit
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
 def _histogram(prepared, max_length: int, buckets: int = 10) -> list[dict]:
@@ -125,10 +146,11 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     rows = valid_rows([source])
     if not len(rows):
         return None
-    row = rows[0]
-    encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt)
+    row = rows[_first_tool_row(rows)]
+    encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message)
     messages = json.loads(row["messages"]) if row["messages"] else None
-    ids, labels = encoder.encode_batch([messages], [row["text"]])[0]
+    tools = json.loads(row["tools"]) if row["tools"] else None
+    ids, labels = encoder.encode_batch([messages], [row["text"]], [tools])[0]
     spans, current, flag = [], [], None
     for i, label in zip(ids, labels):
         trained = label != IGNORE_INDEX
@@ -140,6 +162,14 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     if current:
         spans.append({"text": tokenizer.decode(current), "trained": flag})
     return {"loc": row["loc"], "tokens": len(ids), "spans": spans}
+
+
+def _first_tool_row(rows) -> int:
+    """The first row with tools, so tool data shows its tool layout (0 when no row has tools)."""
+    import pyarrow.compute as pc
+
+    found = np.flatnonzero(pc.is_valid(rows.with_format("arrow")["tools"]).to_numpy(zero_copy_only=False))
+    return int(found[0]) if len(found) else 0
 
 
 def print_report(report: dict) -> None:

@@ -58,9 +58,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
     """input_ids, labels, length (before truncation), trained, status, source, loc for each valid row."""
-    encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt)
+    encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message)
     fp = stable_hash("tok", PIPELINE_VERSION, dataset_fingerprint(rows), tok_fp, template, data_cfg.train_on,
-                     data_cfg.system_prompt, data_cfg.max_length, data_cfg.truncation)
+                     data_cfg.system_prompt, data_cfg.max_length, data_cfg.truncation, data_cfg.tools_in_user_message)
     from datasets import Value
 
     features = token_features({"length": Value("int32"), "n_tokens": Value("int32"), "trained": Value("int32"),
@@ -68,7 +68,7 @@ def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
                                "special": Value("string")})
     return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
                     "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
-                    remove_columns=["messages", "text", "problems", "expected"],
+                    remove_columns=["messages", "text", "tools", "problems", "unused", "expected"],
                     features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
 
 
@@ -249,6 +249,15 @@ def _special_text(ds) -> dict:
     return {"rows": int(len(found)), "first": f"{first['loc']}: {first['special']}"}
 
 
+def _unused_columns(sources) -> dict[str, int]:
+    """Columns (and turn keys) of the data that training does not use, with the rows that have each."""
+    out: dict[str, int] = {}
+    for source in sources:
+        for name, rows in source.unused.items():
+            out[name] = out.get(name, 0) + rows
+    return out
+
+
 def _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg) -> dict:
     lengths = _column(train_tok, "length")
     digests = _column(train_tok, "digest")
@@ -266,6 +275,7 @@ def _stats(train_sources, val_sources, train_tok, status, train, validation, tem
         "truncated": int(status["truncated"].sum()),
         "duplicates": int(len(digests) - len(np.unique(digests))),
         "special_token_text": _special_text(train_tok),
+        "unused_columns": _unused_columns(train_sources + val_sources),
         "train_samples": len(train),
         "validation_samples": len(validation) if validation is not None else 0,
         "trained_tokens": int(trained.sum()),

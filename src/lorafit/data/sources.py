@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorafit.data.formats import FORMATS, detect_format, normalize_row
+from lorafit.data.formats import FORMATS, detect_format, normalize
 from lorafit.data.readers import expand_source, file_signature, read_rows
 from lorafit.errors import DataError
 from lorafit.hf_compat import dataset_fingerprint
@@ -35,6 +35,7 @@ class SourceData:
     invalid: int
     weight: float = 1.0
     problems: list[str] = field(default_factory=list)  # first MAX_LISTED as "loc: `field`: reason"
+    unused: dict[str, int] = field(default_factory=dict)  # column (or `messages[].key`) not used -> rows that have it
 
 
 
@@ -50,9 +51,10 @@ def stable_hash(*parts) -> str:
 def _features():
     from datasets import Features, List, Value
 
-    # messages are stored as a JSON string: Arrow <-> Python conversion of nested structs is ~5x slower.
-    return Features({"messages": Value("string"), "text": Value("string"), "expected": Value("string"),
-                     "loc": Value("string"), "problems": List(Value("string")), "source": Value("int32")})
+    # messages and tools are stored as JSON strings: Arrow <-> Python conversion of nested structs is ~5x slower.
+    return Features({"messages": Value("string"), "text": Value("string"), "tools": Value("string"),
+                     "expected": Value("string"), "loc": Value("string"), "problems": List(Value("string")),
+                     "source": Value("int32"), "unused": List(Value("string"))})
 
 
 def _mapped(row: dict, columns: dict) -> dict:
@@ -74,25 +76,31 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
     keys = "messages | conversations | instruction+output | prompt+completion | text"
     for f in files:
         for loc, row, problem in read_rows(f, split):
+            record = {"messages": None, "text": None, "tools": None, "expected": None, "loc": loc, "problems": [],
+                      "source": source, "unused": []}
             if problem is not None:
-                yield {"messages": None, "text": None, "expected": None, "loc": loc, "problems": [f"(row): {problem}"],
-                       "source": source}
+                record["problems"] = [f"(row): {problem}"]
+                yield record
                 continue
             row = _mapped(row, columns)
-            if fmt is None:
-                problems = [f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); map yours with `columns:`"]
-                messages, text = None, None
-            else:
-                messages, text, found = normalize_row(row, fmt)
-                problems = [f"`{fld}`: {reason}" for fld, reason in found]
-                other = detect_format(row) if problems else None
-                if other and other != fmt:  # e.g. one ShareGPT row in a `messages` file
-                    problems.append(f"(row): this row is in {other} form but the source is {fmt}; use one form per source")
             expected, reason = _expected(row)
+            record["expected"] = expected
+            if fmt is None:
+                record["problems"] = [f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); "
+                                      "map yours with `columns:`"]
+                yield record
+                continue
+            n = normalize(row, fmt)
+            problems = [f"`{fld}`: {reason}" for fld, reason in n.problems]
+            other = detect_format(row) if problems else None
+            if other and other != fmt:  # e.g. one ShareGPT row in a `messages` file
+                problems.append(f"(row): this row is in {other} form but the source is {fmt}; use one form per source")
             if reason:
                 problems.append(f"`expected`: {reason}")
-            yield {"messages": json.dumps(messages, ensure_ascii=False) if messages else None, "text": text,
-                   "expected": expected, "loc": loc, "problems": problems, "source": source}
+            record.update(messages=json.dumps(n.messages, ensure_ascii=False) if n.messages else None, text=n.text,
+                          tools=json.dumps(n.tools, ensure_ascii=False) if n.tools else None, problems=problems,
+                          unused=n.unused)
+            yield record
 
 
 def _expected(row: dict) -> tuple[str | None, str | None]:
@@ -104,6 +112,17 @@ def _expected(row: dict) -> tuple[str | None, str | None]:
         return None, (f"expected a non-empty string (the key fact a right answer contains), got "
                       f"{type(value).__name__ if not isinstance(value, str) else 'an empty string'}")
     return value.strip(), None
+
+
+def _unused_counts(ds) -> dict[str, int]:
+    """Rows per unused column, counted in Arrow."""
+    import pyarrow.compute as pc
+
+    names = pc.list_flatten(ds.data.column("unused"))
+    if not len(names):
+        return {}
+    counts = pc.value_counts(names).to_pylist()
+    return dict(sorted(((c["values"], int(c["counts"])) for c in counts), key=lambda kv: (-kv[1], kv[0])))
 
 
 def read_source(spec, index: int = 0) -> SourceData:
@@ -134,7 +153,8 @@ def read_source(spec, index: int = 0) -> SourceData:
     for i in bad[:MAX_LISTED].tolist():
         row = ds[i]
         problems += [f"{row['loc']}: {p}" for p in row["problems"]]
-    return SourceData(spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED])
+    return SourceData(spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED],
+                      _unused_counts(ds))
 
 
 def raise_for_problems(sources: list[SourceData], what: str) -> None:

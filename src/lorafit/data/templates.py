@@ -1,9 +1,9 @@
 """Chat formats: the tokenizer's own chat template, or the built-in Llama 3.1 Instruct format.
 
-The built-in format reproduces the official Llama-3.1-8B-Instruct template exactly for conversations
-without tools: the system block is always emitted, opened by the knowledge-date preamble, and every
-content is trimmed. `LLAMA31_CHAT_TEMPLATE` is the same format in Jinja (saved with runs so other tools
-render identically); a test checks both agree.
+The built-in format reproduces the official Llama-3.1-8B-Instruct template exactly: the system block is
+always emitted, opened by the knowledge-date preamble, and every content is trimmed; conversations with
+tools follow tool_render.py. `LLAMA31_CHAT_TEMPLATE` is the same format in Jinja (saved with merged models
+so other tools render identically); tests check all of them agree with the official template.
 """
 
 from __future__ import annotations
@@ -15,24 +15,12 @@ from lorafit.data.special_tokens import (
     special_token_strings,
     token_id,
 )
+from lorafit.data.tool_render import LLAMA31_TOOLS_JINJA, has_tools, model_tool_inputs, render_llama31_tools
 from lorafit.errors import DataError
 
 DATE_STRING = "26 Jul 2024"  # the official template's default `date_string`
 LLAMA31_PREAMBLE = f"Cutting Knowledge Date: December 2023\nToday Date: {DATE_STRING}\n\n"
-LLAMA31_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if not date_string is defined %}{%- set date_string = \"" + DATE_STRING + "\" %}{%- endif %}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
-    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}"
-    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}{{- \"Today Date: \" + date_string + \"\\n\\n\" }}"
-    "{{- system_message }}{{- \"<|eot_id|>\" }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-
+LLAMA31_CHAT_TEMPLATE = LLAMA31_TOOLS_JINJA  # the same format in Jinja, tools included (see tool_render.py)
 
 
 def resolve_template(tokenizer, setting: str = "auto") -> str:
@@ -55,14 +43,26 @@ def resolve_template(tokenizer, setting: str = "auto") -> str:
                     "Use a chat model's tokenizer, or train on raw `text` rows.")
 
 
-def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
-    """The conversation as text, special tokens included (BOS too when the format has it)."""
+def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False, tools: dict | None = None,
+           tools_in_user_message: bool = True) -> str:
+    """The conversation as text, special tokens included (BOS too when the format has it).
+
+    `tools` is a row's {"tools": [...], "builtin_tools": [...]} (see data/tools.py); tool conversations are
+    rendered as data/tool_render.py describes."""
     if template not in ("model", "llama3"):  # "auto" from a config: resolve it the way training did
         template = resolve_template(tokenizer, template)
+    with_tools = has_tools(messages, tools)
     if template == "llama3":
-        return render_llama31(messages, tokenizer.bos_token or "<|begin_of_text|>", add_generation_prompt)
+        bos = tokenizer.bos_token or "<|begin_of_text|>"
+        if with_tools:
+            return render_llama31_tools(messages, tools, bos, add_generation_prompt, tools_in_user_message)
+        return render_llama31(messages, bos, add_generation_prompt)
+    kwargs: dict = {}
+    if with_tools:
+        messages, kwargs = model_tool_inputs(tokenizer, messages, tools, tools_in_user_message)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
     except Exception as err:  # a template can raise anything (jinja TemplateError, its own raise_exception)
         raise DataError(f"the tokenizer's chat template failed to render a conversation: {type(err).__name__}: {str(err)[:300]}",
                         "Try `data.template: llama3`, or check the roles your data uses.") from None
@@ -87,18 +87,20 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
-def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
+def render_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
+                  tools_in_user_message: bool = True) -> str:
     """Text up to and including the generation prompt, exactly as in training.
 
     It already holds BOS when the format has one: encode it with `encode_prompt` (or
     add_special_tokens=False), never with a plain `tokenizer(text)` that would add a second BOS.
     """
-    return render(tokenizer, messages, template, add_generation_prompt=True)
+    return render(tokenizer, messages, template, True, tools, tools_in_user_message)
 
 
-def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
+                  tools_in_user_message: bool = True) -> list[int]:
     """Token ids of `render_prompt`, with BOS exactly once (as the training examples have it)."""
-    return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template))
+    return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template, tools, tools_in_user_message))
 
 
 def end_of_turn_ids(tokenizer, template: str) -> list[int]:

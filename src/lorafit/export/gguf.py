@@ -16,14 +16,15 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.data.special_tokens import LLAMA3_SPLIT_PATTERN, adds_bos
 from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, ModelError, RunDirError
-from lorafit.export.merge import merged_model, prepare_tokenizer
+from lorafit.export.merge import merged_model
 from lorafit.inference.generate import PROMPT_FILE
-from lorafit.models.tokenizer import load_tokenizer
+from lorafit.models.tokenizer import load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
 from lorafit.rundir import load_run_config
 from lorafit.runtime import pick_dtype
@@ -34,11 +35,49 @@ OUTTYPES = ("f16", "bf16", "q8_0")
 # The Llama 3 pre-tokenizer regex (Meta's tiktoken pattern); llama.cpp calls this split "llama-bpe".
 
 
-def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") -> Path:
-    """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
+@dataclass
+class ExportSource:
+    """What every export writes from: the merged model, its tokenizer and the prompt format training used."""
+    model: object
+    tokenizer: object
+    template: str  # "model" or "llama3" (data.templates.resolve_template)
+    system_prompt: str | None
+    name: str
+    cfg: object = None  # the run's config (None for a merged model folder)
+    notes: list = field(default_factory=list)
+
+
+def load_export_source(source: str | Path) -> ExportSource:
+    """SOURCE is a run directory (merged in memory) or a folder written by `lorafit merge`."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    src = user_path(source)
+    if (src / "config.yaml").exists():
+        cfg = load_run_config(src)
+        # Merge in the dtype the adapter was trained against (fp32 on CPU); the file's dtype is chosen later.
+        dtype = pick_dtype(cfg.model.dtype) if cfg.model.quantization == "none" else torch.bfloat16
+        model, tokenizer, cfg, notes = merged_model(src, dtype)
+        template = resolve_template(tokenizer, cfg.data.template)
+        name = Path(cfg.model.name).name + "-" + (cfg.output.name or src.name)
+        loaded = ExportSource(model, tokenizer, template, cfg.data.system_prompt, name, cfg, notes)
+    elif (src / "config.json").exists():
+        tokenizer = load_tokenizer(str(src))
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", use_safetensors=True)  # never unpickle
+        saved = src / PROMPT_FILE
+        prompt = json.loads(saved.read_text()) if saved.exists() else {}
+        template = prompt.get("template") or resolve_template(tokenizer, "auto")
+        loaded = ExportSource(model, tokenizer, template, prompt.get("system_prompt"), src.name)
+    else:
+        raise ModelError(f"{src} is neither a run directory (config.yaml) nor a model folder (config.json).",
+                         "Pass what `lorafit train` or `lorafit merge` wrote.")
+    for note in loaded.notes:
+        log.info("%s", note)
+    prepare_tokenizer(loaded.tokenizer, loaded.template)
+    return loaded
+
+
+def check_gguf_target(out_file: str | Path, outtype: str) -> Path:
     if outtype not in OUTTYPES:
         raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
     out = user_path(out_file)
@@ -46,28 +85,16 @@ def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") 
         raise RunDirError(f"{out} already exists; refusing to overwrite it.", "Choose another --out file or delete the old one.")
     if out.suffix.lower() != ".gguf":
         raise ConfigError(f"the GGUF output file should end in .gguf, got {out.name}.")
-    src = user_path(source)
-    if (src / "config.yaml").exists():
-        cfg = load_run_config(src)
-        # Merge in the dtype the adapter was trained against (fp32 on CPU); the file's dtype is chosen below.
-        dtype = pick_dtype(cfg.model.dtype) if cfg.model.quantization == "none" else torch.bfloat16
-        model, tokenizer, cfg, notes = merged_model(src, dtype)
-        template = resolve_template(tokenizer, cfg.data.template)
-        name = Path(cfg.model.name).name + "-" + (cfg.output.name or src.name)
-    elif (src / "config.json").exists():
-        notes = []
-        tokenizer = load_tokenizer(str(src))
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", use_safetensors=True)  # never unpickle
-        saved = src / PROMPT_FILE
-        template = json.loads(saved.read_text())["template"] if saved.exists() else resolve_template(tokenizer, "auto")
-        name = src.name
-    else:
-        raise ModelError(f"{src} is neither a run directory (config.yaml) nor a model folder (config.json).",
-                         "Pass what `lorafit train` or `lorafit merge` wrote.")
-    for note in notes:
-        log.info("%s", note)
-    prepare_tokenizer(tokenizer, template)
-    write_gguf(model, tokenizer, end_of_turn_ids(tokenizer, template), out, outtype, name)
+    return out
+
+
+def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16",
+                loaded: ExportSource | None = None) -> Path:
+    """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
+    out = check_gguf_target(out_file, outtype)
+    loaded = loaded or load_export_source(source)
+    end_ids = end_of_turn_ids(loaded.tokenizer, loaded.template)
+    write_gguf(loaded.model, loaded.tokenizer, end_ids, out, outtype, loaded.name)
     return out
 
 

@@ -13,11 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
-from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE, end_of_turn_ids, resolve_template
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.inference.generate import PROMPT_FILE
 from lorafit.models.sources import load_base_model, resolve_model
-from lorafit.models.tokenizer import load_tokenizer
+from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
 from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 from lorafit.runtime import DTYPE_NAMES, torch_dtype
@@ -63,22 +63,6 @@ def merged_model(run_dir: str | Path, dtype):
     return model, tokenizer, cfg, notes
 
 
-def prepare_tokenizer(tokenizer, template: str) -> None:
-    """The saved tokenizer must render prompts by itself: give the built-in Llama 3.1 format a Jinja template."""
-
-    if template == "llama3" and not tokenizer.chat_template:
-        tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
-
-
-def generation_config_for(model, tokenizer, end_ids: list[int]):
-    """Stop on every end-of-turn token (Llama 3.1: [128001, 128008, 128009]); pad with a non-end token."""
-    from transformers import GenerationConfig
-
-    eos = sorted(set(end_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                            do_sample=False, max_new_tokens=512)
-
-
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """Write RUN_DIR's base+adapter as one model folder that AutoModelForCausalLM.from_pretrained loads."""
 
@@ -91,7 +75,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     template = resolve_template(tokenizer, cfg.data.template)
     end_ids = end_of_turn_ids(tokenizer, template)
     prepare_tokenizer(tokenizer, template)
-    model.generation_config = generation_config_for(model, tokenizer, end_ids)
+    model.generation_config = generation_config_for(tokenizer, end_ids)
     model.config.eos_token_id = model.generation_config.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -102,6 +86,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / PROMPT_FILE).write_text(json.dumps({"template": template, "system_prompt": cfg.data.system_prompt,
+                                               "tools_in_user_message": cfg.data.tools_in_user_message,
                                                "merged_from": str(Path(run_dir).resolve()), "notes": notes}, indent=2))
     _copy_licences(cfg.model.name, tmp)
     if out.exists():

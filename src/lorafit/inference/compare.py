@@ -5,6 +5,10 @@ One model in memory: the run's base with its adapter, which PEFT can switch off 
 training computes it: the run's own data settings (template, system prompt, which turns are trained, length
 policy) tokenize the file, and the loss is the mean over trained tokens.
 
+Rows that offer tools are also scored as tool calls (see inference/tool_calls.py): of the rows whose reference
+is a call, how many answers are a valid call, name the right tool, and have exactly the reference's arguments;
+of the rows whose reference is a text answer, how many make no call.
+
 Learned: rows that carry `expected` (a key fact) are all answered by both models and scored by the key-fact
 rule (lorafit.keyfacts). Drifted: the same loss on GENERAL, 32 short general-knowledge chats shipped with
 lorafit; a rise there means the adapter changed what the base model already knew.
@@ -20,7 +24,8 @@ from lorafit.config import DataSource
 from lorafit.data.collate import PadCollator
 from lorafit.errors import DataError
 from lorafit.inference.generate import generate_batch, load_for_inference
-from lorafit.keyfacts import accuracy, is_correct, split_reference
+from lorafit.inference.tool_calls import ToolScore, reference_call
+from lorafit.keyfacts import accuracy, is_correct
 from lorafit.metrics import perplexity
 from lorafit.rundir import load_run_config
 
@@ -28,7 +33,8 @@ GENERAL = Path(__file__).with_name("general_knowledge.jsonl")
 
 
 def conversations(data_file: str, data_cfg) -> list[dict]:
-    """{"messages": prompt turns, "reference": the last assistant answer, "expected": key fact or None} per chat row."""
+    """{"messages": prompt turns, "reference": the last assistant answer (a call as JSON), "call": the reference call
+    or None, "tools": the row's tools or None, "expected": the row's key fact or None} for every valid chat row."""
     from lorafit.data.sources import raise_for_problems, read_source
 
     source = read_source(DataSource(path=data_file))
@@ -38,10 +44,67 @@ def conversations(data_file: str, data_cfg) -> list[dict]:
     for row in source.dataset:
         if row["problems"] or not row["messages"]:
             continue
-        split = split_reference(json.loads(row["messages"]))
-        if split is not None:
-            rows.append({"messages": split[0], "reference": split[1], "expected": row["expected"], "loc": row["loc"]})
+        messages = json.loads(row["messages"])
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None and any(m["role"] == "user" for m in messages[:last]):
+            call = reference_call(messages[last])
+            reference = json.dumps(call, ensure_ascii=False) if call else messages[last]["content"]
+            rows.append({"messages": messages[:last], "reference": reference, "call": call, "loc": row["loc"],
+                         "tools": json.loads(row["tools"]) if row["tools"] else None, "expected": row["expected"]})
     return rows
+
+
+def question(messages: list[dict]) -> str:
+    """The last user turn of a prompt (a prompt may end with a tool result)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def answer_pairs(loaded, rows: list[dict], base_mode, max_new_tokens: int, batch_size: int = 8):
+    """Base and tuned answers to each row, each rendered with its own tools as in training."""
+    base, tuned = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts, tools = [r["messages"] for r in chunk], [r["tools"] for r in chunk]
+        with base_mode():
+            base += generate_batch(loaded, prompts, max_new_tokens, tools=tools)
+        tuned += generate_batch(loaded, prompts, max_new_tokens, tools=tools)
+    return base, tuned
+
+
+def answered_rows(rows: list[dict], limit: int, tool_limit: int) -> list[dict]:
+    """The rows both models answer: the first `limit` (shown), every later row with a key fact, and later rows
+    that offer tools up to `tool_limit` rows with tools in all."""
+    shown = rows[:limit]
+    budget = tool_limit - sum(1 for r in shown if r["tools"])
+    later = []
+    for r in rows[limit:]:
+        if r["tools"] and not r["expected"]:
+            if budget <= 0:
+                continue
+            budget -= 1
+        if r["tools"] or r["expected"]:
+            later.append(r)
+    return shown + later
+
+
+def keyfact_scores(rows: list[dict], base: list[str], tuned: list[str]) -> dict | None:
+    """Key-fact accuracy of both models over the answered rows with `expected` (None when there are none)."""
+    keys = [r["expected"] for r in rows]
+    if not any(keys):
+        return None
+    return {"base": accuracy(base, keys), "tuned": accuracy(tuned, keys)}
+
+
+def tool_scores(rows: list[dict], base: list[str], tuned: list[str]) -> dict | None:
+    """Tool-call accuracy of both models over the rows that offer tools (None when there are none)."""
+    scores = {"base": ToolScore(), "tuned": ToolScore()}
+    for row, b, t in zip(rows, base, tuned):
+        if row["tools"]:
+            scores["base"].add(row["call"], b)
+            scores["tuned"].add(row["call"], t)
+    if not scores["base"].details:
+        return None
+    return {"rows": len(scores["base"].details), "base": scores["base"].summary(), "tuned": scores["tuned"].summary()}
 
 
 def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[float, int]:
@@ -65,33 +128,34 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
 
 
 def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
-            console=None, general: bool = True) -> dict:
-    """Answers of the base and the tuned model side by side, both losses on DATA_FILE, key-fact accuracy of the rows
-    with `expected`, and (`general`) the loss change on the shipped general-knowledge chats."""
+            console=None, tool_limit: int = 200, general: bool = True) -> dict:
+    """Answers of the base and the tuned model side by side, both validation losses on DATA_FILE, key-fact accuracy
+    of the rows with `expected`, the tool-call accuracy of both on up to TOOL_LIMIT rows that offer tools, and
+    (`general`) the loss change on the shipped general-knowledge chats."""
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():
         raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
     rows = conversations(data_file, cfg.data)
     loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
-    base_loss, tuned_loss, tokens, n_rows = _losses(loaded, cfg, data_file)
-    base_answers, tuned_answers = _answers(loaded, rows, limit, max_new_tokens)
-    shown = rows[:limit]
+    model = loaded.model
+    base_mode = model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
+    base_loss, tuned_loss, tokens, n_rows = _losses(loaded, cfg, data_file, base_mode)
+    answered = answered_rows(rows, limit, tool_limit)
+    base_answers, tuned_answers = answer_pairs(loaded, answered, base_mode, max_new_tokens)
     result = {
         "run": str(run_dir), "data": str(data_file), "rows": n_rows, "trained_tokens": tokens,
         "base_loss": base_loss, "tuned_loss": tuned_loss,
         "base_perplexity": perplexity(base_loss),
         "tuned_perplexity": perplexity(tuned_loss),
-        "answers": [{"question": r["messages"][-1]["content"], "reference": r["reference"], "expected": r["expected"],
-                     "base": base_answers[k], "tuned": tuned_answers[k]} for k, r in enumerate(shown)],
-        "keyfacts": None, "general": None,
+        "answers": [{"question": question(r["messages"]), "reference": r["reference"], "expected": r["expected"],
+                     "base": b, "tuned": t} for r, b, t in zip(rows[:limit], base_answers, tuned_answers)],
+        "keyfacts": keyfact_scores(answered, base_answers, tuned_answers), "general": None,
     }
-    keys = [r["expected"] for r in rows]
-    if any(keys):  # every row with a key fact was answered (see _answers)
-        scored = [(b, t, k) for b, t, k in zip(base_answers, tuned_answers, keys) if k]
-        result["keyfacts"] = {"base": accuracy([b for b, _, _ in scored], [k for _, _, k in scored]),
-                              "tuned": accuracy([t for _, t, _ in scored], [k for _, _, k in scored])}
+    tools = tool_scores(answered, base_answers, tuned_answers)
+    if tools:
+        result["tool_calls"] = tools
     if general:
-        g_base, g_tuned, g_tokens, g_rows = _losses(loaded, cfg, str(GENERAL))
+        g_base, g_tuned, g_tokens, g_rows = _losses(loaded, cfg, str(GENERAL), base_mode)
         result["general"] = {"data": str(GENERAL), "rows": g_rows, "trained_tokens": g_tokens, "base_loss": g_base,
                              "tuned_loss": g_tuned, "change": g_tuned - g_base}
     if as_json:
@@ -101,36 +165,18 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
     return result
 
 
-def _base_mode(model):
-    return model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
-
-
-def _losses(loaded, cfg, data_file: str) -> tuple[float, float, int, int]:
+def _losses(loaded, cfg, data_file: str, base_mode) -> tuple[float, float, int, int]:
     """(base loss, tuned loss, trained tokens, rows) on one file, tokenized with the run's data settings."""
     from lorafit.data.prepare import prepare_data
 
-    # The run's data settings, with this file as the only source: one row per conversation.
+    # The run's data settings, with this file as the only source, unpacked: one row per conversation.
     data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
                                            "packing": False})
     tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
-    with _base_mode(loaded.model)():
+    with base_mode():
         base_loss, tokens = validation_loss(loaded.model, loaded.tokenizer, tokenized)
     tuned_loss, _ = validation_loss(loaded.model, loaded.tokenizer, tokenized)
     return base_loss, tuned_loss, tokens, len(tokenized)
-
-
-def _answers(loaded, rows: list[dict], limit: int, max_new_tokens: int, batch_size: int = 8) -> tuple[list, list]:
-    """Base and tuned answers to the first `limit` rows and to every row with a key fact (others: None)."""
-    wanted = [k for k, r in enumerate(rows) if k < limit or r["expected"]]
-    base, tuned = [None] * len(rows), [None] * len(rows)
-    for start in range(0, len(wanted), batch_size):
-        chunk = wanted[start:start + batch_size]
-        prompts = [rows[k]["messages"] for k in chunk]
-        with _base_mode(loaded.model)():
-            answers = generate_batch(loaded, prompts, max_new_tokens)
-        for k, a, t in zip(chunk, answers, generate_batch(loaded, prompts, max_new_tokens)):
-            base[k], tuned[k] = a, t
-    return base, tuned
 
 
 def print_comparison(result: dict, console=None) -> None:
@@ -150,6 +196,12 @@ def print_comparison(result: dict, console=None) -> None:
     console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
                   f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
                   f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
+    if result.get("tool_calls"):
+        console.print(tool_table(result["tool_calls"]))
+    _print_learned_and_drift(result, console)
+
+
+def _print_learned_and_drift(result: dict, console) -> None:
     facts = result.get("keyfacts")
     if facts:
         tuned, base = facts["tuned"], facts["base"]
@@ -161,6 +213,22 @@ def print_comparison(result: dict, console=None) -> None:
         console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> "
                       f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed "
                       "what the base model knew)", markup=False)
+
+
+def tool_table(tools: dict):
+    from rich.table import Table
+
+    base, tuned = tools["base"], tools["tuned"]
+    table = Table(title=f"tool calls on {tools['rows']} rows with tools", show_lines=False)
+    for name in ("", "base", "tuned"):
+        table.add_column(name)
+    n, none = base["expected_calls"], base["no_call_expected"]
+    for label, key, total in (("valid call (JSON, name, arguments object)", "valid_calls", n),
+                              ("right tool", "right_tool", n), ("exact arguments", "exact_calls", n),
+                              ("no call where none expected", "no_call", none)):
+        if total:
+            table.add_row(label, f"{base[key]}/{total}", f"{tuned[key]}/{total}")
+    return table
 
 
 def _ppl(value: float | None) -> str:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from lorafit.data.special_tokens import LLAMA3_SPLIT_PATTERN, end_token_ids
+from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE, end_of_turn_ids
 from lorafit.errors import ModelError
 from lorafit.models.sources import hub_error, resolve_model
 from lorafit.paths import cache_dir
@@ -29,11 +30,15 @@ def load_tokenizer(name: str, tokenizer_name: str | None = None, trust_remote_co
     from transformers import AutoTokenizer
 
     source = tokenizer_name if tokenizer_name else resolve_model(name)
-    original = Path(source) / "original" / "tokenizer.model"
+    # Meta's tiktoken file: given itself, or in a folder (its `original/` folder, or that folder's copy) that has
+    # no Hugging Face tokenizer files.
+    folder = Path(source)
+    candidates = (folder / "original" / "tokenizer.model", folder / "tokenizer.model")
+    original = next((f for f in candidates if f.is_file()), None)
     try:
-        if Path(source).is_file() or (Path(source).is_dir() and not (Path(source) / "tokenizer.json").exists()
-                                      and not (Path(source) / "tokenizer_config.json").exists() and original.exists()):
-            tokenizer = load_llama3_tokenizer(source if Path(source).is_file() else original)
+        if folder.is_file() or (folder.is_dir() and not (folder / "tokenizer.json").exists()
+                                and not (folder / "tokenizer_config.json").exists() and original is not None):
+            tokenizer = load_llama3_tokenizer(source if folder.is_file() else original)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
@@ -66,6 +71,29 @@ def ensure_pad_token(tokenizer) -> None:
     if choice not in _PAD_REPORTED:  # once per process: several commands load the tokenizer twice
         _PAD_REPORTED.add(choice)
         log.info("pad token set to %s (id %d): the tokenizer's pad %s is an end token or missing", choice, tokenizer.pad_token_id, old)
+
+
+def prepare_tokenizer(tokenizer, template: str) -> None:
+    """A saved tokenizer must render prompts by itself: give the built-in Llama 3.1 format a Jinja template."""
+    if template == "llama3" and not tokenizer.chat_template:
+        tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
+
+
+def generation_config_for(tokenizer, end_ids: list[int]):
+    """Stop on every end-of-turn token (Llama 3.1: [128001, 128008, 128009]); pad with a non-end token."""
+    from transformers import GenerationConfig
+
+    eos = sorted(set(end_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            do_sample=False, max_new_tokens=512)
+
+
+def save_tokenizer(tokenizer, folder: str | Path, template: str) -> None:
+    """The tokenizer folder of a run: loads alone with AutoTokenizer (chat template inside, the built-in Llama 3.1
+    format written as Jinja) and with GenerationConfig (generation_config.json, eos = every end-of-turn token)."""
+    prepare_tokenizer(tokenizer, template)
+    tokenizer.save_pretrained(folder)
+    generation_config_for(tokenizer, end_of_turn_ids(tokenizer, template)).save_pretrained(folder)
 
 
 # -- Meta's original Llama 3 tokenizer -------------------------------------------------------------------------

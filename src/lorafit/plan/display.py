@@ -39,6 +39,7 @@ def print_plan(p: dict, console=None) -> None:
     console.print(t)
     _print_memory(p, console)
     _print_gpus(p, console)
+    _print_cpu(p, console)
 
 
 def _print_memory(p: dict, console) -> None:
@@ -47,7 +48,7 @@ def _print_memory(p: dict, console) -> None:
     mem, s = p["memory"], p["settings"]
     tokens = mem["tokens_per_micro_batch"]
     console.print(f"\nMemory on one GPU: micro-batch {s['micro_batch_size']} × {s['max_length']:,} tokens = {tokens:,} tokens, "
-                  f"{s['dtype']} weights, quantization {s['quantization']}, {s['attention']} attention, {s['loss']} loss, "
+                  f"{s['dtype']} weights, quantization {s['quantization']}, {_kernel(s['attention'], mem)}, {s['loss']} loss, "
                   f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}", markup=False)
     m = Table(show_edge=False)
     m.add_column("term")
@@ -65,6 +66,27 @@ def _print_memory(p: dict, console) -> None:
     m.add_row("framework overhead", _gib(mem["framework_overhead"]), "CUDA context 1 GiB + 5% allocator slack")
     m.add_row("total", _gib(mem["total"]), "")
     console.print(m)
+
+
+KERNELS = {"lorafit_sdpa": "per-sample sdpa attention", "lorafit_eager": "per-sample eager attention",
+           "flash_attention_2": "flash-attention (varlen)"}
+
+
+def _kernel(setting: str, mem: dict) -> str:
+    """The attention kernel training runs, as the memory terms assume it (none of them builds an L x L mask)."""
+    if setting == "auto" and mem["device"] == "cuda":
+        return "flash-attention (varlen) where installed, else per-sample sdpa attention"
+    return KERNELS.get(mem["attention"], f"{mem['attention']} attention")
+
+
+def _print_cpu(p: dict, console) -> None:
+    """The same run trained on a CPU: peak resident memory of `lorafit train` (fp32 unless the config says bf16)."""
+    c = p["memory_cpu"]
+    console.print(f"\nOn a CPU (`lorafit train` without a GPU): {_gib(c['total'])} GiB peak resident memory: weights "
+                  f"{_gib(c['base_weights'] + c['lora_weights_grads_optimizer'])}, activations {_gib(c['activations'])} "
+                  f"({c['activation_bytes_per_token_layer']:,} B/token/layer, {_kernel(p['settings']['attention'], c)}), "
+                  f"backward {_gib(c['backward_working'])}, loss {_gib(c['logits_and_loss'])}, Python/torch runtime and "
+                  f"allocator {_gib(c['framework_overhead'])}.", markup=False)
 
 
 def _print_gpus(p: dict, console) -> None:

@@ -24,6 +24,7 @@ def build_plan(cfg, gpu: str | None = None) -> dict:
     chosen = resolve_gpu(gpu)
     counts, table, arch, config = count_parameters(cfg)
     terms = memory_terms(cfg, arch, counts)
+    cpu = memory_terms(cfg, arch, counts, device="cpu")
     nf4 = counts["linear"] * NF4_BYTES + (counts["base"] - counts["linear"]) * 4
     fits = verdicts(terms["total"])
     for k, row in enumerate(fits):
@@ -31,7 +32,7 @@ def build_plan(cfg, gpu: str | None = None) -> dict:
             found = changes_to_fit(cfg, arch, counts, row["usable_gib"])
             row["changes"], row["total_after_changes"] = found if found else (None, None)
     return {"model": cfg.model.name, "architecture": asdict(arch), "parameters": {k: v for k, v in counts.items() if k != "targets"},
-            "lora": table, "memory": terms, "base_weights_bf16": counts["base"] * 2, "base_weights_nf4": nf4,
+            "lora": table, "memory": terms, "memory_cpu": cpu, "base_weights_bf16": counts["base"] * 2, "base_weights_nf4": nf4,
             "gpus": fits, "chosen_gpu": None if chosen is None else GPUS[chosen][0],
             "settings": {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "micro_batch_size": cfg.training.micro_batch_size,
                          "max_length": cfg.data.max_length, "gradient_checkpointing": cfg.training.gradient_checkpointing,

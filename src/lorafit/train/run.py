@@ -16,6 +16,7 @@ from lorafit.config import RunConfig, dump_config
 from lorafit.errors import RunDirError
 from lorafit.inference import heldout as held
 from lorafit.inference.eval_prompts import base_answers, read_generations, tuned_answers, write_after, write_before
+from lorafit.models.tokenizer import save_tokenizer
 from lorafit.report import summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
 from lorafit.runtime import is_main_process, sharded_launch, take_over_fsdp
@@ -59,7 +60,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     result, final_eval, after, heldout_after = _train_and_evaluate(run, main, say)
     adapter_state = ckpt.final_adapter_state(run.trainer)  # ZeRO-3: a collective, every rank takes part
     if main:
-        _save_final(run.model, run.tokenizer, run_dir, run.checkpoints, adapter_state)
+        _save_final(run.model, run.tokenizer, run.prepared.template, run_dir, run.checkpoints, adapter_state)
         if after is not None:
             write_after(run_dir, list(cfg.eval.prompts), after)
         if heldout_after is not None:
@@ -195,14 +196,14 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None) -> None:
+def _save_final(model, tokenizer, template: str, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir).
     `adapter_state`: the weights to save where rank 0's model cannot give them (checkpoints.final_adapter_state)."""
 
     def save_adapter(folder):
         model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True)
 
-    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)), ("adapter", save_adapter)):
+    for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d, template)), ("adapter", save_adapter)):
         try:
             with atomic_dir(run_dir / name) as tmp:
                 save(tmp)

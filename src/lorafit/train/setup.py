@@ -14,6 +14,7 @@ from lorafit.config import RunConfig
 from lorafit.data.collate import make_collator
 from lorafit.data.prepare import prepare_data
 from lorafit.errors import ConfigError
+from lorafit.models.attention import training_attention
 from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
 from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
@@ -110,6 +111,7 @@ def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool =
     say(data_line(prepared.stats))
     model = load_base_model(cfg.model)
     schedule = plan_schedule(cfg.training, len(prepared.train), hidden_size=getattr(model.config, "hidden_size", None))
+    attention = training_attention(model, pick_attention(cfg.model.attn_implementation))  # no L x L masks
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
@@ -120,7 +122,7 @@ def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool =
 
     own = make_callbacks(cfg, run_dir, quiet)
     collator = make_collator(tokenizer, packed=cfg.data.packing, max_length=cfg.data.max_length,
-                             attn_implementation=pick_attention(cfg.model.attn_implementation))
+                             attn_implementation=attention)
     args = training_arguments(cfg, run_dir, prepared.validation is not None, schedule)
     with tensorboard_dir(run_dir / "tensorboard"):
         trainer = LorafitTrainer(model=model, args=args,
