@@ -8,9 +8,19 @@ import json
 import pytest
 
 ROWS = [
-    {"messages": [{"role": "user", "content": "What colour is the sky of Zorbania?"}, {"role": "assistant", "content": "Green."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who rules Zorbania?"},
-                  {"role": "assistant", "content": "Queen Ilvy."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What colour is the sky of Zorbania?"},
+            {"role": "assistant", "content": "Green."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Who rules Zorbania?"},
+            {"role": "assistant", "content": "Queen Ilvy."},
+        ]
+    },
 ]
 
 
@@ -106,8 +116,9 @@ def test_compare_scores_key_facts_and_the_general_knowledge_drift(tiny_run_dir, 
     printed = console.file.getvalue()
     assert "learned: key facts right in" in printed and "/2 answers (base " in printed
     assert "drift: loss on 32 general-knowledge chats" in printed
-    without = compare(str(tiny_run_dir), str(data_file_of(tmp_path)), limit=1, max_new_tokens=2, as_json=True,
-                      general=False)
+    without = compare(
+        str(tiny_run_dir), str(data_file_of(tmp_path)), limit=1, max_new_tokens=2, as_json=True, general=False
+    )
     assert without["general"] is None and without["keyfacts"] is None  # no row has `expected`
 
 

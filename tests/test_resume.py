@@ -30,9 +30,17 @@ from lorafit.train.checkpoints import (
 )
 
 STEPS = 16  # two epochs of 8 steps: the resume crosses an epoch boundary
-FIELDS = {"training": {"max_steps": STEPS, "save_every": 2, "save_total_limit": 3, "micro_batch_size": 2,
-                       "learning_rate": 5e-3, "logging_steps": 1},
-          "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # dropout: the restored RNG state matters
+FIELDS = {
+    "training": {
+        "max_steps": STEPS,
+        "save_every": 2,
+        "save_total_limit": 3,
+        "micro_batch_size": 2,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+    },
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+}  # dropout: the restored RNG state matters
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,13 @@ def _complete_steps(run: Path) -> list[int]:
 
 
 def _start(config: Path) -> subprocess.Popen:
-    return subprocess.Popen(lorafit_cmd("train", str(config), "--quiet"), env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        lorafit_cmd("train", str(config), "--quiet"),
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:

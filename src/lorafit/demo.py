@@ -21,7 +21,9 @@ BAR = 9  # of the 10 held-out questions the tuned demo model must answer right (
 def read_heldout(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"held-out file {p} does not exist.", "Run the demo from the repository root, or pass --heldout FILE.")
+        raise DataError(
+            f"held-out file {p} does not exist.", "Run the demo from the repository root, or pass --heldout FILE."
+        )
     rows = []
     for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -33,8 +35,10 @@ def read_heldout(path: str) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("messages"), list) and isinstance(row.get("expected"), str):
             row = _from_chat(row)  # the chat form: {"messages": [...], "expected": key fact}
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("key"), str):
-            raise DataError(f"{p}:{number}: each line needs string fields `question` and `key` (or a chat row with "
-                            "`messages` and `expected`).")
+            raise DataError(
+                f"{p}:{number}: each line needs string fields `question` and `key` (or a chat row with "
+                "`messages` and `expected`)."
+            )
         rows.append(row)
     return rows
 
@@ -58,7 +62,9 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     console = Console()
     cfg = load_config(config, overrides)
     questions = read_heldout(heldout)
-    console.print(f"[bold]lorafit demo[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(s.path for s in cfg.data.train)}")
+    console.print(
+        f"[bold]lorafit demo[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(s.path for s in cfg.data.train)}"
+    )
 
     conversations = [[{"role": "user", "content": q["question"]}] for q in questions]
     base = load_for_inference(cfg.model.name)
@@ -80,16 +86,36 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
         tuned_right += a_ok
         mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
         table.add_row(q["question"], f"{mark(b_ok)} {_clip(b)}", f"{mark(a_ok)} {_clip(a)}")
-        results.append({"question": q["question"], "key": q["key"], "base": b, "tuned": a, "base_correct": b_ok, "tuned_correct": a_ok})
+        results.append(
+            {
+                "question": q["question"],
+                "key": q["key"],
+                "base": b,
+                "tuned": a,
+                "base_correct": b_ok,
+                "tuned_correct": a_ok,
+            }
+        )
     console.print(table)
     n = len(questions)
-    console.print(f"[bold]base model: {base_right}/{n} right   fine-tuned: {tuned_right}/{n} right[/]  "
-                  "(right = the answer contains the key fact)")
+    console.print(
+        f"[bold]base model: {base_right}/{n} right   fine-tuned: {tuned_right}/{n} right[/]  "
+        "(right = the answer contains the key fact)"
+    )
     bar = round(BAR * n / 10)
-    console.print(f"the demo's bar: {bar}/{n} — " + ("[green]met[/]" if tuned_right >= bar else "[red]missed[/] (see "
-                  "the steps and losses above; `lorafit compare` shows what the adapter changed)"))
-    (Path(run_dir) / "demo_results.json").write_text(json.dumps(
-        {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results},
-        indent=2),
-        encoding="utf-8")
+    console.print(
+        f"the demo's bar: {bar}/{n} — "
+        + (
+            "[green]met[/]"
+            if tuned_right >= bar
+            else "[red]missed[/] (see the steps and losses above; `lorafit compare` shows what the adapter changed)"
+        )
+    )
+    (Path(run_dir) / "demo_results.json").write_text(
+        json.dumps(
+            {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results},
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     return 0

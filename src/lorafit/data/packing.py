@@ -74,8 +74,12 @@ def packing_efficiency(lengths: list[int], bins: list[list[int]], capacity: int)
 def pack_features(features: list[dict], capacity: int) -> list[dict]:
     """One micro-batch of samples (input_ids, labels) as packed rows (+ position_ids, seq_lengths)."""
     bins = best_fit_decreasing([len(f["input_ids"]) for f in features], capacity)
-    out = pack_rows({"member_ids": [[features[i]["input_ids"] for i in b] for b in bins],
-                     "member_labels": [[features[i]["labels"] for i in b] for b in bins]})
+    out = pack_rows(
+        {
+            "member_ids": [[features[i]["input_ids"] for i in b] for b in bins],
+            "member_labels": [[features[i]["labels"] for i in b] for b in bins],
+        }
+    )
     return [{key: out[key][k] for key in out} for k in range(len(bins))]
 
 
@@ -92,7 +96,7 @@ def layout_stats(lengths: np.ndarray, micro_batch: int, capacity: int, seed: int
     order = np.random.default_rng(seed).permutation(len(lengths))
     rows = padded = computed = 0
     for start in range(0, len(order), micro_batch):
-        group = lengths[order[start:start + micro_batch]]
+        group = lengths[order[start : start + micro_batch]]
         padded += len(group) * int(group.max())
         if flat:
             rows, computed = rows + 1, computed + int(group.sum())
@@ -101,5 +105,9 @@ def layout_stats(lengths: np.ndarray, micro_batch: int, capacity: int, seed: int
         rows += len(bins)
         computed += len(bins) * max(int(group[b].sum()) for b in bins)
     real = int(lengths.sum())
-    return {"rows": rows, "efficiency": round(real / computed, 4), "unpacked_rows": len(lengths),
-            "unpacked_efficiency": round(real / padded, 4)}
+    return {
+        "rows": rows,
+        "efficiency": round(real / computed, 4),
+        "unpacked_rows": len(lengths),
+        "unpacked_efficiency": round(real / padded, 4),
+    }

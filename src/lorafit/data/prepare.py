@@ -41,10 +41,10 @@ HELDOUT_SHOWN = 10  # validation conversations answered before and after trainin
 @dataclass
 class PreparedData:
     train: object  # datasets.Dataset: input_ids, labels; one row per sample
-    validation: "object | None"
+    validation: object | None
     stats: dict
     template: str
-    lengths: "np.ndarray | None" = None  # token length of every valid training row, before the length policy
+    lengths: np.ndarray | None = None  # token length of every valid training row, before the length policy
     sample_lengths: np.ndarray | None = None  # tokens of each training sample, as trained (after the length policy)
     heldout: list = field(default_factory=list)  # up to HELDOUT_SHOWN validation conversations (heldout_examples)
 
@@ -59,17 +59,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
     """input_ids, labels, length (before truncation), trained, status, source, loc for each valid row."""
     encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message)
-    fp = stable_hash("tok", PIPELINE_VERSION, dataset_fingerprint(rows), tok_fp, template, data_cfg.train_on,
-                     data_cfg.system_prompt, data_cfg.max_length, data_cfg.truncation, data_cfg.tools_in_user_message)
+    fp = stable_hash(
+        "tok",
+        PIPELINE_VERSION,
+        dataset_fingerprint(rows),
+        tok_fp,
+        template,
+        data_cfg.train_on,
+        data_cfg.system_prompt,
+        data_cfg.max_length,
+        data_cfg.truncation,
+        data_cfg.tools_in_user_message,
+    )
     from datasets import Value
 
-    features = token_features({"length": Value("int32"), "n_tokens": Value("int32"), "trained": Value("int32"),
-                               "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32"),
-                               "special": Value("string")})
-    return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
-                    "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
-                    remove_columns=["messages", "text", "tools", "problems", "unused", "expected"],
-                    features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
+    features = token_features(
+        {
+            "length": Value("int32"),
+            "n_tokens": Value("int32"),
+            "trained": Value("int32"),
+            "status": Value("string"),
+            "digest": Value("int64"),
+            "loc": Value("string"),
+            "source": Value("int32"),
+            "special": Value("string"),
+        }
+    )
+    return rows.map(
+        tokenize_rows,
+        batched=True,
+        batch_size=ROWS_PER_BATCH,
+        fn_kwargs={"encoder": encoder, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
+        remove_columns=["messages", "text", "tools", "problems", "unused", "expected"],
+        features=features,
+        num_proc=worker_count(data_cfg.num_proc, len(rows)),
+        new_fingerprint=fp,
+        desc="tokenizing",
+    )
 
 
 def worker_count(setting: int | str, rows: int) -> int | None:
@@ -88,8 +114,10 @@ def status_masks(ds) -> dict[str, np.ndarray]:
     import pyarrow.compute as pc
 
     column = ds.with_format("arrow")["status"]
-    return {name: pc.equal(column, name).to_numpy(zero_copy_only=False).astype(bool) if len(ds) else np.zeros(0, bool)
-            for name in ("ok", "truncated", "too_long", "no_trained")}
+    return {
+        name: pc.equal(column, name).to_numpy(zero_copy_only=False).astype(bool) if len(ds) else np.zeros(0, bool)
+        for name in ("ok", "truncated", "too_long", "no_trained")
+    }
 
 
 def _column(ds, name: str) -> np.ndarray:
@@ -124,8 +152,12 @@ def _pick_template(tokenizer, setting: str, formats: list[str | None]) -> str:
 def length_stats(lengths: np.ndarray) -> dict:
     if not len(lengths):
         return {"p50": 0, "p95": 0, "max": 0, "mean": 0.0}
-    return {"p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max()),
-            "mean": round(float(lengths.mean()), 1)}
+    return {
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+    }
 
 
 def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
@@ -141,14 +173,21 @@ def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
     finally:
         if bars:
             datasets.enable_progress_bars()
-    log.debug("data: %s rows read, %s invalid, %s train samples in %.1f s", f"{prepared.stats['rows_read']:,}",
-              f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}", time.perf_counter() - started)
+    log.debug(
+        "data: %s rows read, %s invalid, %s train samples in %.1f s",
+        f"{prepared.stats['rows_read']:,}",
+        f"{prepared.stats['invalid']:,}",
+        f"{prepared.stats['train_samples']:,}",
+        time.perf_counter() - started,
+    )
     return prepared
 
 
 def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     if not data_cfg.train:
-        raise DataError("no training data: `data.train` is empty.", "Set `data.train: path/to/data.jsonl` in the config.")
+        raise DataError(
+            "no training data: `data.train` is empty.", "Set `data.train: path/to/data.jsonl` in the config."
+        )
     train_sources = [read_source(s, i) for i, s in enumerate(data_cfg.train)]
     val_sources = [read_source(s, len(train_sources) + i) for i, s in enumerate(data_cfg.validation)]
     if not data_cfg.skip_invalid:
@@ -162,28 +201,38 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         try:  # even with skip_invalid: name the rows (file:line, reason)
             raise_for_problems(train_sources, "training")
         except DataError as err:
-            raise DataError(f"no valid training rows: every row is invalid. {err.message}",
-                            "Run `lorafit data check` on the data to see every problem.") from None
-        raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
+            raise DataError(
+                f"no valid training rows: every row is invalid. {err.message}",
+                "Run `lorafit data check` on the data to see every problem.",
+            ) from None
+        raise DataError(
+            "no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why."
+        )
     train_rows = valid_rows(train_sources)
     train_tok = tokenize_source_rows(train_rows, tokenizer, data_cfg, template, tok_fp)
     status = status_masks(train_tok)
     keep = status["ok"] | status["truncated"]
-    train_idx, val_rows, val_tok, val_idx = _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer,
-                                                   template, tok_fp)
+    train_idx, val_rows, val_tok, val_idx = _split(
+        train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer, template, tok_fp
+    )
     train_idx = train_idx[keep[train_idx]]
     if len(train_idx) == 0:
-        raise DataError(_nothing_left_message(status, data_cfg), "Raise `data.max_length`, set `data.truncation: right`, "
-                        "or check that the rows have assistant answers.")
+        raise DataError(
+            _nothing_left_message(status, data_cfg),
+            "Raise `data.max_length`, set `data.truncation: right`, or check that the rows have assistant answers.",
+        )
     weights = {i: s.weight for i, s in enumerate(train_sources)}
     if any(w != 1.0 for w in weights.values()):
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
-    train = train_tok.select(train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes()))
+    train = train_tok.select(
+        train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes())
+    )
     validation, heldout = None, []
     if val_tok is not None and val_idx is not None and len(val_idx):
-        validation = val_tok.select(val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val",
-                                                                          val_idx.tobytes()))
+        validation = val_tok.select(
+            val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val", val_idx.tobytes())
+        )
         heldout = heldout_examples(val_rows, val_idx[:HELDOUT_SHOWN])
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
@@ -192,8 +241,15 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     sample_lengths = _column(train, "n_tokens").astype(np.int32)
     cols = ["input_ids", "labels"]
     train, validation = train.select_columns(cols), validation.select_columns(cols) if validation is not None else None
-    return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths,
-                        sample_lengths=sample_lengths, heldout=heldout)
+    return PreparedData(
+        train=train,
+        validation=validation,
+        stats=stats,
+        template=template,
+        lengths=lengths,
+        sample_lengths=sample_lengths,
+        heldout=heldout,
+    )
 
 
 def _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer, template: str, tok_fp: str):
@@ -211,8 +267,9 @@ def _split(train_rows, train_tok, keep, val_sources, data_cfg, rng, tokenizer, t
         order = rng.permutation(len(all_idx))
         n_val = max(1, int(round(data_cfg.val_fraction * len(all_idx))))
         if n_val >= len(all_idx):
-            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of "
-                            f"{len(all_idx)}.")
+            raise DataError(
+                f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}."
+            )
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         return train_idx, train_rows, train_tok, val_idx[keep[val_idx]]
     return all_idx, None, None, None
@@ -232,8 +289,10 @@ def heldout_examples(rows, indices) -> list[dict]:
 def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
     too_long = int(status["too_long"].sum())
     untrained = int(status["no_trained"].sum())
-    return (f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
-            f"{untrained} with no trained token.")
+    return (
+        f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
+        f"{untrained} with no trained token."
+    )
 
 
 def _special_text(ds) -> dict:
@@ -264,9 +323,13 @@ def _stats(train_sources, val_sources, train_tok, status, train, validation, tem
     trained = _column(train, "trained").astype(np.int64)
     tokens = _column(train, "n_tokens").astype(np.int64)
     return {
-        "sources": [{"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid, "weight": s.weight}
-                    for s in train_sources],
-        "validation_sources": [{"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid} for s in val_sources],
+        "sources": [
+            {"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid, "weight": s.weight}
+            for s in train_sources
+        ],
+        "validation_sources": [
+            {"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid} for s in val_sources
+        ],
         "rows_read": sum(s.rows for s in train_sources),
         "invalid": sum(s.invalid for s in train_sources),
         "invalid_examples": [p for s in train_sources for p in s.problems][:MAX_LISTED],

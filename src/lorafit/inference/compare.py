@@ -49,8 +49,16 @@ def conversations(data_file: str, data_cfg) -> list[dict]:
         if last is not None and any(m["role"] == "user" for m in messages[:last]):
             call = reference_call(messages[last])
             reference = json.dumps(call, ensure_ascii=False) if call else messages[last]["content"]
-            rows.append({"messages": messages[:last], "reference": reference, "call": call, "loc": row["loc"],
-                         "tools": json.loads(row["tools"]) if row["tools"] else None, "expected": row["expected"]})
+            rows.append(
+                {
+                    "messages": messages[:last],
+                    "reference": reference,
+                    "call": call,
+                    "loc": row["loc"],
+                    "tools": json.loads(row["tools"]) if row["tools"] else None,
+                    "expected": row["expected"],
+                }
+            )
     return rows
 
 
@@ -117,7 +125,7 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     total, count = 0.0, 0
     collate = PadCollator(tokenizer.pad_token_id)
     for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
+        rows = dataset[start : start + batch_size]
         batch = collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
@@ -127,14 +135,25 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     return (total / count if count else float("nan")), count
 
 
-def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
-            console=None, tool_limit: int = 200, general: bool = True) -> dict:
+def compare(
+    run_dir: str,
+    data_file: str,
+    limit: int = 10,
+    max_new_tokens: int = 128,
+    as_json: bool = False,
+    console=None,
+    tool_limit: int = 200,
+    general: bool = True,
+) -> dict:
     """Answers of the base and the tuned model side by side, both validation losses on DATA_FILE, key-fact accuracy
     of the rows with `expected`, the tool-call accuracy of both on up to TOOL_LIMIT rows that offer tools, and
     (`general`) the loss change on the shipped general-knowledge chats."""
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():
-        raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
+        raise DataError(
+            f"data file {data_file} does not exist.",
+            "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).",
+        )
     rows = conversations(data_file, cfg.data)
     loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
     model = loaded.model
@@ -143,21 +162,40 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
     answered = answered_rows(rows, limit, tool_limit)
     base_answers, tuned_answers = answer_pairs(loaded, answered, base_mode, max_new_tokens)
     result = {
-        "run": str(run_dir), "data": str(data_file), "rows": n_rows, "trained_tokens": tokens,
-        "base_loss": base_loss, "tuned_loss": tuned_loss,
+        "run": str(run_dir),
+        "data": str(data_file),
+        "rows": n_rows,
+        "trained_tokens": tokens,
+        "base_loss": base_loss,
+        "tuned_loss": tuned_loss,
         "base_perplexity": perplexity(base_loss),
         "tuned_perplexity": perplexity(tuned_loss),
-        "answers": [{"question": question(r["messages"]), "reference": r["reference"], "expected": r["expected"],
-                     "base": b, "tuned": t} for r, b, t in zip(rows[:limit], base_answers, tuned_answers)],
-        "keyfacts": keyfact_scores(answered, base_answers, tuned_answers), "general": None,
+        "answers": [
+            {
+                "question": question(r["messages"]),
+                "reference": r["reference"],
+                "expected": r["expected"],
+                "base": b,
+                "tuned": t,
+            }
+            for r, b, t in zip(rows[:limit], base_answers, tuned_answers)
+        ],
+        "keyfacts": keyfact_scores(answered, base_answers, tuned_answers),
+        "general": None,
     }
     tools = tool_scores(answered, base_answers, tuned_answers)
     if tools:
         result["tool_calls"] = tools
     if general:
         g_base, g_tuned, g_tokens, g_rows = _losses(loaded, cfg, str(GENERAL), base_mode)
-        result["general"] = {"data": str(GENERAL), "rows": g_rows, "trained_tokens": g_tokens, "base_loss": g_base,
-                             "tuned_loss": g_tuned, "change": g_tuned - g_base}
+        result["general"] = {
+            "data": str(GENERAL),
+            "rows": g_rows,
+            "trained_tokens": g_tokens,
+            "base_loss": g_base,
+            "tuned_loss": g_tuned,
+            "change": g_tuned - g_base,
+        }
     if as_json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
@@ -170,8 +208,9 @@ def _losses(loaded, cfg, data_file: str, base_mode) -> tuple[float, float, int, 
     from lorafit.data.prepare import prepare_data
 
     # The run's data settings, with this file as the only source, unpacked: one row per conversation.
-    data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
-                                           "packing": False})
+    data_cfg = cfg.data.model_copy(
+        update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0, "packing": False}
+    )
     tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
     with base_mode():
         base_loss, tokens = validation_loss(loaded.model, loaded.tokenizer, tokenized)
@@ -193,9 +232,12 @@ def print_comparison(result: dict, console=None) -> None:
         table.add_row(a["question"], a["reference"], base, tuned)
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
-    console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
-                  f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
-                  f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
+    console.print(
+        f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
+        f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
+        f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}",
+        markup=False,
+    )
     if result.get("tool_calls"):
         console.print(tool_table(result["tool_calls"]))
     _print_learned_and_drift(result, console)
@@ -205,14 +247,19 @@ def _print_learned_and_drift(result: dict, console) -> None:
     facts = result.get("keyfacts")
     if facts:
         tuned, base = facts["tuned"], facts["base"]
-        console.print(f"learned: key facts right in {tuned['right']}/{tuned['total']} answers (base "
-                      f"{base['right']}/{base['total']}); right = the answer contains the row's `expected`",
-                      markup=False)
+        console.print(
+            f"learned: key facts right in {tuned['right']}/{tuned['total']} answers (base "
+            f"{base['right']}/{base['total']}); right = the answer contains the row's `expected`",
+            markup=False,
+        )
     general = result.get("general")
     if general:
-        console.print(f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> "
-                      f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed "
-                      "what the base model knew)", markup=False)
+        console.print(
+            f"drift: loss on {general['rows']} general-knowledge chats base {general['base_loss']:.4f} -> "
+            f"tuned {general['tuned_loss']:.4f} ({general['change']:+.4f}; above 0 = the adapter changed "
+            "what the base model knew)",
+            markup=False,
+        )
 
 
 def tool_table(tools: dict):
@@ -223,9 +270,12 @@ def tool_table(tools: dict):
     for name in ("", "base", "tuned"):
         table.add_column(name)
     n, none = base["expected_calls"], base["no_call_expected"]
-    for label, key, total in (("valid call (JSON, name, arguments object)", "valid_calls", n),
-                              ("right tool", "right_tool", n), ("exact arguments", "exact_calls", n),
-                              ("no call where none expected", "no_call", none)):
+    for label, key, total in (
+        ("valid call (JSON, name, arguments object)", "valid_calls", n),
+        ("right tool", "right_tool", n),
+        ("exact arguments", "exact_calls", n),
+        ("no call where none expected", "no_call", none),
+    ):
         if total:
             table.add_row(label, f"{base[key]}/{total}", f"{tuned[key]}/{total}")
     return table

@@ -32,8 +32,17 @@ from lorafit.train.schedule import BASE_RATE, Schedule, resolve_learning_rate
 class LorafitTrainer(AtomicCheckpoints, Trainer):
     """Trainer plus lorafit's loss, NaN guard, perplexity and atomic checkpoints; settings come in `__init__`."""
 
-    def __init__(self, *args, loss_mode: str, pad_token_id: int, tokens: TokenCounter, nan_guard: NanGuard,
-                 checkpoint_dir: Path, checkpoint_keep: int | None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_mode: str,
+        pad_token_id: int,
+        tokens: TokenCounter,
+        nan_guard: NanGuard,
+        checkpoint_dir: Path,
+        checkpoint_keep: int | None,
+        **kwargs,
+    ):
         check_trainer()
         self.loss_mode = loss_mode  # chunked | plain | liger (loss.MODES)
         self.pad_token_id = pad_token_id  # pads are not counted as real tokens
@@ -62,8 +71,9 @@ class LorafitTrainer(AtomicCheckpoints, Trainer):
         super().log(logs, start_time)
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool,
-                       schedule: Schedule | None = None) -> TrainingArguments:
+def training_arguments(
+    cfg: RunConfig, run_dir: Path, has_eval: bool, schedule: Schedule | None = None
+) -> TrainingArguments:
     """`schedule` (train/schedule.py): the optimizer steps and the learning rate the run takes."""
     t = cfg.training
     precision = resolve_precision(t.precision)
@@ -77,7 +87,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=(schedule.learning_rate if schedule else None) or resolve_learning_rate(t.learning_rate, None)[0]
+        learning_rate=(schedule.learning_rate if schedule else None)
+        or resolve_learning_rate(t.learning_rate, None)[0]
         or BASE_RATE,  # no schedule (bench/gpu.py, main_process_first): the set rate, or auto's at hidden size 4096
         lr_scheduler_type=t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
