@@ -72,8 +72,19 @@ def _trace(folder: Path, rank: int) -> list[dict]:
 
 
 def _config(tmp_path: Path, model_dir: Path, name: str, micro_batch: int) -> Path:
-    return tiny_config(tmp_path, model_dir, name=name, n_train=8, training={
-        "epochs": 1, "max_steps": -1, "micro_batch_size": micro_batch, "learning_rate": 5e-2, "logging_steps": 1})
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        name=name,
+        n_train=8,
+        training={
+            "epochs": 1,
+            "max_steps": -1,
+            "micro_batch_size": micro_batch,
+            "learning_rate": 5e-2,
+            "logging_steps": 1,
+        },
+    )
 
 
 def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, Path]:
@@ -83,8 +94,18 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
     cfg = _config(tmp_path, model_dir, "ddp", micro_batch=2)
     script = tmp_path / "spy_cli.py"
     script.write_text(SPY + LAUNCH, encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
-           f"--master_port={_free_port()}", str(script), "train", str(cfg), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={procs}",
+        "--nnodes=1",
+        f"--master_port={_free_port()}",
+        str(script),
+        "train",
+        str(cfg),
+        "--quiet",
+    ]
     env = dict(cli_env(), LORAFIT_TRACE=str(trace), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -103,7 +124,9 @@ def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, P
     namespace: dict = {}
     exec(SPY, namespace)  # noqa: S102 - the same spy the DDP ranks run
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss)  # restored after the test
+    monkeypatch.setattr(
+        lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss
+    )  # restored after the test
     monkeypatch.setattr(lorafit.train.setup, "prepare_data", lorafit.train.setup.prepare_data)
     namespace["install"](str(trace))
     run_training(load_config(_config(tmp_path, model_dir, "single", micro_batch=4)), quiet=True)
@@ -195,8 +218,16 @@ def test_chunked_loss_under_fsdp2_matches_plain_loss(tmp_path):
     """FSDP (v2, fully_shard) keeps the LM head sharded: the loss gathers it and still gives the plain gradients."""
     script = tmp_path / "fsdp2_loss.py"
     script.write_text(FSDP2, encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(script), str(Path(__file__).parent), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(Path(__file__).parent),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(cli_env(), OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()  # both ranks got through every check

@@ -118,10 +118,13 @@ def test_bad_dtype_and_missing_run_are_clear_errors(tmp_path):
         merge_run(tmp_path / "nope", tmp_path / "out")
 
 
-@pytest.mark.parametrize("model_fixture, template, end_tokens", [
-    ("tiny_chat_model", "model", {"<|im_end|>", "<|endoftext|>"}),
-    ("tiny_llama3_model", "llama3", {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}),
-])
+@pytest.mark.parametrize(
+    "model_fixture, template, end_tokens",
+    [
+        ("tiny_chat_model", "model", {"<|im_end|>", "<|endoftext|>"}),
+        ("tiny_llama3_model", "llama3", {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}),
+    ],
+)
 def test_a_trained_runs_tokenizer_folder_stands_alone(request, tmp_path, model_fixture, template, end_tokens):
     """runs/<name>/tokenizer loads with plain AutoTokenizer (chat template inside, even for the built-in Llama 3.1
     format) and GenerationConfig (eos = every end token), so other tools render and stop as training did."""

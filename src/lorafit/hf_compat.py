@@ -24,16 +24,20 @@ def check_trainer() -> None:
     training-state writers it calls."""
     from transformers import Trainer
 
-    wanted = {"_save_checkpoint": SAVE_CHECKPOINT_PARAMETERS, **{name: ["self", "output_dir"]
-                                                                 for name in TRAINING_STATE_WRITERS}}
+    wanted = {
+        "_save_checkpoint": SAVE_CHECKPOINT_PARAMETERS,
+        **{name: ["self", "output_dir"] for name in TRAINING_STATE_WRITERS},
+    }
     for name, parameters in wanted.items():
         method = getattr(Trainer, name, None)
         found = list(inspect.signature(method).parameters) if method is not None else None
         if found != parameters:
             import transformers
 
-            raise RuntimeError(f"transformers {transformers.__version__}: Trainer.{name} has parameters {found}, "
-                               f"lorafit's checkpoints need {parameters}; install transformers>=5.17,<6.")
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: Trainer.{name} has parameters {found}, "
+                f"lorafit's checkpoints need {parameters}; install transformers>=5.17,<6."
+            )
 
 
 def save_training_state(trainer, folder) -> None:

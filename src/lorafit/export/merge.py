@@ -37,8 +37,10 @@ def _torch_dtype(name: str):
 def check_empty_target(out: Path) -> None:
     """Never overwrite silently: an existing non-empty folder (or a file) is refused."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"{out} already exists and is not empty; refusing to overwrite it.",
-                          "Choose a new --out folder, or delete the old one first.")
+        raise RunDirError(
+            f"{out} already exists and is not empty; refusing to overwrite it.",
+            "Choose a new --out folder, or delete the old one first.",
+        )
 
 
 def merged_model(run_dir: str | Path, dtype):
@@ -48,13 +50,17 @@ def merged_model(run_dir: str | Path, dtype):
     path = Path(run_dir)
     cfg = load_run_config(path)
     if not is_run_dir(path):
-        raise RunDirError(f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
-                          "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
+        raise RunDirError(
+            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
+            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
+        )
     notes = []
     model_cfg = cfg.model
     if model_cfg.quantization != "none":
-        notes.append(f"QLoRA run (base trained in {model_cfg.quantization}): the base was reloaded in full precision "
-                     f"({str(dtype).removeprefix('torch.')}) and the adapter merged into that, not into dequantized weights.")
+        notes.append(
+            f"QLoRA run (base trained in {model_cfg.quantization}): the base was reloaded in full precision "
+            f"({str(dtype).removeprefix('torch.')}) and the adapter merged into that, not into dequantized weights."
+        )
         model_cfg = model_cfg.model_copy(update={"quantization": "none"})
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(model_cfg, dtype=dtype, device_map={"": "cpu"})
@@ -85,9 +91,18 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / PROMPT_FILE).write_text(json.dumps({"template": template, "system_prompt": cfg.data.system_prompt,
-                                               "tools_in_user_message": cfg.data.tools_in_user_message,
-                                               "merged_from": str(Path(run_dir).resolve()), "notes": notes}, indent=2))
+    (tmp / PROMPT_FILE).write_text(
+        json.dumps(
+            {
+                "template": template,
+                "system_prompt": cfg.data.system_prompt,
+                "tools_in_user_message": cfg.data.tools_in_user_message,
+                "merged_from": str(Path(run_dir).resolve()),
+                "notes": notes,
+            },
+            indent=2,
+        )
+    )
     _copy_licences(cfg.model.name, tmp)
     if out.exists():
         out.rmdir()  # empty (checked above)

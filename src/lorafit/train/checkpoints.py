@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from lorafit.errors import TrainingError
 from lorafit.hf_compat import save_training_state
@@ -246,7 +246,8 @@ def save_error(err: BaseException, what: str, path: Path, previous: Path | None 
     kept = f" The previous checkpoint {previous} is intact." if previous else ""
     return TrainingError(
         f"could not write {what} to {path}: {cause}.{kept} Nothing half-written was left in its place.",
-        f"{fix}, then continue with `lorafit train CONFIG --resume`." if previous
+        f"{fix}, then continue with `lorafit train CONFIG --resume`."
+        if previous
         else f"{fix}, then run the same command again.",
     )
 

@@ -86,8 +86,14 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
     try:
         if prompts and answer and not (run.last and read_generations(run.run_dir)):
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-            before = base_answers(run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens,
-                                  cfg.data.system_prompt)
+            before = base_answers(
+                run.model,
+                run.tokenizer,
+                prompts,
+                run.prepared.template,
+                cfg.eval.max_new_tokens,
+                cfg.data.system_prompt,
+            )
             if main:
                 write_before(run.run_dir, prompts, before)
         phase = "training"
@@ -99,14 +105,22 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
         final_eval = _final_eval(trainer, run.prepared.validation is not None, fresh=restored is not None)
         phase = "the tuned model's answers to eval.prompts"
         if prompts and answer:
-            after = tuned_answers(run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens,
-                                  cfg.data.system_prompt)
+            after = tuned_answers(
+                run.model,
+                run.tokenizer,
+                prompts,
+                run.prepared.template,
+                cfg.eval.max_new_tokens,
+                cfg.data.system_prompt,
+            )
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
         if not run.last or phase != "training":
             raise
-        raise RunDirError(f"checkpoint {run.last} holds a file that is not plain tensors, so it was not loaded "
-                          f"({str(err).splitlines()[0][:200]}): lorafit did not write it that way, or it was altered.",
-                          f"Delete {run.last} to resume from the checkpoint before it, or start a new run.") from None
+        raise RunDirError(
+            f"checkpoint {run.last} holds a file that is not plain tensors, so it was not loaded "
+            f"({str(err).splitlines()[0][:200]}): lorafit did not write it that way, or it was altered.",
+            f"Delete {run.last} to resume from the checkpoint before it, or start a new run.",
+        ) from None
     except torch.OutOfMemoryError as err:
         if phase == "training":
             phase = f"step {trainer.state.global_step + 1}"
@@ -151,8 +165,10 @@ def _open_run_dir(cfg: RunConfig, resume: bool) -> Path:
     try:
         return create_run_dir(path, cfg.output.overwrite, resume=resume)
     except OSError as err:
-        raise RunDirError(f"cannot create the run directory {path}: {err.strerror or err}.",
-                          "Choose a writable `output.dir` (and check the disk is not full).") from None
+        raise RunDirError(
+            f"cannot create the run directory {path}: {err.strerror or err}.",
+            "Choose a writable `output.dir` (and check the disk is not full).",
+        ) from None
 
 
 def _start_message(resume: bool, last: Path | None, run_dir: Path, say) -> None:
@@ -166,14 +182,19 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     path, text = run_dir / "config.yaml", dump_config(cfg)
     if resume and path.exists():
         old = path.read_text(encoding="utf-8")
-        changed = [line[1:].strip() for line in difflib.unified_diff(old.splitlines(), text.splitlines(), lineterm="", n=0)
-                   if line.startswith("+") and not line.startswith("+++")]
+        changed = [
+            line[1:].strip()
+            for line in difflib.unified_diff(old.splitlines(), text.splitlines(), lineterm="", n=0)
+            if line.startswith("+") and not line.startswith("+++")
+        ]
         if changed:
             log.warning("--resume with a config that differs from the run's: %s", "; ".join(changed[:8]))
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, template: str, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None) -> None:
+def _save_final(
+    model, tokenizer, template: str, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None
+) -> None:
     """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir).
     `adapter_state`: the weights to save where rank 0's model cannot give them (checkpoints.final_adapter_state)."""
 

@@ -31,8 +31,17 @@ from lorafit.train.loss import trainer_compute_loss
 class LorafitTrainer(AtomicCheckpoints, Trainer):
     """Trainer plus lorafit's loss, NaN guard, perplexity and atomic checkpoints; settings come in `__init__`."""
 
-    def __init__(self, *args, loss_mode: str, pad_token_id: int, tokens: TokenCounter, nan_guard: NanGuard,
-                 checkpoint_dir: Path, checkpoint_keep: int | None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_mode: str,
+        pad_token_id: int,
+        tokens: TokenCounter,
+        nan_guard: NanGuard,
+        checkpoint_dir: Path,
+        checkpoint_keep: int | None,
+        **kwargs,
+    ):
         check_trainer()
         self.loss_mode = loss_mode  # chunked | plain | liger (loss.MODES)
         self.pad_token_id = pad_token_id  # pads are not counted as real tokens
