@@ -180,7 +180,6 @@ def print_report(report: dict) -> None:
         escape,  # paths and names are text: `a[/b]c.jsonl` is not rich markup
     )
     from rich.table import Table
-    from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
     console.print(
@@ -222,19 +221,8 @@ def print_report(report: dict) -> None:
             f"packing: {pk['samples']:,} samples -> {pk['rows']:,} rows of {report['max_length']} "
             f"(efficiency {100 * pk['efficiency']:.1f}%)"
         )
-    example = report.get("example")
-    if example:
-        # Without colour (a pipe, a CI log) the trained spans are bracketed instead.
-        plain = console.no_color or not console.is_terminal
-        legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
-        console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
-        text = Text()
-        for span in example["spans"]:
-            if plain:
-                text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
-            else:
-                text.append(span["text"], style="bold green" if span["trained"] else "dim")
-        console.print(text)
+    if report.get("example"):
+        _print_example(report["example"], console)
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
     for p in report["problems"]:
@@ -242,3 +230,20 @@ def print_report(report: dict) -> None:
     console.print(
         "[green]ok: the data can train[/]" if report["ok"] else "[red]exit 2: the data cannot train as configured[/]"
     )
+
+
+def _print_example(example: dict, console) -> None:
+    """The rendered example with trained tokens green and masked ones dim; bracketed without colour (a pipe, a log)."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    plain = console.no_color or not console.is_terminal
+    legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
+    console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
+    text = Text()
+    for span in example["spans"]:
+        if plain:
+            text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
+        else:
+            text.append(span["text"], style="bold green" if span["trained"] else "dim")
+    console.print(text)

@@ -229,17 +229,7 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     tok_fp = tokenizer_fingerprint(tokenizer)
     rng = np.random.default_rng(seed)
 
-    if sum(s.rows - s.invalid for s in train_sources) == 0:
-        try:  # even with skip_invalid: name the rows (file:line, reason)
-            raise_for_problems(train_sources, "training")
-        except DataError as err:
-            raise DataError(
-                f"no valid training rows: every row is invalid. {err.message}",
-                "Run `lorafit data check` on the data to see every problem.",
-            ) from None
-        raise DataError(
-            "no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why."
-        )
+    _refuse_all_invalid(train_sources)
     train_tok = tokenize_source_rows(valid_rows(train_sources), tokenizer, data_cfg, template, tok_fp)
     status = status_masks(train_tok)
     keep = status["ok"] | status["truncated"]
@@ -274,20 +264,36 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     if any(w != 1.0 for w in weights.values()):
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
-    train = train_tok.select(
-        train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes())
-    )
-    validation = None
-    if val_tok is not None and val_idx is not None and len(val_idx):
-        validation = val_tok.select(
-            val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val", val_idx.tobytes())
-        )
+    train = _select(train_tok, train_idx, "train")
+    validation = _select(val_tok, val_idx, "val") if val_tok is not None and val_idx is not None else None
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
     for source in train_sources + val_sources:  # unmap the raw rows' Arrow files before packing touches the tokens
         source.dataset = None
     train, validation = _final_columns(train, validation, data_cfg, seed, stats)
     return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths)
+
+
+def _select(ds, idx: np.ndarray, split: str):
+    """The rows `idx` of a tokenized dataset (an index view), fingerprinted by content; None when idx is empty."""
+    if not len(idx):
+        return None
+    salt = () if split == "train" else (split,)  # the fingerprints earlier versions cached under
+    return ds.select(idx, new_fingerprint=stable_hash(dataset_fingerprint(ds), *salt, idx.tobytes()))
+
+
+def _refuse_all_invalid(train_sources) -> None:
+    """Every training row invalid: an error naming them (file:line, reason), even with `data.skip_invalid`."""
+    if sum(s.rows - s.invalid for s in train_sources) > 0:
+        return
+    try:
+        raise_for_problems(train_sources, "training")
+    except DataError as err:
+        raise DataError(
+            f"no valid training rows: every row is invalid. {err.message}",
+            "Run `lorafit data check` on the data to see every problem.",
+        ) from None
+    raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
 
 
 def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
