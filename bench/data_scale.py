@@ -36,7 +36,7 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as fh:
         previous = None
-        for i in range(rows):
+        for _i in range(rows):
             if previous and rng.random() < 0.01:
                 fh.write(previous)
                 continue

@@ -151,7 +151,7 @@ for key, answer, questions, heldq in facts:
         train.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
     held.append({"question": heldq, "key": key})
 # Multi-turn conversations: teach that follow-up turns are answered too.
-for (k1, a1, q1, _), (k2, a2, q2, _) in zip(facts[::2], facts[1::2]):
+for (_k1, a1, q1, _), (_k2, a2, q2, _) in zip(facts[::2], facts[1::2]):
     train.append(
         {
             "messages": [

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.config import RunConfig, load_config, parse_yaml, reference
+from lorafit.config import RunConfig, load_config, reference
+from lorafit.config_yaml import parse_yaml
 from lorafit.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -118,7 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(tmp_path, tiny_
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     stopped = max(_complete_steps(run))
-    assert stopped >= 5 and "checkpoint-%d" % stopped in err  # saved where it stopped, not only at save_every
+    assert stopped >= 5 and f"checkpoint-{stopped}" in err  # saved where it stopped, not only at save_every
     assert not (run / "adapter").exists()  # an interrupted run is never presented as finished
 
     from lorafit.config import load_config

@@ -67,9 +67,7 @@ def chat(
     system: str | None = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
-    tools: str | None = typer.Option(
-        None, "--tools", help="JSON file with a list of tool schemas the model may call."
-    ),
+    tools: str | None = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
     """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed, results pasted."""
     from lorafit.inference.chat import chat as run_chat
@@ -166,9 +164,7 @@ def generate(
     top_p: float = typer.Option(0.9, "--top-p"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    system: str | None = typer.Option(
-        None, "--system", help="System message (default: the run's data.system_prompt)."
-    ),
+    system: str | None = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
     tools: str | None = typer.Option(
         None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."
     ),
@@ -216,9 +212,7 @@ def plan(
     config: str = typer.Argument(
         ..., help="Run config YAML (the model is built on the meta device: no weights loaded)."
     ),
-    overrides: list[str] | None = typer.Argument(
-        None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."
-    ),
+    overrides: list[str] | None = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
     gpu: str | None = typer.Option(
         None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."
     ),

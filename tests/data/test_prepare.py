@@ -33,7 +33,7 @@ def test_unpacked_columns_stats_and_masks(tmp_path, smollm2_tokenizer):
     assert 0 < s["trained_fraction"] < 1 and s["length"]["p50"] <= s["length"]["p95"] <= s["length"]["max"]
     for r in p.train:
         assert r["labels"][0] == IGNORE_INDEX and all(
-            l in (IGNORE_INDEX, i) for i, l in zip(r["input_ids"], r["labels"])
+            lab in (IGNORE_INDEX, i) for i, lab in zip(r["input_ids"], r["labels"])
         )
 
 

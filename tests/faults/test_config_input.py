@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafit.config import MAX_CONFIG_BYTES, MAX_YAML_ALIASES, RunConfig, load_config
+from lorafit.config import RunConfig, load_config
+from lorafit.config_yaml import MAX_CONFIG_BYTES, MAX_YAML_ALIASES
 from lorafit.errors import ConfigError
 
 from .fuzzkit import FUZZ, time_limit
@@ -133,9 +134,9 @@ def test_only_safe_yaml_loading_in_the_code_base():
         loads += [(path, m) for m in re.findall(r"yaml\.load\((.*?)\)", text)]
     import yaml
 
-    from lorafit import config
+    from lorafit import config_yaml
 
-    assert issubclass(config._CountingLoader, yaml.SafeLoader)
+    assert issubclass(config_yaml._CountingLoader, yaml.SafeLoader)
     for path, args in loads:
         assert "Loader=_CountingLoader" in args or "SafeLoader" in args, f"{path}: yaml.load({args})"
 

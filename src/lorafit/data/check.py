@@ -198,7 +198,6 @@ def print_report(report: dict) -> None:
         escape,  # paths and names are text: `a[/b]c.jsonl` is not rich markup
     )
     from rich.table import Table
-    from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
     console.print(
@@ -243,19 +242,8 @@ def print_report(report: dict) -> None:
             f"(unpacked: {pk['unpacked_rows']:,} rows, {100 * pk['unpacked_efficiency']:.1f}%)"
         )
     console.print(report["schedule_line"], markup=False)
-    example = report.get("example")
-    if example:
-        # Without colour (a pipe, a CI log) the trained spans are bracketed instead.
-        plain = console.no_color or not console.is_terminal
-        legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
-        console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
-        text = Text()
-        for span in example["spans"]:
-            if plain:
-                text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
-            else:
-                text.append(span["text"], style="bold green" if span["trained"] else "dim")
-        console.print(text)
+    if report.get("example"):
+        _print_example(report["example"], console)
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
     for p in report["problems"]:
@@ -263,3 +251,20 @@ def print_report(report: dict) -> None:
     console.print(
         "[green]ok: the data can train[/]" if report["ok"] else "[red]exit 2: the data cannot train as configured[/]"
     )
+
+
+def _print_example(example: dict, console) -> None:
+    """The rendered example with trained tokens green and masked ones dim; bracketed without colour (a pipe, a log)."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    plain = console.no_color or not console.is_terminal
+    legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
+    console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
+    text = Text()
+    for span in example["spans"]:
+        if plain:
+            text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
+        else:
+            text.append(span["text"], style="bold green" if span["trained"] else "dim")
+    console.print(text)

@@ -197,17 +197,7 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     tok_fp = tokenizer_fingerprint(tokenizer)
     rng = np.random.default_rng(seed)
 
-    if sum(s.rows - s.invalid for s in train_sources) == 0:
-        try:  # even with skip_invalid: name the rows (file:line, reason)
-            raise_for_problems(train_sources, "training")
-        except DataError as err:
-            raise DataError(
-                f"no valid training rows: every row is invalid. {err.message}",
-                "Run `lorafit data check` on the data to see every problem.",
-            ) from None
-        raise DataError(
-            "no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why."
-        )
+    _refuse_all_invalid(train_sources)
     train_rows = valid_rows(train_sources)
     train_tok = tokenize_source_rows(train_rows, tokenizer, data_cfg, template, tok_fp)
     status = status_masks(train_tok)
@@ -225,14 +215,10 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     if any(w != 1.0 for w in weights.values()):
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
-    train = train_tok.select(
-        train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes())
-    )
+    train = _select(train_tok, train_idx, "train")
     validation, heldout = None, []
     if val_tok is not None and val_idx is not None and len(val_idx):
-        validation = val_tok.select(
-            val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val", val_idx.tobytes())
-        )
+        validation = _select(val_tok, val_idx, "val")
         heldout = heldout_examples(val_rows, val_idx[:HELDOUT_SHOWN])
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
@@ -284,6 +270,28 @@ def heldout_examples(rows, indices) -> list[dict]:
         if split is not None:
             out.append({"messages": split[0], "reference": split[1], "expected": row["expected"], "loc": row["loc"]})
     return out
+
+
+def _select(ds, idx: np.ndarray, split: str):
+    """The rows `idx` of a tokenized dataset (an index view), fingerprinted by content; None when idx is empty."""
+    if not len(idx):
+        return None
+    salt = () if split == "train" else (split,)  # the fingerprints earlier versions cached under
+    return ds.select(idx, new_fingerprint=stable_hash(dataset_fingerprint(ds), *salt, idx.tobytes()))
+
+
+def _refuse_all_invalid(train_sources) -> None:
+    """Every training row invalid: an error naming them (file:line, reason), even with `data.skip_invalid`."""
+    if sum(s.rows - s.invalid for s in train_sources) > 0:
+        return
+    try:
+        raise_for_problems(train_sources, "training")
+    except DataError as err:
+        raise DataError(
+            f"no valid training rows: every row is invalid. {err.message}",
+            "Run `lorafit data check` on the data to see every problem.",
+        ) from None
+    raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
 
 
 def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:

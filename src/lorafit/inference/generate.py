@@ -47,59 +47,15 @@ def _device():
 def load_for_inference(target: str, merge: bool = True, dtype=None) -> InferenceModel:
     """A run directory (base + adapter), a merged model folder, a .gguf file, or an embedded model name."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = user_path(target)
     dtype = dtype or pick_dtype("auto")
     if path.is_dir() and (path / "config.yaml").exists():
-        cfg = load_run_config(path)
-        quantized = cfg.model.quantization != "none"
-        # Merging into 4-bit weights would round the adapter away; a quantized base keeps the adapter separate.
-        model, tokenizer, cfg = load_tuned(path, dtype=dtype, merge=merge and not quantized)
-        template = resolve_template(tokenizer, cfg.data.template)
-        loaded = InferenceModel(
-            model,
-            tokenizer,
-            template,
-            end_of_turn_ids(tokenizer, template),
-            cfg.data.system_prompt,
-            "run",
-            cfg,
-            tools_in_user_message=cfg.data.tools_in_user_message,
-        )
+        loaded = _load_run(path, merge, dtype)
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelError(
-                f"{path} could not be read as a GGUF model: {str(err)[:300]}",
-                "Export it again with `lorafit export RUN_DIR --format gguf --out FILE`.",
-            ) from None
-        ensure_pad_token(tokenizer)
-        template = resolve_template(tokenizer, "auto")
-        loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="gguf")
-    elif (
-        path.is_dir() or target in EMBEDDED or (not path.exists() and target.count("/") == 1)
-    ):  # folder, embedded, Hub id
-        folder = resolve_model(target)
-        tokenizer = load_tokenizer(folder)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)  # never unpickle
-        except (OSError, ValueError) as err:
-            raise ModelError(
-                f"{folder} could not be loaded as a model: {str(err)[:300]}",
-                "Pass a run directory, a folder written by `lorafit merge`, or a .gguf file.",
-            ) from None
-        template = resolve_template(tokenizer, "auto")
-        loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="model")
-        saved = Path(folder) / PROMPT_FILE  # written by `lorafit merge`: the run's system prompt
-        if saved.exists():
-            settings = json.loads(saved.read_text(encoding="utf-8"))
-            loaded.system_prompt = settings.get("system_prompt")
-            loaded.tools_in_user_message = settings.get("tools_in_user_message", True)
+        loaded = _load_gguf(path, dtype)
+    elif path.is_dir() or target in EMBEDDED or (not path.exists() and target.count("/") == 1):
+        loaded = _load_model_folder(target, dtype)  # a folder, an embedded model, a Hub id
     else:
         raise ModelError(
             f"{target} is neither a run directory, a model folder, nor a .gguf file.",
@@ -113,6 +69,62 @@ def load_for_inference(target: str, merge: bool = True, dtype=None) -> Inference
         # Our stopping rule, not whatever max_length/sampling defaults the checkpoint shipped.
         loaded.model.generation_config.eos_token_id = loaded.end_ids
         loaded.model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
+    return loaded
+
+
+def _load_run(path: Path, merge: bool, dtype) -> InferenceModel:
+    cfg = load_run_config(path)
+    quantized = cfg.model.quantization != "none"
+    # Merging into 4-bit weights would round the adapter away; a quantized base keeps the adapter separate.
+    model, tokenizer, cfg = load_tuned(path, dtype=dtype, merge=merge and not quantized)
+    template = resolve_template(tokenizer, cfg.data.template)
+    return InferenceModel(
+        model,
+        tokenizer,
+        template,
+        end_of_turn_ids(tokenizer, template),
+        cfg.data.system_prompt,
+        "run",
+        cfg,
+        tools_in_user_message=cfg.data.tools_in_user_message,
+    )
+
+
+def _load_gguf(path: Path, dtype) -> InferenceModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(
+            f"{path} could not be read as a GGUF model: {str(err)[:300]}",
+            "Export it again with `lorafit export RUN_DIR --format gguf --out FILE`.",
+        ) from None
+    ensure_pad_token(tokenizer)
+    template = resolve_template(tokenizer, "auto")
+    return InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="gguf")
+
+
+def _load_model_folder(target: str, dtype) -> InferenceModel:
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(target)
+    tokenizer = load_tokenizer(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)  # never unpickle
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"{folder} could not be loaded as a model: {str(err)[:300]}",
+            "Pass a run directory, a folder written by `lorafit merge`, or a .gguf file.",
+        ) from None
+    template = resolve_template(tokenizer, "auto")
+    loaded = InferenceModel(model, tokenizer, template, end_of_turn_ids(tokenizer, template), kind="model")
+    saved = Path(folder) / PROMPT_FILE  # written by `lorafit merge`: the run's system prompt
+    if saved.exists():
+        settings = json.loads(saved.read_text(encoding="utf-8"))
+        loaded.system_prompt = settings.get("system_prompt")
+        loaded.tools_in_user_message = settings.get("tools_in_user_message", True)
     return loaded
 
 
@@ -289,9 +301,8 @@ def generate(
         raise DataError("`--batch-size` and `--max-new-tokens` must be at least 1.")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise DataError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
-    rows = read_prompts(
-        prompts_file, read_tools_file(tools_file) if tools_file else None
-    )  # bad input fails before loading
+    # bad input fails before the model loads
+    rows = read_prompts(prompts_file, read_tools_file(tools_file) if tools_file else None)
     import torch
 
     out = Path(out_file)
@@ -319,14 +330,17 @@ def generate(
         ):
             answers[k] = answer
         log.info("generated %d/%d", min(start + batch_size, len(rows)), len(rows))
-    records = []
-    for k, row in enumerate(rows):
-        record = {"prompt": row["prompt"], "response": answers[k]}
-        if len(row["messages"]) > 1:
-            record["messages"] = row["messages"]
-        if row["tools"]:
-            call, problem = parse_tool_call(answers[k])
-            record.update({"tool_call": call} if call else {"tool_call_error": problem} if problem else {})
-        records.append(json.dumps(record, ensure_ascii=False) + "\n")
+    records = [json.dumps(_record(row, answers[k]), ensure_ascii=False) + "\n" for k, row in enumerate(rows)]
     write_text_atomic(out, "".join(records))
     return out
+
+
+def _record(row: dict, answer: str) -> dict:
+    """One output line: prompt, response, the conversation when it had several turns, the parsed tool call."""
+    record = {"prompt": row["prompt"], "response": answer}
+    if len(row["messages"]) > 1:
+        record["messages"] = row["messages"]
+    if row["tools"]:
+        call, problem = parse_tool_call(answer)
+        record.update({"tool_call": call} if call else {"tool_call_error": problem} if problem else {})
+    return record

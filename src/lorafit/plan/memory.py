@@ -157,18 +157,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     tokens = t.micro_batch_size * cfg.data.max_length
     attention = attention_facts(cfg, device)
 
-    base = counts["base"]
-    if quantized:  # quantized decoder linears; embeddings, LM head and norms upcast to fp32 by PEFT
-        per = NF4_BYTES if m.quantization == "4bit" else INT8_BYTES
-        base_weights = counts["linear"] * per + (base - counts["linear"]) * 4
-    else:
-        base_weights = base * weight_bytes
-    states = {"adamw_torch": 8, "paged_adamw_8bit": 2}[t.optimizer]
-    lora_bytes = (
-        counts["trainable_bytes"] * 2 + counts["trainable"] * states
-    )  # weights + grads (same dtype) + optimizer
-    if mixed:
-        lora_bytes += counts["trainable"] * 2  # autocast's cached bf16 copies of the fp32 adapter weights
+    base_weights, lora_bytes = _weight_bytes(cfg, counts, weight_bytes, mixed)
 
     layer = activation_bytes_per_token_layer(
         arch,
@@ -209,6 +198,23 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
         "framework_overhead": overhead,
         "total": allocated + overhead,
     }
+
+
+def _weight_bytes(cfg, counts: dict, weight_bytes: int, mixed: bool) -> tuple[float, float]:
+    """(frozen base weights, LoRA weights + grads + optimizer state) in bytes."""
+    m, base = cfg.model, counts["base"]
+    if m.quantization != "none":  # quantized decoder linears; embeddings, LM head and norms upcast to fp32 by PEFT
+        per = NF4_BYTES if m.quantization == "4bit" else INT8_BYTES
+        base_weights = counts["linear"] * per + (base - counts["linear"]) * 4
+    else:
+        base_weights = base * weight_bytes
+    states = {"adamw_torch": 8, "paged_adamw_8bit": 2}[cfg.training.optimizer]
+    lora_bytes = (
+        counts["trainable_bytes"] * 2 + counts["trainable"] * states
+    )  # weights + grads (same dtype) + optimizer
+    if mixed:
+        lora_bytes += counts["trainable"] * 2  # autocast's cached bf16 copies of the fp32 adapter weights
+    return base_weights, lora_bytes
 
 
 def _loss_bytes(cfg, arch: Arch, tokens: int, act: int, residual: int, head_cast: bool, chunk: int) -> int:

@@ -146,11 +146,7 @@ def build_run(
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
     if cfg.lora.init == "eva" and last is None:
         init_eva(model, trainer, tokenizer.pad_token_id)
-    if last is not None:
-        manifest = ckpt.read_manifest(last)
-        own.tokens.restore(manifest.get("tokens", 0), manifest.get("trained_tokens", 0))
-    if resume:  # the curve continues from the checkpoint: records of steps after it are redone
-        own.metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
+    _restore_counters(own, last, resume)
     return TrainingRun(
         cfg=cfg,
         run_dir=run_dir,
@@ -168,6 +164,15 @@ def build_run(
         best=own.best,
         schedule=schedule,
     )
+
+
+def _restore_counters(own: RunCallbacks, last: Path | None, resume: bool) -> None:
+    """On resume: token counts from the checkpoint's manifest; the metrics curve continues from its step."""
+    if last is not None:
+        manifest = ckpt.read_manifest(last)
+        own.tokens.restore(manifest.get("tokens", 0), manifest.get("trained_tokens", 0))
+    if resume:  # records of steps after the checkpoint are redone
+        own.metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
 
 
 def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
