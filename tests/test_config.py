@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.config import RunConfig, load_config, reference
+from lorafit.config import RunConfig, load_config
+from lorafit.config_reference import reference
 from lorafit.config_yaml import parse_yaml
 from lorafit.errors import ConfigError
 

@@ -277,7 +277,7 @@ def report(run_dir: str = typer.Argument(..., help="Run directory written by `lo
 @app.command("config-reference")
 def config_reference():
     """Print every config field with its default and meaning (Markdown)."""
-    from lorafit.config import reference
+    from lorafit.config_reference import reference
 
     print(reference())
 

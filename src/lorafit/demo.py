@@ -97,25 +97,18 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
             }
         )
     console.print(table)
-    n = len(questions)
+    _print_and_save_score(console, run_dir, base_right, tuned_right, results)
+    return 0
+
+
+def _print_and_save_score(console, run_dir, base_right: int, tuned_right: int, results: list[dict]) -> None:
+    n = len(results)
     console.print(
         f"[bold]base model: {base_right}/{n} right   fine-tuned: {tuned_right}/{n} right[/]  "
         "(right = the answer contains the key fact)"
     )
     bar = round(BAR * n / 10)
-    console.print(
-        f"the demo's bar: {bar}/{n} — "
-        + (
-            "[green]met[/]"
-            if tuned_right >= bar
-            else "[red]missed[/] (see the steps and losses above; `lorafit compare` shows what the adapter changed)"
-        )
-    )
-    (Path(run_dir) / "demo_results.json").write_text(
-        json.dumps(
-            {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results},
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
-    return 0
+    missed = "[red]missed[/] (see the steps and losses above; `lorafit compare` shows what the adapter changed)"
+    console.print(f"the demo's bar: {bar}/{n} — " + ("[green]met[/]" if tuned_right >= bar else missed))
+    summary = {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "bar": bar, "answers": results}
+    (Path(run_dir) / "demo_results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -110,24 +110,8 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
         phase = "the final evaluation"
         final_eval = _final_eval(trainer, run.prepared.validation is not None, fresh=restored is not None)
         phase = "the tuned model's answers to eval.prompts"
-        if prompts and answer:
-            after = tuned_answers(
-                run.model,
-                run.tokenizer,
-                prompts,
-                run.prepared.template,
-                cfg.eval.max_new_tokens,
-                cfg.data.system_prompt,
-            )
-        if questions:
-            heldout_after = tuned_answers(
-                run.model,
-                run.tokenizer,
-                questions,
-                run.prepared.template,
-                cfg.eval.max_new_tokens,
-                cfg.data.system_prompt,
-            )
+        after = _tuned(run, prompts) if prompts and answer else None
+        heldout_after = _tuned(run, questions) if questions else None
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
         if not run.last or phase != "training":
             raise
@@ -143,6 +127,14 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
     finally:
         run.progress.close()
     return result, final_eval, after, heldout_after
+
+
+def _tuned(run: TrainingRun, prompts: list) -> list[str]:
+    """The tuned model's greedy answers, rendered as in training."""
+    cfg = run.cfg
+    return tuned_answers(
+        run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens, cfg.data.system_prompt
+    )
 
 
 def _heldout_before(run: TrainingRun, answer: bool, main: bool, say) -> list:

@@ -101,7 +101,6 @@ def build_run(
 ) -> TrainingRun:
     """Tokenizer, data, model with LoRA, Trainer with our callbacks; restores counters when resuming."""
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
 
     last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
@@ -117,33 +116,13 @@ def build_run(
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    say(describe_parameters(trainable, total))
-    say(schedule.line())
-    for warning in schedule.warnings:
-        log.warning("warning: %s", warning)
-
+    _say_plan(say, describe_parameters(trainable, total), schedule)
     own = make_callbacks(cfg, run_dir, quiet)
     collator = make_collator(
         tokenizer, packed=cfg.data.packing, max_length=cfg.data.max_length, attn_implementation=attention
     )
     args = training_arguments(cfg, run_dir, prepared.validation is not None, schedule)
-    with tensorboard_dir(run_dir / "tensorboard"):
-        trainer = LorafitTrainer(
-            model=model,
-            args=args,
-            train_dataset=prepared.train,
-            eval_dataset=prepared.validation,
-            data_collator=collator,
-            processing_class=tokenizer,
-            callbacks=own.all() + list(callbacks or []),
-            loss_mode=cfg.training.loss,
-            pad_token_id=tokenizer.pad_token_id,
-            tokens=own.tokens,
-            nan_guard=own.guard,
-            checkpoint_dir=run_dir / "checkpoints",
-            checkpoint_keep=cfg.training.save_total_limit,
-        )
-    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
+    trainer = _make_trainer(cfg, run_dir, model, tokenizer, prepared, collator, args, own, callbacks)
     if cfg.lora.init == "eva" and last is None:
         init_eva(model, trainer, tokenizer.pad_token_id)
     _restore_counters(own, last, resume)
@@ -164,6 +143,37 @@ def build_run(
         best=own.best,
         schedule=schedule,
     )
+
+
+def _make_trainer(cfg, run_dir: Path, model, tokenizer, prepared, collator, args, own, callbacks):
+    from transformers.trainer_callback import PrinterCallback
+
+    with tensorboard_dir(run_dir / "tensorboard"):
+        trainer = LorafitTrainer(
+            model=model,
+            args=args,
+            train_dataset=prepared.train,
+            eval_dataset=prepared.validation,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=own.all() + list(callbacks or []),
+            loss_mode=cfg.training.loss,
+            pad_token_id=tokenizer.pad_token_id,
+            tokens=own.tokens,
+            nan_guard=own.guard,
+            checkpoint_dir=run_dir / "checkpoints",
+            checkpoint_keep=cfg.training.save_total_limit,
+        )
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
+    return trainer
+
+
+def _say_plan(say, parameters: str, schedule: Schedule) -> None:
+    """The trainable parameters and the schedule (steps, epochs, learning rate), warnings logged."""
+    say(parameters)
+    say(schedule.line())
+    for warning in schedule.warnings:
+        log.warning("warning: %s", warning)
 
 
 def _restore_counters(own: RunCallbacks, last: Path | None, resume: bool) -> None:
