@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_llama, save_tiny_run
+
+# One torch thread per xdist worker (set before torch loads, inherited by the CLI subprocesses): two workers with
+# two threads each on this project's 2-core machines spin-wait for each other, and trained ~7x slower in CI.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from helpers import save_tiny_llama, save_tiny_run  # noqa: E402 - after the thread setting: it imports torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_TOKENIZER = Path(

@@ -1,5 +1,6 @@
-"""A trained run of the embedded SmolLM2, its GGUF exports and transformers' answers, built once per test session
-(shared by the xdist workers through a file lock): what the llama.cpp and verify tests serve and compare."""
+"""`lorafit demo` as `make demo` runs it (configs/demo.yaml on the embedded SmolLM2), its GGUF exports and
+transformers' answers, built once per test session (shared by the xdist workers through a file lock): the demo's
+documented bar, and what the llama.cpp and verify tests serve and compare, are measured on this one run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,7 @@ class Served:
     q8_0: Path
     prompts: list[dict]  # read_prompts rows of examples/heldout.jsonl
     merged_answers: list[dict]  # transformers on the merged model: {"text", "stop", "tokens"}
+    demo: dict  # the demo's demo_results.json: base and tuned answers to the held-out questions, scored
 
 
 def _shared_dir(tmp_path_factory) -> Path:
@@ -31,27 +32,12 @@ def _shared_dir(tmp_path_factory) -> Path:
 
 
 def _train(target: Path) -> Path:
-    """~4 passes over the 75 Quillmoor conversations: enough for short answers that end with <|im_end|>."""
-    from lorafit.config import load_config
-    from lorafit.train.run import run_training
+    """The demo, exactly as `make demo` runs it (base answers, training, tuned answers, demo_results.json)."""
+    from lorafit.demo import run_demo
 
-    cfg = {
-        "model": {"name": "smollm2-135m-instruct", "dtype": "fp32"},
-        "data": {"train": str(ROOT / "examples" / "train.jsonl"), "max_length": 256, "packing": True},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "max_steps": 14,
-            "micro_batch_size": 4,
-            "learning_rate": 3e-3,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "linear",
-            "seed": 7,
-        },
-        "output": {"dir": str(target), "name": "smol", "overwrite": True},
-    }
-    path = target / "smol.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return run_training(load_config(path), quiet=True)
+    overrides = [f"output.dir={target}", "output.name=smol", f"data.train={ROOT / 'examples' / 'train.jsonl'}"]
+    assert run_demo(str(ROOT / "configs" / "demo.yaml"), str(HELDOUT), overrides) == 0
+    return target / "smol"
 
 
 def _build(target: Path) -> None:
@@ -85,4 +71,5 @@ def served(tmp_path_factory) -> Served:
         target / "smol-q8_0.gguf",
         read_prompts(str(HELDOUT)),
         json.loads((target / "merged_answers.json").read_text()),
+        json.loads((target / "smol" / "demo_results.json").read_text()),
     )

@@ -76,21 +76,16 @@ def test_demo_flow_on_a_tiny_model(tmp_path, tiny_chat_model, capsys):
 
 
 @pytest.mark.slow
-def test_the_real_demo_meets_its_documented_bar(tmp_path):
+def test_the_real_demo_meets_its_documented_bar(tmp_path_factory):
     """`lorafit demo` as `make demo` runs it (embedded SmolLM2, configs/demo.yaml, examples/): the tuned model must
-    answer at least BAR of the 10 held-out paraphrases (the README's claim); fewer fails. ~3 min on 2 idle cores."""
-    from pathlib import Path
+    answer at least BAR of the 10 held-out paraphrases (the README's claim); fewer fails. The run is the one the
+    llama.cpp and verify tests serve (tests/servekit.py), trained once per session."""
+    import servekit
 
     from lorafit.demo import BAR
 
-    root = Path(__file__).resolve().parents[1]
-    code = run_demo(
-        str(root / "configs" / "demo.yaml"),
-        str(root / "examples" / "heldout.jsonl"),
-        [f"output.dir={tmp_path}", f"data.train={root / 'examples' / 'train.jsonl'}"],
-    )
-    results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert code == 0 and results["total"] == 10 and results["bar"] == BAR
+    results = servekit.served(tmp_path_factory).demo
+    assert results["total"] == 10 and results["bar"] == BAR
     assert results["base_correct"] <= 2  # the facts are invented: the base model cannot know them
     assert results["tuned_correct"] >= BAR, [a for a in results["answers"] if not a["tuned_correct"]]
 
