@@ -37,6 +37,9 @@ BEFORE = "d14e70d"  # main before issue 12: packing into 2048-token rows, micro-
 MODEL = "smollm2-135m-instruct"
 SIZES = {20: "companies", 40: "inventors", 100: "planets", 300: "towns"}
 BEFORE_SIZES = (20, 40)
+# Packing off at the small sizes only: a batch is counted in samples either way, so packing changes the padding,
+# not the steps (tests/test_packing_batches.py trains both ways to the same losses); two sizes show it on real data.
+PACKING_OFF_SIZES = (20, 40)
 COUNTED_SIZE = 10_000
 ACCEPTANCE = ("towns", 40, 2026)  # domain, size, seed: generated fresh for the check, used by nothing else
 # configs/demo.yaml's training settings before this sweep (it now uses the defaults)
@@ -177,8 +180,8 @@ def plan_runs() -> list[tuple]:
     ]
     runs += [(n, SIZES[n], 0, "default (packing on)", {}, "new") for n in SIZES]
     runs += [(n, SIZES[n], 0, "before", {}, "before") for n in BEFORE_SIZES]
+    runs += [(n, SIZES[n], 0, "packing off", {"data": {"packing": False}}, "new") for n in PACKING_OFF_SIZES]
     runs += [(40, SIZES[40], 0, label, {"training": fields}, "new") for label, fields in CHOICES]
-    runs += [(n, SIZES[n], 0, "packing off", {"data": {"packing": False}}, "new") for n in SIZES]
     return runs
 
 
