@@ -89,12 +89,15 @@ def make_model(folder: Path, tokenizer) -> None:
 
 
 def lorafit_config(work: Path, rows_per_step: int, name: str, data: Path, model: str = TOY):
-    """The toy pins sdpa and the rows per step; the real model runs at lorafit's defaults (rows_per_step 0)."""
+    """The toy pins sdpa and the rows per step; the real model runs at lorafit's defaults (its micro-batch too,
+    unless rows_per_step > 0: `--micro-batch`)."""
     from lorafit.config import RunConfig
 
     training = {"epochs": 1, "learning_rate": LEARNING_RATE, "logging_steps": 1, "seed": 0}
     if model == TOY:
         training.update(micro_batch_size=rows_per_step, precision="fp32")
+    elif rows_per_step > 0:
+        training.update(micro_batch_size=rows_per_step)
     return RunConfig.model_validate({
         "model": {"name": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"} if model == TOY
         else {"name": model},
@@ -251,6 +254,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="TRL's per-device batch without packing (its default: 8).")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's, one per core).")
+    p.add_argument("--micro-batch", type=int, default=0, help="Real model: lorafit's micro_batch_size (default: "
+                   "lorafit's own default).")
     p.add_argument("--quick", action="store_true", help="Smoke test: 24 samples, 1 repeat, BENCHMARKS.md untouched.")
     p.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -284,7 +289,7 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
         from _alpaca import make_alpaca_like
 
         make_alpaca_like(data, a.samples, seed=0)
-    mean_len, tokens_per_forward = _lengths(work, data, a.model)
+    mean_len, tokens_per_forward = _lengths(work, data, a.model, a.micro_batch)
     if a.model == TOY:
         # Packed rows per step chosen so a step holds about as many real tokens as TRL's batch of `a.batch`
         # samples, which makes the optimizer step counts about equal.
@@ -298,8 +303,8 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     for rep in range(a.repeats):
         order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]  # rotate who goes first
         for variant in order:
-            r = run_child(variant, work, 0 if variant == "lorafit" and a.model != TOY else rows_per_step, a.batch,
-                          data, a.model)
+            r = run_child(variant, work, a.micro_batch if variant == "lorafit" and a.model != TOY else rows_per_step,
+                          a.batch, data, a.model)
             results[variant].append(r)
             print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
                   f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
@@ -309,14 +314,14 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     return results, rows_per_step
 
 
-def _lengths(work: Path, data: Path, model: str) -> tuple[float, float]:
+def _lengths(work: Path, data: Path, model: str, micro_batch: int) -> tuple[float, float]:
     """Mean tokens per sample, and the tokens one lorafit micro-batch holds (packed rows at its micro-batch size)."""
     import math
 
     from lorafit.data.prepare import prepare_data
     from lorafit.models.tokenizer import load_tokenizer
 
-    cfg = lorafit_config(work, 1, "probe", data, model)
+    cfg = lorafit_config(work, micro_batch or 1, "probe", data, model)
     stats = prepare_data(cfg.data, load_tokenizer(str(model_folder(work, model))), seed=0).stats
     batches = math.ceil(stats["packing"]["rows"] / cfg.training.micro_batch_size)
     return stats["total_tokens"] / stats["train_samples"], stats["total_tokens"] / batches
@@ -359,7 +364,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         title, section = f"## Training throughput on CPU, real model ({a.model}): lorafit vs TRL", "train_cpu_real"
         model = (f"Model: the embedded {a.model}'s real weights (fp32; LM head {share:.0%} of the matmul FLOPs per "
                  f"token); {a.samples} Alpaca-like samples of real English sentences (bench/_alpaca.py), 1 epoch, "
-                 f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults "
+                 f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults"
+                 f"{' but the micro-batch' if a.micro_batch else ''} "
                  f"(micro_batch_size {lf['micro_batch_size']}: {lf['real_tokens'] / lf['micro_batches']:.0f} tokens "
                  f"per forward); TRL batch {a.batch} samples; TRL packing {rows_per_step} row(s) of {MAX_LENGTH} per "
                  f"step.")
@@ -368,7 +374,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         title,
         "",
         f"`PYTHONPATH=src python bench/train_cpu.py{'' if a.model == TOY else ' --model ' + a.model} --samples "
-        f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}` (medians of {a.repeats} "
+        f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}"
+        f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}` (medians of {a.repeats} "
         f"alternating repeats; {time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}, {threads}; load average {os.getloadavg()[1]:.1f} over the last 5 min (other jobs "
