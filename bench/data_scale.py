@@ -189,25 +189,27 @@ def main() -> None:
         results["naive in-memory baseline"] = run_phase("baseline", base_data, tmp / "cache-base")
         print("baseline", results["naive in-memory baseline"], flush=True)
 
+    from lorafit.data.prepare import worker_count
+
+    procs = worker_count("auto", args.rows) or 1
     base = results["naive in-memory baseline"]
     base_rate = base["rows"] / base["seconds"]
     lines = []
     for name, r in results.items():
         rate = r["rows"] / r["seconds"]
-        lines.append([name, f"{r['rows']:,}", f"{r['seconds']:.0f}", f"{rate:,.0f}", f"{rate / base_rate:.2f}x",
+        per_worker = f"{rate / base_rate / procs:.2f}x" if "cold" in name else "—"  # the warm cache tokenizes nothing
+        lines.append([name, f"{r['rows']:,}", f"{r['seconds']:.0f}", f"{rate:,.0f}", f"{rate / base_rate:.2f}x", per_worker,
                       f"{r['peak_rss_mib']:,.0f}", f"{r['peak_anon_mib']:,.0f}", f"{r['peak_anon_mib'] / base['peak_anon_mib']:.2f}x",
                       f"{r['max_process_rss_mib']:,.0f}"])
     check = results["data check (cold)"]
-    from lorafit.data.prepare import worker_count
-
-    procs = worker_count("auto", args.rows) or 1
     body = "\n".join([
         "## Data pipeline at scale (`bench/data_scale.py`)", "",
         f"Command: `python bench/data_scale.py --rows {args.rows}" + (f" --baseline-rows {base_rows}" if base_rows != args.rows else "") + "`",
         f"Machine: {machine()} (shared with other jobs while measured). Tokenizer: {MODEL} (ChatML template), "
         f"max_length {MAX_LENGTH}, packing on, 1-3 turn chats of 5-60 words; default settings, so `data.num_proc: auto` "
-        f"tokenized with {procs} process(es) here (the baseline uses one).", "",
-        table(["phase", "rows", "seconds", "rows/s", "vs baseline", "peak memory MiB (PSS)", "peak heap MiB (PSS anon)", "heap vs baseline", "largest process RSS MiB"], lines), "",
+        f"tokenized with {procs} process(es) here (the baseline uses one): the `vs baseline` ratio compares {procs} "
+        f"tokenization worker(s) with the baseline's one; `per worker` divides it by {procs}.", "",
+        table(["phase", "rows", "seconds", "rows/s", "vs baseline", "vs baseline per worker", "peak memory MiB (PSS)", "peak heap MiB (PSS anon)", "heap vs baseline", "largest process RSS MiB"], lines), "",
         "Memory: PSS (resident memory with each shared page divided among the processes sharing it) summed over the "
         "process and its tokenization workers, sampled every 0.2 s: the job's real footprint (a sum of RSS would count the "
         "parent's torch/transformers pages once more per forked worker). It includes memory-mapped Arrow pages, which the "
