@@ -39,20 +39,53 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-LLAMA31_8B = dict(vocab_size=128_256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}, rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+LLAMA31_8B = dict(
+    vocab_size=128_256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 N_8B = 8.03e9
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 PAD = 128_004  # <|finetune_right_pad_id|>; the tiny model pads with its last id
 # name: (gradient checkpointing, packed rows per micro-batch or samples per batch, accumulation)
-VARIANTS = {"lorafit": (False, 1, 8), "transformers": (False, 4, 8), "transformers_flat": (False, 8, 4),
-            "lorafit_gc": (True, 4, 2), "transformers_gc": (True, 8, 4)}
-TINY_VARIANTS = {"lorafit": (False, 2, 1), "transformers": (False, 4, 1), "transformers_flat": (False, 4, 1),
-                 "lorafit_gc": (True, 2, 1), "transformers_gc": (True, 4, 1)}
+VARIANTS = {
+    "lorafit": (False, 1, 8),
+    "transformers": (False, 4, 8),
+    "transformers_flat": (False, 8, 4),
+    "lorafit_gc": (True, 4, 2),
+    "transformers_gc": (True, 8, 4),
+}
+TINY_VARIANTS = {
+    "lorafit": (False, 2, 1),
+    "transformers": (False, 4, 1),
+    "transformers_flat": (False, 4, 1),
+    "lorafit_gc": (True, 2, 1),
+    "transformers_gc": (True, 4, 1),
+}
 BASELINE = {"lorafit": "transformers", "lorafit_gc": "transformers_gc"}  # same checkpointing setting
 
 
@@ -102,8 +135,9 @@ def build_model(arch: dict, device: str, dtype, attention: str = "sdpa"):
     return model
 
 
-def lorafit_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, accum: int, steps: int, bf16: bool,
-                    pad: int):
+def lorafit_trainer(
+    model, data: list[dict], work: Path, gc: bool, micro: int, accum: int, steps: int, bf16: bool, pad: int
+):
     """lorafit's own pieces: packing, its training attention and collator, LoRA attach, training arguments, Trainer."""
     from types import SimpleNamespace
 
@@ -116,26 +150,58 @@ def lorafit_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, a
     from lorafit.train.trainer import LorafitTrainer, training_arguments
 
     bins = best_fit_decreasing([len(s["input_ids"]) for s in data], capacity=_seq(work))
-    packed = pack_rows({"member_ids": [[data[i]["input_ids"] for i in b] for b in bins],
-                        "member_labels": [[data[i]["labels"] for i in b] for b in bins]})
+    packed = pack_rows(
+        {
+            "member_ids": [[data[i]["input_ids"] for i in b] for b in bins],
+            "member_labels": [[data[i]["labels"] for i in b] for b in bins],
+        }
+    )
     rows = [dict(zip(packed, values)) for values in zip(*packed.values())]
-    cfg = RunConfig.model_validate({
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "training": {"max_steps": steps, "micro_batch_size": micro, "gradient_accumulation": accum,
-                     "precision": "bf16" if bf16 else "fp32", "gradient_checkpointing": gc, "logging_steps": 10_000,
-                     "warmup_ratio": 0.0, "loss": "chunked"},
-        "output": {"dir": str(work), "name": "lorafit"}})
+    cfg = RunConfig.model_validate(
+        {
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            "training": {
+                "max_steps": steps,
+                "micro_batch_size": micro,
+                "gradient_accumulation": accum,
+                "precision": "bf16" if bf16 else "fp32",
+                "gradient_checkpointing": gc,
+                "logging_steps": 10_000,
+                "warmup_ratio": 0.0,
+                "loss": "chunked",
+            },
+            "output": {"dir": str(work), "name": "lorafit"},
+        }
+    )
     attention = training_attention(model, model.config._attn_implementation)  # as train/setup.py does
     model = attach_lora(model, cfg.lora, gc)
     collator = make_collator(SimpleNamespace(pad_token_id=pad), packed=True, attn_implementation=attention)
-    return LorafitTrainer(model=model, args=training_arguments(cfg, work / "lorafit", has_eval=False),
-                          train_dataset=Rows(rows), data_collator=collator, loss_mode=cfg.training.loss,
-                          pad_token_id=pad, tokens=TokenCounter(), nan_guard=NanGuard(cfg.training.max_bad_steps),
-                          checkpoint_dir=work / "lorafit" / "checkpoints", checkpoint_keep=None)
+    return LorafitTrainer(
+        model=model,
+        args=training_arguments(cfg, work / "lorafit", has_eval=False),
+        train_dataset=Rows(rows),
+        data_collator=collator,
+        loss_mode=cfg.training.loss,
+        pad_token_id=pad,
+        tokens=TokenCounter(),
+        nan_guard=NanGuard(cfg.training.max_bad_steps),
+        checkpoint_dir=work / "lorafit" / "checkpoints",
+        checkpoint_keep=None,
+    )
 
 
-def plain_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, accum: int, steps: int, bf16: bool,
-                  pad: int, flat: bool = False):
+def plain_trainer(
+    model,
+    data: list[dict],
+    work: Path,
+    gc: bool,
+    micro: int,
+    accum: int,
+    steps: int,
+    bf16: bool,
+    pad: int,
+    flat: bool = False,
+):
     """What a plain script does: PEFT LoRA, transformers' Trainer, padded batches (or transformers' padding-free
     DataCollatorWithFlattening), the model's own loss."""
     from peft import LoraConfig, get_peft_model
@@ -148,12 +214,23 @@ def plain_trainer(model, data: list[dict], work: Path, gc: bool, micro: int, acc
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(work / "plain"), max_steps=steps, per_device_train_batch_size=micro,
-                             gradient_accumulation_steps=accum, learning_rate=2e-4, bf16=bf16, logging_steps=10_000,
-                             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
-                             use_cpu=not bf16)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    args = TrainingArguments(
+        output_dir=str(work / "plain"),
+        max_steps=steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=2e-4,
+        bf16=bf16,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not bf16,
+    )
     collator = DataCollatorWithFlattening() if flat else PadCollator(pad)
     return Trainer(model=model, args=args, train_dataset=Rows(data), data_collator=collator)
 
@@ -176,8 +253,9 @@ def measure(variant: str, work: Path, tiny: bool, steps: int, warmup: int) -> di
     model = build_model(arch, device, torch.bfloat16 if bf16 else torch.float32, _attention(variant, device))
     n_params = sum(p.numel() for p in model.parameters())
     if variant.startswith("transformers"):
-        trainer = plain_trainer(model, data, work, gc, micro, accum, warmup + steps, bf16, pad_id(arch),
-                                flat=variant == "transformers_flat")
+        trainer = plain_trainer(
+            model, data, work, gc, micro, accum, warmup + steps, bf16, pad_id(arch), flat=variant == "transformers_flat"
+        )
     else:
         trainer = lorafit_trainer(model, data, work, gc, micro, accum, warmup + steps, bf16, pad_id(arch))
 
@@ -218,9 +296,18 @@ def measure(variant: str, work: Path, tiny: bool, steps: int, warmup: int) -> di
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "tokens": tokens, "seconds": seconds, "peak_bytes": peak, "gc": gc, "params": n_params,
-            "micro": micro, "accum": accum, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-            "attention": trainer.model.config._attn_implementation}
+    return {
+        "variant": variant,
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "gc": gc,
+        "params": n_params,
+        "micro": micro,
+        "accum": accum,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "attention": trainer.model.config._attn_implementation,
+    }
 
 
 def _attention(variant: str, device: str) -> str:
@@ -247,7 +334,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--peak-tflops", type=float, default=None, help="Peak dense bf16 TFLOP/s of this GPU for MFU.")
     p.add_argument("--timeout", type=int, default=150, help="Seconds allowed per variant (an OOM or hang is reported).")
-    p.add_argument("--inline", action="store_true", help="Run the variants in this process (smoke tests; shared peak memory).")
+    p.add_argument(
+        "--inline", action="store_true", help="Run the variants in this process (smoke tests; shared peak memory)."
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -261,7 +350,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorafit-gpu-") as tmp:
         work = Path(tmp)
         (work / "seq").write_text(str(seq))
-        (work / "samples.json").write_text(json.dumps(samples(64 if a.tiny else 3000, seq, (TINY if a.tiny else LLAMA31_8B)["vocab_size"])))
+        (work / "samples.json").write_text(
+            json.dumps(samples(64 if a.tiny else 3000, seq, (TINY if a.tiny else LLAMA31_8B)["vocab_size"]))
+        )
         results = []
         for variant in a.variants.split(","):
             results.append(_run(variant, work, a, steps, warmup))
@@ -273,11 +364,16 @@ def _preflight(tiny: bool) -> None:
     """A GPU machine may lack lorafit's lighter dependencies: say exactly what to bring rather than fail later."""
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers", "peft", "accelerate", "pydantic", "yaml", "numpy")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("torch", "transformers", "peft", "accelerate", "pydantic", "yaml", "numpy")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        raise SystemExit(f"missing packages: {', '.join(missing)}. Install lorafit (pip install -e .) or bring the "
-                         "wheels (see bench/README.md, 'GPU machine without network').")
+        raise SystemExit(
+            f"missing packages: {', '.join(missing)}. Install lorafit (pip install -e .) or bring the "
+            "wheels (see bench/README.md, 'GPU machine without network')."
+        )
     if not tiny:
         import torch
 
@@ -289,10 +385,23 @@ def _run(variant: str, work: Path, a, steps: int, warmup: int) -> dict:
     if a.inline:
         started = time.perf_counter()
         return {**measure(variant, work, a.tiny, steps, warmup), "wall": time.perf_counter() - started}
-    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work), "--steps", str(steps), "--warmup",
-           str(warmup)] + (["--tiny"] if a.tiny else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ] + (["--tiny"] if a.tiny else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+    }
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
@@ -305,7 +414,7 @@ def _run(variant: str, work: Path, a, steps: int, warmup: int) -> dict:
         sys.stderr.write("\n".join(tail) + "\n")
         said = tail[-1] if tail and "not run" in tail[-1] else f"failed (exit {proc.returncode})"
         return {"variant": variant, "error": "out of memory" if oom else said}
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     out["wall"] = time.perf_counter() - started
     return out
 
@@ -324,8 +433,12 @@ def _line(r: dict, a) -> str:
     if "error" in r:
         return f"{r['variant']:18s} {r['error']}"
     mfu, hfu = _utilisation(r, a), _utilisation(r, a, hardware=True)
-    return (f"{r['variant']:18s} {r['tokens'] / r['seconds']:10,.0f} real tok/s  "
-            f"peak {r['peak_bytes'] / 2**30:6.1f} GiB" + (f"  MFU {mfu:.1%}  HFU {hfu:.1%}" if mfu is not None else "") + f"  ({r['wall']:.0f} s in all)")
+    return (
+        f"{r['variant']:18s} {r['tokens'] / r['seconds']:10,.0f} real tok/s  "
+        f"peak {r['peak_bytes'] / 2**30:6.1f} GiB"
+        + (f"  MFU {mfu:.1%}  HFU {hfu:.1%}" if mfu is not None else "")
+        + f"  ({r['wall']:.0f} s in all)"
+    )
 
 
 def _ratio(r: dict, base: dict | None) -> str:
@@ -344,25 +457,51 @@ def report(results: list[dict], a, steps: int, warmup: int, seq: int) -> None:
             rows.append([r["variant"], "—", "—", "—", "—", "—", "—", "—", r["error"]])
             continue
         mfu, hfu = _utilisation(r, a), _utilisation(r, a, hardware=True)
-        kind = "packed rows" if r["variant"].startswith("lorafit") else (
-            "samples, one flat row" if r["variant"] == "transformers_flat" else "padded samples")
+        kind = (
+            "packed rows"
+            if r["variant"].startswith("lorafit")
+            else ("samples, one flat row" if r["variant"] == "transformers_flat" else "padded samples")
+        )
         batch = f"{r['micro']} {kind} x {r['accum']}" + (", checkpointing" if r["gc"] else "")
-        rows.append([r["variant"], f"{r['tokens'] / r['seconds']:,.0f}", "—" if mfu is None else f"{mfu:.1%}",
-                     "—" if hfu is None else f"{hfu:.1%}", f"{r['peak_bytes'] / 2**30:.1f}", batch, r["attention"],
-                     _ratio(r, by_name.get(BASELINE.get(r["variant"], ""))),
-                     _ratio(r, by_name.get("transformers_flat")) if r["variant"] == "lorafit" else ""])
+        rows.append(
+            [
+                r["variant"],
+                f"{r['tokens'] / r['seconds']:,.0f}",
+                "—" if mfu is None else f"{mfu:.1%}",
+                "—" if hfu is None else f"{hfu:.1%}",
+                f"{r['peak_bytes'] / 2**30:.1f}",
+                batch,
+                r["attention"],
+                _ratio(r, by_name.get(BASELINE.get(r["variant"], ""))),
+                _ratio(r, by_name.get("transformers_flat")) if r["variant"] == "lorafit" else "",
+            ]
+        )
     device = next((r["device"] for r in results if "device" in r), "?")
-    body = "\n".join([
-        f"### {device}: Llama 3.1 8B LoRA ({time.strftime('%Y-%m-%d')})",
-        "",
-        f"`PYTHONPATH=src python bench/gpu.py{' --tiny' if a.tiny else ''}` — {steps} timed optimizer steps after "
-        f"{warmup} warm-up, seq {seq}, LoRA r=16 all-linear, {'fp32 (CPU smoke test)' if a.tiny else 'bf16'}. "
-        f"MFU counts model FLOPs (4N per token); HFU counts recomputation too (6N with checkpointing). Each lorafit "
-        f"variant is compared with the plain Trainer at the same checkpointing setting. Machine: {machine()}.",
-        "",
-        table(["variant", "real tokens/s", "MFU", "HFU", "peak GiB", "micro-batch x accumulation", "attention",
-               "vs plain Trainer, same checkpointing", "vs padding-free flash baseline"], rows),
-    ])
+    body = "\n".join(
+        [
+            f"### {device}: Llama 3.1 8B LoRA ({time.strftime('%Y-%m-%d')})",
+            "",
+            f"`PYTHONPATH=src python bench/gpu.py{' --tiny' if a.tiny else ''}` — {steps} timed optimizer steps after "
+            f"{warmup} warm-up, seq {seq}, LoRA r=16 all-linear, {'fp32 (CPU smoke test)' if a.tiny else 'bf16'}. "
+            f"MFU counts model FLOPs (4N per token); HFU counts recomputation too (6N with checkpointing). Each lorafit "
+            f"variant is compared with the plain Trainer at the same checkpointing setting. Machine: {machine()}.",
+            "",
+            table(
+                [
+                    "variant",
+                    "real tokens/s",
+                    "MFU",
+                    "HFU",
+                    "peak GiB",
+                    "micro-batch x accumulation",
+                    "attention",
+                    "vs plain Trainer, same checkpointing",
+                    "vs padding-free flash baseline",
+                ],
+                rows,
+            ),
+        ]
+    )
     print("\n" + body)
     if not a.tiny:
         print(f"\nappended to {write_section('gpu', body, append=True)}")

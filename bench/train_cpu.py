@@ -41,8 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 TOY = "toy"
 TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3" / "tokenizer.model"))
-MODEL = dict(vocab_size=128_256, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-             intermediate_size=688, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=128_256,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=688,
+    max_position_embeddings=2048,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_LENGTH = 1024
 LEARNING_RATE = 2e-4
@@ -63,8 +72,13 @@ def make_dataset(path: Path, n: int, seed: int, tokenizer) -> None:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = sorted({t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower()
-                    and 3 <= len(t) <= 10})
+    words = sorted(
+        {
+            t[1:]
+            for t in tokenizer.get_vocab()
+            if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower() and 3 <= len(t) <= 10
+        }
+    )
 
     def text(median: float, sigma: float, cap: int) -> str:
         count = int(min(cap, max(1, rng.lognormal(np.log(median), sigma))))
@@ -72,8 +86,11 @@ def make_dataset(path: Path, n: int, seed: int, tokenizer) -> None:
 
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
-            row = {"instruction": text(12, 0.4, 60), "input": text(15, 0.8, 200) if rng.random() < 0.4 else "",
-                   "output": text(40, 0.9, 650)}
+            row = {
+                "instruction": text(12, 0.4, 60),
+                "input": text(15, 0.8, 200) if rng.random() < 0.4 else "",
+                "output": text(40, 0.9, 650),
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -82,8 +99,12 @@ def make_model(folder: Path, tokenizer) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**MODEL, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        **MODEL,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -98,14 +119,17 @@ def lorafit_config(work: Path, rows_per_step: int, name: str, data: Path, model:
         training.update(micro_batch_size=rows_per_step, precision="fp32")
     elif rows_per_step > 0:
         training.update(micro_batch_size=rows_per_step)
-    return RunConfig.model_validate({
-        "model": {"name": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"} if model == TOY
-        else {"name": model},
-        "data": {"train": [str(data)], "max_length": MAX_LENGTH, "packing": True},
-        "lora": {**LORA, "target_modules": "all-linear"},
-        "training": training,
-        "output": {"dir": str(work / "runs"), "name": name, "overwrite": True},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {"name": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"}
+            if model == TOY
+            else {"name": model},
+            "data": {"train": [str(data)], "max_length": MAX_LENGTH, "packing": True},
+            "lora": {**LORA, "target_modules": "all-linear"},
+            "training": training,
+            "output": {"dir": str(work / "runs"), "name": name, "overwrite": True},
+        }
+    )
 
 
 def model_folder(work: Path, model: str) -> Path:
@@ -167,12 +191,18 @@ def child_lorafit(work: Path, rows_per_step: int, data: Path, model_name: str) -
     run_dir = run_training(cfg, quiet=True, callbacks=[clock])
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"real_tokens": counts["real"], "seconds": clock.last - clock.first, "steps": summary["steps"],
-            "cpu_seconds": clock.cpu_last - clock.cpu_first,
-            "padding_efficiency": round(counts["real"] / counts["computed"], 4),
-            "final_loss": [r for r in losses if "loss" in r][-1]["loss"], "train_loss": summary["train_loss"],
-            "first_step_s": clock.first - STARTED, "micro_batch_size": cfg.training.micro_batch_size,
-            "micro_batches": counts["batches"]}
+    return {
+        "real_tokens": counts["real"],
+        "seconds": clock.last - clock.first,
+        "steps": summary["steps"],
+        "cpu_seconds": clock.cpu_last - clock.cpu_first,
+        "padding_efficiency": round(counts["real"] / counts["computed"], 4),
+        "final_loss": [r for r in losses if "loss" in r][-1]["loss"],
+        "train_loss": summary["train_loss"],
+        "first_step_s": clock.first - STARTED,
+        "micro_batch_size": cfg.training.micro_batch_size,
+        "micro_batches": counts["batches"],
+    }
 
 
 def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str) -> dict:
@@ -191,14 +221,37 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str
     dataset = prepare_data(cfg.data, tokenizer, seed=0).train  # the same input_ids and labels lorafit trains
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     clock = clock_callback()
-    args = SFTConfig(output_dir=str(work / "runs" / "trl"), max_length=MAX_LENGTH, packing=packing, num_train_epochs=1,
-                     per_device_train_batch_size=batch, learning_rate=LEARNING_RATE, logging_steps=1, seed=0,
-                     bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none",
-                     disable_tqdm=True, dataset_num_proc=None)
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[clock])
+    args = SFTConfig(
+        output_dir=str(work / "runs" / "trl"),
+        max_length=MAX_LENGTH,
+        packing=packing,
+        num_train_epochs=1,
+        per_device_train_batch_size=batch,
+        learning_rate=LEARNING_RATE,
+        logging_steps=1,
+        seed=0,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    peft_config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[clock],
+    )
     result = trainer.train()
     real = computed = 0
     for b in trainer.get_train_dataloader():  # replay the batches (same seed) to count padding
@@ -209,10 +262,16 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str
             real += b["input_ids"].numel()
             computed += b["input_ids"].numel()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"real_tokens": real, "seconds": clock.last - clock.first, "steps": trainer.state.global_step,
-            "cpu_seconds": clock.cpu_last - clock.cpu_first,
-            "padding_efficiency": round(real / computed, 4), "final_loss": losses[-1],
-            "train_loss": result.training_loss, "first_step_s": clock.first - STARTED}
+    return {
+        "real_tokens": real,
+        "seconds": clock.last - clock.first,
+        "steps": trainer.state.global_step,
+        "cpu_seconds": clock.cpu_last - clock.cpu_first,
+        "padding_efficiency": round(real / computed, 4),
+        "final_loss": losses[-1],
+        "train_loss": result.training_loss,
+        "first_step_s": clock.first - STARTED,
+    }
 
 
 def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, model_name: str) -> None:
@@ -225,8 +284,9 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
     if variant == "lorafit":
         out = child_lorafit(work, rows_per_step, data, model_name)
     else:
-        out = child_trl(work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data,
-                        model_name)
+        out = child_trl(
+            work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data, model_name
+        )
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["tokens_per_second"] = out["real_tokens"] / out["seconds"]
     out["tokens_per_cpu_second"] = out["real_tokens"] / out["cpu_seconds"]
@@ -235,27 +295,46 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
 
 # -- driver -----------------------------------------------------------------------------------------
 def run_child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, model_name: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work), "--rows-per-step", str(rows_per_step),
-           "--batch", str(batch), "--data", str(data), "--model", model_name]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--work",
+        str(work),
+        "--rows-per-step",
+        str(rows_per_step),
+        "--batch",
+        str(batch),
+        "--data",
+        str(data),
+        "--model",
+        model_name,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{variant} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=TOY, help="`toy` (random, 128k vocabulary) or an embedded model, e.g. "
-                   "smollm2-135m-instruct (real weights, lorafit at its defaults).")
+    p.add_argument(
+        "--model",
+        default=TOY,
+        help="`toy` (random, 128k vocabulary) or an embedded model, e.g. "
+        "smollm2-135m-instruct (real weights, lorafit at its defaults).",
+    )
     p.add_argument("--samples", type=int, default=64, help="Training rows (one epoch each run).")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="TRL's per-device batch without packing (its default: 8).")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's, one per core).")
-    p.add_argument("--micro-batch", type=int, default=0, help="Real model: lorafit's micro_batch_size (default: "
-                   "lorafit's own default).")
+    p.add_argument(
+        "--micro-batch", type=int, default=0, help="Real model: lorafit's micro_batch_size (default: lorafit's own)."
+    )
     p.add_argument("--quick", action="store_true", help="Smoke test: 24 samples, 1 repeat, BENCHMARKS.md untouched.")
     p.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -296,21 +375,26 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
         rows_per_step = max(1, round(a.batch * mean_len / MAX_LENGTH))
     else:  # lorafit at its defaults; TRL's packed batches get about as many tokens per forward pass
         rows_per_step = max(1, round(tokens_per_forward / MAX_LENGTH))
-    print(f"{a.samples} samples, mean {mean_len:.0f} tokens; TRL batch {a.batch} samples, packed runs "
-          f"{rows_per_step} row(s) of {MAX_LENGTH} per step; lorafit ~{tokens_per_forward:.0f} tokens per forward",
-          flush=True)
+    print(
+        f"{a.samples} samples, mean {mean_len:.0f} tokens; TRL batch {a.batch} samples, packed runs "
+        f"{rows_per_step} row(s) of {MAX_LENGTH} per step; lorafit ~{tokens_per_forward:.0f} tokens per forward",
+        flush=True,
+    )
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rep in range(a.repeats):
-        order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]  # rotate who goes first
+        order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]  # rotate who goes first
         for variant in order:
-            r = run_child(variant, work, a.micro_batch if variant == "lorafit" and a.model != TOY else rows_per_step,
-                          a.batch, data, a.model)
+            lorafit_batch = a.micro_batch if variant == "lorafit" and a.model != TOY else rows_per_step
+            r = run_child(variant, work, lorafit_batch, a.batch, data, a.model)
             results[variant].append(r)
-            print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
-                  f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
-                  f"{r['steps']} steps  padding eff {r['padding_efficiency']:.3f}  rss {r['peak_rss_mb']} MB  "
-                  f"final loss {r['final_loss']:.3f}  first step after {r['first_step_s']:.1f} s  load "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
+                f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
+                f"{r['steps']} steps  padding eff {r['padding_efficiency']:.3f}  rss {r['peak_rss_mb']} MB  "
+                f"final loss {r['final_loss']:.3f}  first step after {r['first_step_s']:.1f} s  load "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     return results, rows_per_step
 
 
@@ -335,8 +419,11 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
     def pair_ratios(v: str, key: str) -> list[float]:
         return [lf[key] / t[key] for lf, t in zip(results["lorafit"], results[v])]
 
-    names = {"lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
-             "trl": "TRL SFTTrainer (defaults)", "trl_packing": "TRL SFTTrainer (packing=True)"}
+    names = {
+        "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
+        "trl": "TRL SFTTrainer (defaults)",
+        "trl_packing": "TRL SFTTrainer (packing=True)",
+    }
     rows = []
     for v in VARIANTS:
         m = med[v]
@@ -344,49 +431,78 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         for key in ("tokens_per_cpu_second", "tokens_per_second", "peak_rss_mb"):
             r = pair_ratios(v, key) if v != "lorafit" else []
             ratios.append("—" if not r else f"**{statistics.median(r):.2f}x** ({', '.join(f'{x:.2f}' for x in r)})")
-        rows.append([names[v], f"{m['tokens_per_second']:.0f}", f"{m['tokens_per_cpu_second']:.0f}", *ratios[:2],
-                     f"{m['padding_efficiency']:.3f}", f"{m['peak_rss_mb']:.0f}", ratios[2], f"{m['final_loss']:.3f}",
-                     f"{m['train_loss']:.3f}", int(m["steps"]), f"{m['first_step_s']:.1f}"])
-    headers = ["trainer", "real tokens/s", "real tokens per CPU-second", "lorafit / this, CPU time (per pair)",
-               "lorafit / this, wall time (per pair)", "padding efficiency", "peak RSS MB", "lorafit / this, RSS",
-               "final loss", "mean train loss", "steps", "s to first step"]
+        rows.append(
+            [
+                names[v],
+                f"{m['tokens_per_second']:.0f}",
+                f"{m['tokens_per_cpu_second']:.0f}",
+                *ratios[:2],
+                f"{m['padding_efficiency']:.3f}",
+                f"{m['peak_rss_mb']:.0f}",
+                ratios[2],
+                f"{m['final_loss']:.3f}",
+                f"{m['train_loss']:.3f}",
+                int(m["steps"]),
+                f"{m['first_step_s']:.1f}",
+            ]
+        )
+    headers = [
+        "trainer",
+        "real tokens/s",
+        "real tokens per CPU-second",
+        "lorafit / this, CPU time (per pair)",
+        "lorafit / this, wall time (per pair)",
+        "padding efficiency",
+        "peak RSS MB",
+        "lorafit / this, RSS",
+        "final loss",
+        "mean train loss",
+        "steps",
+        "s to first step",
+    ]
     lf = results["lorafit"][0]
     if a.model == TOY:
         section = "train_cpu"
         title = f"## Training throughput on CPU, toy model (LM head {share:.0%} of the FLOPs): lorafit vs TRL"
-        model = (f"Model: random Llama, vocab 128,256, hidden 256, 4 layers, 8/2 heads, intermediate 688, fp32: its LM "
-                 f"head is {share:.0%} of the matmul FLOPs per token (Llama 3.1 8B: ~6.5%), where lorafit's chunked "
-                 f"loss gains most, so read this table as the upper end; the real-model table above is the typical "
-                 f"case. "
-                 f"LoRA r=16 all-linear; max_length {MAX_LENGTH}; {a.samples} Alpaca-like samples (random vocabulary "
-                 f"words), 1 epoch; TRL batch {a.batch} samples, packed runs {rows_per_step} row(s) per step.")
+        model = (
+            f"Model: random Llama, vocab 128,256, hidden 256, 4 layers, 8/2 heads, intermediate 688, fp32: its LM "
+            f"head is {share:.0%} of the matmul FLOPs per token (Llama 3.1 8B: ~6.5%), where lorafit's chunked "
+            f"loss gains most, so read this table as the upper end; the real-model table above is the typical "
+            f"case. "
+            f"LoRA r=16 all-linear; max_length {MAX_LENGTH}; {a.samples} Alpaca-like samples (random vocabulary "
+            f"words), 1 epoch; TRL batch {a.batch} samples, packed runs {rows_per_step} row(s) per step."
+        )
     else:
         title, section = f"## Training throughput on CPU, real model ({a.model}): lorafit vs TRL", "train_cpu_real"
-        model = (f"Model: the embedded {a.model}'s real weights (fp32; LM head {share:.0%} of the matmul FLOPs per "
-                 f"token); {a.samples} Alpaca-like samples of real English sentences (bench/_alpaca.py), 1 epoch, "
-                 f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults"
-                 f"{' but the micro-batch' if a.micro_batch else ''} "
-                 f"(micro_batch_size {lf['micro_batch_size']}: {lf['real_tokens'] / lf['micro_batches']:.0f} tokens "
-                 f"per forward); TRL batch {a.batch} samples; TRL packing {rows_per_step} row(s) of {MAX_LENGTH} per "
-                 f"step.")
+        model = (
+            f"Model: the embedded {a.model}'s real weights (fp32; LM head {share:.0%} of the matmul FLOPs per "
+            f"token); {a.samples} Alpaca-like samples of real English sentences (bench/_alpaca.py), 1 epoch, "
+            f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults"
+            f"{' but the micro-batch' if a.micro_batch else ''} "
+            f"(micro_batch_size {lf['micro_batch_size']}: {lf['real_tokens'] / lf['micro_batches']:.0f} tokens "
+            f"per forward); TRL batch {a.batch} samples; TRL packing {rows_per_step} row(s) of {MAX_LENGTH} per "
+            f"step."
+        )
     threads = f"{a.threads} torch thread(s) per run" if a.threads else "torch's default threads"
-    body = "\n".join([
-        title,
-        "",
-        f"`PYTHONPATH=src python bench/train_cpu.py{'' if a.model == TOY else ' --model ' + a.model} --samples "
-        f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}"
-        f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}` (medians of {a.repeats} "
-        f"alternating repeats; {time.strftime('%Y-%m-%d')})",
-        "",
-        f"Machine: {machine()}, {threads}; load average {os.getloadavg()[1]:.1f} over the last 5 min (other jobs "
-        f"share it). Wall time swings with other jobs; CPU time (user + sys of the training process, first step to "
-        f"last) much less, so the headline ratio is on CPU time (on an idle machine the two ratios coincide). Peak RSS "
-        f"is the training process's (model, data and training). TRL {_version('trl')}, transformers "
-        f"{_version('transformers')}, peft {_version('peft')}.",
-        model + " TRL: defaults but fp32 and no gradient checkpointing (as lorafit on CPU).",
-        "",
-        table(headers, rows),
-    ])
+    body = "\n".join(
+        [
+            title,
+            "",
+            f"`PYTHONPATH=src python bench/train_cpu.py{'' if a.model == TOY else ' --model ' + a.model} --samples "
+            f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}"
+            f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}` (medians of {a.repeats} "
+            f"alternating repeats; {time.strftime('%Y-%m-%d')})",
+            "",
+            f"Machine: {machine()}, {threads}; load average {os.getloadavg()[1]:.1f} over the last 5 min (other jobs "
+            f"share it). Wall time swings with other jobs; CPU time (user + sys of the training process, first step to "
+            f"last) much less, so the headline ratio is on CPU time (on an idle machine the two ratios coincide). Peak RSS "
+            f"is the training process's (model, data and training). TRL {_version('trl')}, transformers "
+            f"{_version('transformers')}, peft {_version('peft')}.",
+            model + " TRL: defaults but fp32 and no gradient checkpointing (as lorafit on CPU).",
+            "",
+            table(headers, rows),
+        ]
+    )
     print("\n" + body)
     if not a.quick:
         print(f"\nwrote {write_section(section, body)}")

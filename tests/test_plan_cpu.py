@@ -20,8 +20,15 @@ SENTENCE = "The harbour master of Quillmoor writes down the name, cargo and hour
 def long_rows(n: int) -> list[dict]:
     """Answers longer than any max_length used here: cut on the right, every sample fills one packed row exactly."""
     answer = " ".join(SENTENCE.format(i) for i in range(60))
-    return [{"messages": [{"role": "user", "content": f"Tell me about boat {k}."},
-                          {"role": "assistant", "content": answer}]} for k in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell me about boat {k}."},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+        for k in range(n)
+    ]
 
 
 @pytest.mark.slow
@@ -31,8 +38,11 @@ def test_plan_holds_the_measured_peak_of_a_cpu_run(tmp_path, smollm2_dir, max_le
     full row of max_length tokens per micro-batch: the plan's CPU total is within 15% of the run's peak RSS."""
     config = {
         "model": {"name": "smollm2-135m-instruct"},
-        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", long_rows(4))), "max_length": max_length,
-                 "truncation": "right"},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", long_rows(4))),
+            "max_length": max_length,
+            "truncation": "right",
+        },
         "training": {"max_steps": 2, "micro_batch_size": 1},
         "output": {"dir": str(tmp_path / "runs"), "name": "cpu"},
     }
@@ -63,15 +73,24 @@ def _saved_per_token_layer(dropout: float, kernel: str, samples: int) -> float:
     saved = {}
     for layers in (2, 3):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_attention_heads=4,
-                                             num_key_value_heads=2, num_hidden_layers=layers, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=96,
+                intermediate_size=160,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=layers,
+                attn_implementation="sdpa",
+            )
+        )
         assert training_attention(model, kernel) == f"lorafit_{kernel}"
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL)).train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for tokens in (32, 64):
             seen = {}
 
-            def pack(t, seen=seen):
+            def pack(t, seen=seen, params=params):
                 if t.untyped_storage().data_ptr() not in params:
                     seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
@@ -91,7 +110,15 @@ def test_cpu_activation_formula_equals_what_autograd_saves(dropout, samples):
     from lorafit.plan.architecture import Arch
     from lorafit.plan.memory import activation_bytes_per_token_layer
 
-    formula = activation_bytes_per_token_layer(Arch(96, 160, 3, 4, 2, 24, 256), ALL, 8, dropout=dropout, act=4,
-                                               residual=4, kv_expanded=True, mask_bytes=4,
-                                               attn_out_shared=samples == 1)
+    formula = activation_bytes_per_token_layer(
+        Arch(96, 160, 3, 4, 2, 24, 256),
+        ALL,
+        8,
+        dropout=dropout,
+        act=4,
+        residual=4,
+        kv_expanded=True,
+        mask_bytes=4,
+        attn_out_shared=samples == 1,
+    )
     assert formula == _saved_per_token_layer(dropout, "sdpa", samples)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 import typer
 
 from lorafit.errors import LorafitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune Llama 3.x (and other Llama-architecture models) with LoRA / QLoRA on your own data.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Llama 3.x (and other Llama-architecture models) with LoRA / QLoRA on your own data.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(data_app, name="data")
 
@@ -43,7 +46,9 @@ def _setup_logging(debug: bool) -> None:
 @app.command()
 def train(
     config: str = typer.Argument(..., help="Run config YAML (see configs/)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides, e.g. training.learning_rate=1e-4 lora.r=8."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Field overrides, e.g. training.learning_rate=1e-4 lora.r=8."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint of this run."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (for logs)."),
 ):
@@ -59,20 +64,23 @@ def train(
 @app.command()
 def chat(
     target: str = typer.Argument(..., help="Run directory, merged model folder, or GGUF file."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    system: str | None = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
+    tools: str | None = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
-    """Multi-turn streaming chat (/reset, /system TEXT, /exit)."""
+    """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed, results pasted."""
     from lorafit.inference.chat import chat as run_chat
 
-    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(target, system=system, max_new_tokens=max_new_tokens, temperature=temperature, tools_file=tools)
 
 
 @app.command()
 def merge(
     run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
-    out: str = typer.Option(..., "--out", help="New folder for the merged model (refused if it exists and is not empty)."),
+    out: str = typer.Option(
+        ..., "--out", help="New folder for the merged model (refused if it exists and is not empty)."
+    ),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
 ):
     """Merge the adapter into its base: a plain model folder for transformers, vLLM or GGUF conversion."""
@@ -83,39 +91,90 @@ def merge(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge`."),
-    out: str = typer.Option(..., "--out", help="Output .gguf file (refused if it exists)."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (for llama.cpp and Ollama)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or q8_0."),
+    source: str = typer.Argument(
+        ..., help="Run directory, or a model folder written by `lorafit merge` (gguf, ollama)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="gguf: the .gguf file; ollama / vllm: a new folder (refused if it exists and is not empty)."
+    ),
+    fmt: str = typer.Option(
+        "gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile) or vllm (adapter + serve command)."
+    ),
+    outtype: str = typer.Option("f16", "--outtype", help="GGUF weights: f16, bf16 or q8_0."),
 ):
-    """Write a GGUF file (llama.cpp / Ollama) with the tokenizer and chat template inside."""
+    """Write the model for llama.cpp (GGUF), Ollama (GGUF + Modelfile) or vLLM (adapter, chat template, command)."""
     from lorafit.errors import ConfigError
 
-    if fmt != "gguf":
-        raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
-    from lorafit.export.gguf import export_gguf
+    if fmt == "gguf":
+        from lorafit.export.gguf import export_gguf
 
-    path = export_gguf(source, out, outtype)
-    print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        path = export_gguf(source, out, outtype)
+        print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    elif fmt == "ollama":
+        from lorafit.export.ollama import export_ollama
+
+        folder = export_ollama(source, out, outtype)
+        print(
+            f"Ollama model written to {folder} (Modelfile + GGUF)\nnext: ollama create NAME -f {folder / 'Modelfile'}"
+        )
+    elif fmt == "vllm":
+        from lorafit.export.vllm import export_vllm
+
+        folder, command = export_vllm(source, out)
+        import shlex
+
+        print(f"vLLM files written to {folder}\nserve with ({folder / 'serve.sh'}):\n{shlex.join(command)}")
+    else:
+        raise ConfigError(
+            f"`--format` must be gguf, ollama or vllm, got {fmt!r}.",
+            "For safetensors use `lorafit merge RUN_DIR --out DIR`.",
+        )
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    gguf: str | None = typer.Option(None, "--gguf", help="GGUF file to check (default: a temporary f16 export)."),
+    prompts: str | None = typer.Option(
+        None,
+        "--prompts",
+        help="JSONL (`prompt`, `question` or `messages`) or a text file; default: the run's eval.prompts.",
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    min_identical: float | None = typer.Option(
+        None, "--min-identical", help="Fraction of answers that must be identical (default 0.9; q8_0 GGUF 0.7)."
+    ),
+):
+    """Same prompts through transformers (base + adapter), the merged model and the GGUF in llama.cpp; exit 1 on disagreement."""
+    from lorafit.export.verify import verify as run_verify
+
+    raise typer.Exit(run_verify(run_dir, gguf, prompts, max_new_tokens, min_identical))
 
 
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="Run directory, merged model folder, GGUF file, or smollm2-135m-instruct."),
-    prompts: str = typer.Option(..., "--prompts", help="JSONL with `prompt` or `messages` per line, or a text file (one prompt per line)."),
-    out: str = typer.Option(..., "--out", help="Output JSONL: {\"prompt\", \"response\"} per line."),
+    prompts: str = typer.Option(
+        ..., "--prompts", help="JSONL with `prompt` or `messages` per line, or a text file (one prompt per line)."
+    ),
+    out: str = typer.Option(..., "--out", help='Output JSONL: {"prompt", "response"} per line.'),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     sample: bool = typer.Option(False, "--sample", help="Sample (temperature, top-p) instead of greedy decoding."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(0.9, "--top-p"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    system: str | None = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    tools: str | None = typer.Option(
+        None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."
+    ),
 ):
-    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token."""
+    """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token; calls are parsed."""
     from lorafit.inference.generate import generate as run_generate
 
-    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system)
+    path = run_generate(
+        target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system, tools_file=tools
+    )
     print(f"answers written to {path}")
 
 
@@ -126,18 +185,25 @@ def compare(
     limit: int = typer.Option(10, "--limit", help="Questions shown side by side (the loss uses every row)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    tool_limit: int = typer.Option(
+        200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."
+    ),
 ):
-    """Base vs fine-tuned: answers side by side and both validation losses on the same data."""
+    """Base vs fine-tuned: answers side by side, both validation losses, and tool-call accuracy on the same data."""
     from lorafit.inference.compare import compare as run_compare
 
-    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json)
+    run_compare(run_dir, data, limit=limit, max_new_tokens=max_new_tokens, as_json=as_json, tool_limit=tool_limit)
 
 
 @app.command()
 def plan(
-    config: str = typer.Argument(..., help="Run config YAML (the model is built on the meta device: no weights loaded)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."),
+    config: str = typer.Argument(
+        ..., help="Run config YAML (the model is built on the meta device: no weights loaded)."
+    ),
+    overrides: list[str] | None = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ):
     """Exact parameter counts, the LoRA arithmetic and a memory estimate; which GPUs it fits and what would make it fit."""
@@ -148,21 +214,38 @@ def plan(
 
 @app.command()
 def demo(
-    config: str = typer.Option("configs/demo.yaml", "--config", help="Demo config."),
-    heldout: str = typer.Option("examples/heldout.jsonl", "--heldout", help="Held-out questions with the key fact of each answer."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides."),
+    config: str | None = typer.Option(
+        None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."
+    ),
+    heldout: str | None = typer.Option(
+        None,
+        "--heldout",
+        help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl).",
+    ),
+    tools: bool = typer.Option(
+        False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."
+    ),
+    overrides: list[str] | None = typer.Argument(None, help="Field overrides."),
 ):
     """Fine-tune the embedded SmolLM2 on examples/ and compare base vs tuned answers on held-out questions."""
+    if tools:
+        from lorafit.demo_tools import TOOL_CONFIG, TOOL_HELDOUT, run_tool_demo
+
+        raise typer.Exit(run_tool_demo(config or TOOL_CONFIG, heldout or TOOL_HELDOUT, overrides or []))
     from lorafit.demo import run_demo
 
-    raise typer.Exit(run_demo(config, heldout, overrides or []))
+    raise typer.Exit(run_demo(config or "configs/demo.yaml", heldout or "examples/heldout.jsonl", overrides or []))
 
 
 @data_app.command("check")
 def data_check(
     target: str = typer.Argument(..., help="Data file, glob or folder, or a run config YAML."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model whose tokenizer and chat template to use (default: the config's, else smollm2-135m-instruct)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Override data.max_length."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Model whose tokenizer and chat template to use (default: the config's, else smollm2-135m-instruct).",
+    ),
+    max_length: int | None = typer.Option(None, "--max-length", help="Override data.max_length."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ):
     """Validate and measure training data with only the tokenizer loaded; exit 2 if it cannot train."""
@@ -213,8 +296,11 @@ def main() -> None:
             raise
         from lorafit.redact import redact
 
-        print(f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
-              "and please report it.", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
+            "and please report it.",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

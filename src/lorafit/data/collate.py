@@ -65,7 +65,11 @@ class FlattenCollator:
             ids += f["input_ids"]
             labels += f["labels"]
             positions += f["position_ids"] if "position_ids" in f else list(range(len(f["input_ids"])))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
 
 
 class BlockMaskCollator:
@@ -89,15 +93,17 @@ class BlockMaskCollator:
             labels[b, :n] = torch.as_tensor(f["labels"])
             start = 0
             for k, length in enumerate(_segments(f)):
-                positions[b, start:start + length] = torch.arange(length)
-                segment[b, start:start + length] = k
+                positions[b, start : start + length] = torch.arange(length)
+                segment[b, start : start + length] = k
                 start += length
             positions[b, n:] = torch.arange(width - n)
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, T, T)
         allowed = allowed[:, None]  # (B, 1, T, T)
         if self.additive:
-            mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+            mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(
+                ~allowed, torch.finfo(torch.float32).min
+            )
         else:
             mask = allowed
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}

@@ -29,11 +29,19 @@ from lorafit.hf_compat import compile_chat_template
 class Encoder:
     """Tokenizes batches of normalised rows. Picklable, so `datasets.map(num_proc=N)` can ship it."""
 
-    def __init__(self, tokenizer, template: str, train_on: str = "assistant", system_prompt: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        train_on: str = "assistant",
+        system_prompt: str | None = None,
+        tools_in_user_message: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
         self.system_prompt = system_prompt
+        self.tools_in_user_message = tools_in_user_message
         self.bos = adds_bos(tokenizer)
         self.end_ids = set(end_of_turn_ids(tokenizer, template)) if template else set()
         self.text_end = text_end_id(tokenizer)
@@ -52,10 +60,19 @@ class Encoder:
         self.__dict__.update(state)
         self._jinja = self._fast_jinja()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, tools: dict | None = None) -> str:
+        if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):  # tool rows: see tool_render.py
+            return render(
+                self.tokenizer, messages, self.template, add_generation_prompt, tools, self.tools_in_user_message
+            )
         if self._jinja is not None:
-            return self._jinja.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                                      **self._special)
+            return self._jinja.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._special,
+            )
         return render(self.tokenizer, messages, self.template, add_generation_prompt)
 
     def _fast_jinja(self):
@@ -65,9 +82,15 @@ class Encoder:
             return None
         try:
             compiled = compile_chat_template(self.tokenizer.chat_template)
-            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+            probe = [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+            ]
             for gen, msgs in ((False, probe), (True, probe[:2])):
-                fast = compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **self._special)
+                fast = compiled.render(
+                    messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **self._special
+                )
                 if fast != render(self.tokenizer, msgs, self.template, gen):
                     return None
             return compiled
@@ -86,7 +109,7 @@ class Encoder:
         text into the special token itself: a `<|eot_id|>` inside an answer ends the turn early in training."""
         if self._special_re is None:
             return ""
-        for content in [m["content"] for m in messages] if messages else [text or ""]:
+        for content in [_text_of(m) for m in messages] if messages else [text or ""]:
             if any(c in content for c in self._special_firsts):  # cheap pre-check: most text has no `<`
                 found = self._special_re.search(content)
                 if found:
@@ -94,10 +117,10 @@ class Encoder:
         return ""
 
     # -- one conversation -------------------------------------------------------------------------
-    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def segments(self, messages: list[dict], tools: dict | None = None) -> list[tuple[str, bool]]:
         """(text, trained) pieces whose concatenation is the rendered conversation."""
         messages = with_system(messages, self.system_prompt)
-        full = self.render(messages, False)
+        full = self.render(messages, False, tools)
         if self.train_on == "all":
             return [(full, True)]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -105,22 +128,27 @@ class Encoder:
             turns = turns[-1:]
         pieces, cursor = [], 0
         for i in turns:
-            start = self.render(messages[:i], True)
-            end = full if i == len(messages) - 1 else self.render(messages[: i + 1], False)
+            start = self.render(messages[:i], True, tools)
+            end = full if i == len(messages) - 1 else self.render(messages[: i + 1], False, tools)
             if not (full.startswith(start) and full.startswith(end) and cursor <= len(start) < len(end)):
-                raise DataError("the chat template does not render a conversation as the sum of its prefixes, so assistant "
-                                "turns cannot be located for masking.", "Use `data.template: llama3` or `train_on: all`.")
-            pieces += [(full[cursor:len(start)], False), (full[len(start):len(end)], True)]
+                raise DataError(
+                    "the chat template does not render a conversation as the sum of its prefixes, so assistant "
+                    "turns cannot be located for masking.",
+                    "Use `data.template: llama3` or `train_on: all`.",
+                )
+            pieces += [(full[cursor : len(start)], False), (full[len(start) : len(end)], True)]
             cursor = len(end)
         pieces.append((full[cursor:], False))
         return [(t, trained) for t, trained in pieces if t]
 
-    def encode_batch(self, messages_list: list, texts: list) -> list[tuple[list[int], list[int]]]:
+    def encode_batch(
+        self, messages_list: list, texts: list, tools_list: list | None = None
+    ) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per row; all segments of the batch go through the tokenizer in one call."""
         plan, flat = [], []
-        for messages, text in zip(messages_list, texts):
+        for messages, text, tools in zip(messages_list, texts, tools_list or [None] * len(texts)):
             if messages:
-                segs = self.segments(messages)
+                segs = self.segments(messages, tools)
                 plan.append(("chat", len(flat), segs))
                 flat += [t for t, _ in segs]
             else:
@@ -141,7 +169,9 @@ class Encoder:
                 bos = with_bos(self.tokenizer, ids, self.bos)
                 ids, labels = bos, [IGNORE_INDEX] * (len(bos) - len(ids)) + labels
             if labels:
-                labels[0] = IGNORE_INDEX  # never predicted; in a packed row it would be predicted from the previous sample
+                labels[0] = (
+                    IGNORE_INDEX  # never predicted; in a packed row it would be predicted from the previous sample
+                )
             out.append((ids, labels))
         return out
 
@@ -151,6 +181,15 @@ class Encoder:
             return list(piece)
         last = max((k for k, t in enumerate(piece) if t in self.end_ids), default=len(piece) - 1)
         return list(piece[: last + 1]) + [IGNORE_INDEX] * (len(piece) - last - 1)
+
+
+def _text_of(message: dict) -> str:
+    """Everything of a message the tokenizer reads: its content and, for a call, the call's name and arguments."""
+    content = message["content"]
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    for call in message.get("tool_calls") or []:
+        text += json.dumps(call["function"], ensure_ascii=False)
+    return text
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str) -> tuple[list[int], list[int], str]:
@@ -177,9 +216,18 @@ def tokenize_rows(batch: dict, encoder: Encoder, max_length: int, truncation: st
 
     length = tokens before the length policy; n_tokens = after it (0 when dropped)."""
     messages = [json.loads(m) if m else None for m in batch["messages"]]
-    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": [],
-           "special": [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])]}
-    for ids, labels in encoder.encode_batch(messages, batch["text"]):
+    tools = [json.loads(t) if t else None for t in batch.get("tools") or [None] * len(messages)]
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "length": [],
+        "n_tokens": [],
+        "trained": [],
+        "status": [],
+        "digest": [],
+        "special": [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])],
+    }
+    for ids, labels in encoder.encode_batch(messages, batch["text"], tools):
         full_length = len(ids)
         out["digest"].append(hash(tuple(ids)))  # exact-duplicate detection (int hashing is not salted per process)
         ids, labels, status = fit_length(ids, labels, max_length, truncation)

@@ -13,16 +13,48 @@ from lorafit.plan.architecture import Arch
 GiB = 1024**3
 
 
-GPUS = [("24 GB", "RTX 3090/4090, A10G, L4", 22.0), ("40 GB", "A100 40GB", 39.4), ("48 GB", "L40S, RTX 6000 Ada, A6000", 44.5),
-        ("80 GB", "A100 80GB, H100 80GB", 79.1), ("141 GB", "H200", 139.8)]
+GPUS = [
+    ("24 GB", "RTX 3090/4090, A10G, L4", 22.0),
+    ("40 GB", "A100 40GB", 39.4),
+    ("48 GB", "L40S, RTX 6000 Ada, A6000", 44.5),
+    ("80 GB", "A100 80GB, H100 80GB", 79.1),
+    ("141 GB", "H200", 139.8),
+]
 
 
-GPU_NAMES = {"3090": 0, "4090": 0, "a10": 0, "a10g": 0, "l4": 0, "24": 0, "24gb": 0, "a100-40gb": 1, "a100-40": 1,
-             "40": 1, "40gb": 1, "l40s": 2, "l40": 2, "a6000": 2, "6000": 2, "48": 2, "48gb": 2, "a100": 3, "a100-80gb": 3,
-             "a100-80": 3, "h100": 3, "80": 3, "80gb": 3, "h200": 4, "141": 4, "141gb": 4}
+GPU_NAMES = {
+    "3090": 0,
+    "4090": 0,
+    "a10": 0,
+    "a10g": 0,
+    "l4": 0,
+    "24": 0,
+    "24gb": 0,
+    "a100-40gb": 1,
+    "a100-40": 1,
+    "40": 1,
+    "40gb": 1,
+    "l40s": 2,
+    "l40": 2,
+    "a6000": 2,
+    "6000": 2,
+    "48": 2,
+    "48gb": 2,
+    "a100": 3,
+    "a100-80gb": 3,
+    "a100-80": 3,
+    "h100": 3,
+    "80": 3,
+    "80gb": 3,
+    "h200": 4,
+    "141": 4,
+    "141gb": 4,
+}
 
 
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 absmax per 256 blocks (double quant)
+NF4_BYTES = (
+    0.5 + 1 / 64 + 4 / (64 * 256)
+)  # 4-bit weights + 8-bit absmax per 64 + fp32 absmax per 256 blocks (double quant)
 
 
 INT8_BYTES = 1.0  # LLM.int8 weights (+ a negligible fp32 scale per row)
@@ -43,13 +75,29 @@ CPU_RUNTIME_BYTES = 0.47 * GiB
 CPU_HEAP_RETENTION = 0.65
 
 
-GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-          "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}  # modules reading the same tensor
+GROUPS = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "mlp_mid",
+}  # modules reading the same tensor
 
 
-def activation_bytes_per_token_layer(a: Arch, targets: list[str], r: int, dropout: float, act: int, residual: int,
-                                     kv_expanded: bool, eager_seq: int = 0, mask_bytes: int = 1,
-                                     attn_out_shared: bool = True) -> int:
+def activation_bytes_per_token_layer(
+    a: Arch,
+    targets: list[str],
+    r: int,
+    dropout: float,
+    act: int,
+    residual: int,
+    kv_expanded: bool,
+    eager_seq: int = 0,
+    mask_bytes: int = 1,
+    attn_out_shared: bool = True,
+) -> int:
     """Bytes autograd keeps per token in one LoRA-wrapped Llama decoder layer until the backward pass.
 
     act: bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in fp32); residual: bytes of the residual
@@ -111,20 +159,20 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     tokens = t.micro_batch_size * cfg.data.max_length
     attention = attention_facts(cfg, device)
 
-    base = counts["base"]
-    if quantized:  # quantized decoder linears; embeddings, LM head and norms upcast to fp32 by PEFT
-        per = NF4_BYTES if m.quantization == "4bit" else INT8_BYTES
-        base_weights = counts["linear"] * per + (base - counts["linear"]) * 4
-    else:
-        base_weights = base * weight_bytes
-    states = {"adamw_torch": 8, "paged_adamw_8bit": 2}[t.optimizer]
-    lora_bytes = counts["trainable_bytes"] * 2 + counts["trainable"] * states  # weights + grads (same dtype) + optimizer
-    if mixed:
-        lora_bytes += counts["trainable"] * 2  # autocast's cached bf16 copies of the fp32 adapter weights
+    base_weights, lora_bytes = _weight_bytes(cfg, counts, weight_bytes, mixed)
 
-    layer = activation_bytes_per_token_layer(arch, counts["targets"], lora.r, lora.dropout, act, residual,
-                                             attention["kv_expanded"], attention["eager_seq"],
-                                             attention["mask_bytes"] or act, attention["attn_out_shared"])
+    layer = activation_bytes_per_token_layer(
+        arch,
+        counts["targets"],
+        lora.r,
+        lora.dropout,
+        act,
+        residual,
+        attention["kv_expanded"],
+        attention["eager_seq"],
+        attention["mask_bytes"] or act,
+        attention["attn_out_shared"],
+    )
     final_norm = 4 * arch.hidden + 4
     full = tokens * (arch.layers * layer + final_norm)
     # checkpointing keeps each layer's input, then recomputes one layer at a time in the backward pass
@@ -138,12 +186,37 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     else:
         overhead = CONTEXT_BYTES + FRAGMENTATION * allocated
     return {
-        "device": device, "attention": attention["kernel"],
-        "tokens_per_micro_batch": tokens, "base_weights": base_weights, "lora_weights_grads_optimizer": lora_bytes,
-        "activations": activations, "activations_without_checkpointing": full, "activations_with_checkpointing": checkpointed,
-        "activation_bytes_per_token_layer": layer, "backward_working": backward_working, "logits_and_loss": loss,
-        "framework_overhead": overhead, "total": allocated + overhead,
+        "device": device,
+        "attention": attention["kernel"],
+        "tokens_per_micro_batch": tokens,
+        "base_weights": base_weights,
+        "lora_weights_grads_optimizer": lora_bytes,
+        "activations": activations,
+        "activations_without_checkpointing": full,
+        "activations_with_checkpointing": checkpointed,
+        "activation_bytes_per_token_layer": layer,
+        "backward_working": backward_working,
+        "logits_and_loss": loss,
+        "framework_overhead": overhead,
+        "total": allocated + overhead,
     }
+
+
+def _weight_bytes(cfg, counts: dict, weight_bytes: int, mixed: bool) -> tuple[float, float]:
+    """(frozen base weights, LoRA weights + grads + optimizer state) in bytes."""
+    m, base = cfg.model, counts["base"]
+    if m.quantization != "none":  # quantized decoder linears; embeddings, LM head and norms upcast to fp32 by PEFT
+        per = NF4_BYTES if m.quantization == "4bit" else INT8_BYTES
+        base_weights = counts["linear"] * per + (base - counts["linear"]) * 4
+    else:
+        base_weights = base * weight_bytes
+    states = {"adamw_torch": 8, "paged_adamw_8bit": 2}[cfg.training.optimizer]
+    lora_bytes = (
+        counts["trainable_bytes"] * 2 + counts["trainable"] * states
+    )  # weights + grads (same dtype) + optimizer
+    if mixed:
+        lora_bytes += counts["trainable"] * 2  # autocast's cached bf16 copies of the fp32 adapter weights
+    return base_weights, lora_bytes
 
 
 def _loss_bytes(cfg, arch: Arch, tokens: int, act: int, residual: int, head_cast: bool, chunk: int) -> int:
@@ -162,8 +235,15 @@ def verdicts(total: float) -> list[dict]:
     out = []
     for size, cards, usable in GPUS:
         used = total / (usable * GiB)
-        out.append({"gpu": size, "cards": cards, "usable_gib": usable, "fraction": used,
-                    "verdict": "fits" if used <= 0.9 else "tight" if used <= 1.0 else "does not fit"})
+        out.append(
+            {
+                "gpu": size,
+                "cards": cards,
+                "usable_gib": usable,
+                "fraction": used,
+                "verdict": "fits" if used <= 0.9 else "tight" if used <= 1.0 else "does not fit",
+            }
+        )
     return out
 
 
@@ -180,8 +260,12 @@ def changes_to_fit(cfg, arch: Arch, counts: dict, usable_gib: float) -> tuple[li
     while mb > 1:
         factor = mb // max(1, mb // 2)
         mb, accum = mb // 2, accum * factor
-        steps.append((f"training.micro_batch_size={mb} training.gradient_accumulation={accum}",
-                      {"training": {"micro_batch_size": mb, "gradient_accumulation": accum}}))
+        steps.append(
+            (
+                f"training.micro_batch_size={mb} training.gradient_accumulation={accum}",
+                {"training": {"micro_batch_size": mb, "gradient_accumulation": accum}},
+            )
+        )
     length = cfg.data.max_length
     while length > 512:
         length //= 2
@@ -197,7 +281,9 @@ def changes_to_fit(cfg, arch: Arch, counts: dict, usable_gib: float) -> tuple[li
 
 
 def _updated(cfg, change: dict):
-    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=fields) for section, fields in change.items()})
+    return cfg.model_copy(
+        update={section: getattr(cfg, section).model_copy(update=fields) for section, fields in change.items()}
+    )
 
 
 def _collapse(applied: list[str]) -> list[str]:
@@ -214,6 +300,8 @@ def resolve_gpu(name: str | None) -> int | None:
         return None
     key = name.lower().replace(" ", "").replace("nvidia", "").replace("rtx", "").replace("geforce", "")
     if key not in GPU_NAMES:
-        raise ConfigError(f"`--gpu {name}` is not a GPU lorafit knows.",
-                          f"Use a card ({', '.join(sorted(k for k in GPU_NAMES if not k[0].isdigit()))}) or a size (24, 40, 48, 80, 141).")
+        raise ConfigError(
+            f"`--gpu {name}` is not a GPU lorafit knows.",
+            f"Use a card ({', '.join(sorted(k for k in GPU_NAMES if not k[0].isdigit()))}) or a size (24, 40, 48, 80, 141).",
+        )
     return GPU_NAMES[key]
