@@ -4,7 +4,8 @@
     PYTHONPATH=src python bench/packed_attention.py --smoke    # tiny shapes, nothing written
 
 Data: the packed rows lorafit makes from 200 Alpaca-like rows (bench/_alpaca.py) at max_length 1024 with the
-embedded SmolLM2-135M's tokenizer; the first `--rows` rows form one micro-batch.
+embedded SmolLM2-135M's tokenizer; the first `--rows` rows form the micro-batch of the op measurements, the first
+`--step-rows` that of the training step (a 4-row fp32 step of this model needs ~14 GB per process).
 1. The attention op alone, forward + backward, SmolLM2-135M's shapes (9 query heads, 3 KV heads, head dim 64), fp32,
    for each candidate: transformers' sdpa with lorafit's former 4D block mask, eager with the same mask as an
    additive float, one sdpa call per sample (lorafit_sdpa), the same with sdpa's own GQA, length-bucketed padded
@@ -238,13 +239,15 @@ def run_child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        return {"error": f"exit {proc.returncode}{killed}"}
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=4, help="Packed rows in the micro-batch (lorafit's default: 4).")
+    p.add_argument("--rows", type=int, default=4, help="Packed rows in the op's micro-batch (lorafit's default: 4).")
+    p.add_argument("--step-rows", type=int, default=1, help="Packed rows in the training step's micro-batch.")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3, help="Alternating rounds over the candidates.")
     p.add_argument("--smoke", action="store_true", help="Tiny shapes, one round, BENCHMARKS.md untouched.")
@@ -259,11 +262,11 @@ def main() -> None:
         if a.child in OPS:
             out = child_op(a.child, json.loads(a.lengths), repeats=2)
         else:
-            out = child_step(a.child, a.work, a.max_length, a.rows)
+            out = child_step(a.child, a.work, a.max_length, a.step_rows)
         print("RESULT " + json.dumps(out), flush=True)
         return
     if a.smoke:
-        a.rows, a.max_length, a.repeats = 2, 128, 1
+        a.rows, a.step_rows, a.max_length, a.repeats = 2, 2, 128, 1
     with tempfile.TemporaryDirectory(prefix="lorafit-attn-") as tmp:
         work = Path(tmp)
         _, _, train = prepared(work, a.max_length)
@@ -276,7 +279,16 @@ def main() -> None:
             for name in STEPS if rep % 2 == 0 else STEPS[::-1]:
                 steps[name].append(
                     run_child(
-                        ["--child", name, "--work", str(work), "--max-length", str(a.max_length), "--rows", str(a.rows)]
+                        [
+                            "--child",
+                            name,
+                            "--work",
+                            str(work),
+                            "--max-length",
+                            str(a.max_length),
+                            "--rows",
+                            str(a.step_rows),
+                        ]
                     )
                 )
                 print(f"round {rep + 1} step {name:20s} {steps[name][-1]}", flush=True)
@@ -324,7 +336,8 @@ def report(a, rows: list[list[int]], ops: dict, steps: dict) -> None:
         [
             "## Packed attention on CPU (`bench/packed_attention.py`)",
             "",
-            f"Command: `PYTHONPATH=src python bench/packed_attention.py --rows {a.rows} --max-length {a.max_length} "
+            f"Command: `PYTHONPATH=src python bench/packed_attention.py --rows {a.rows} --step-rows {a.step_rows} "
+            f"--max-length {a.max_length} "
             f"--repeats {a.repeats}` ({time.strftime('%Y-%m-%d')})",
             f"Machine: {machine()}; load average {os.getloadavg()[1]:.1f} over the last 5 min; best of {a.repeats} "
             f"alternating rounds, each candidate in its own process. torch threads: "
@@ -346,9 +359,9 @@ def report(a, rows: list[list[int]], ops: dict, steps: dict) -> None:
                 op_rows,
             ),
             "",
-            "One training micro-batch of the embedded SmolLM2-135M (LoRA r=16 all-linear, dropout 0.05, lorafit's "
-            "chunked loss), forward + backward, second step timed; former = lorafit before this change "
-            "(4D block mask):",
+            f"One training micro-batch of the embedded SmolLM2-135M ({a.step_rows} packed row(s) of up to "
+            f"{a.max_length} tokens; LoRA r=16 all-linear, dropout 0.05, lorafit's chunked loss), forward + backward, "
+            "second step timed; former = lorafit before this change (4D block mask):",
             "",
             table(
                 ["path", "s", "speed vs former", "MiB saved for backward (activations)", "peak RSS MiB", "note"],

@@ -110,13 +110,16 @@ def make_model(folder: Path, tokenizer) -> None:
 
 
 def lorafit_config(work: Path, samples_per_step: int, name: str, data: Path, model: str = TOY):
-    """The toy pins sdpa and the samples per step (lorafit counts a batch in samples, packed or not, like TRL's
-    unpacked batch); the real model runs at lorafit's defaults. One epoch, no small-data step floor, as TRL."""
+    """The toy pins sdpa and the samples per micro-batch (lorafit counts a batch in samples, packed or not, like
+    TRL's unpacked batch); the real model runs at lorafit's defaults (its micro-batch too, unless samples_per_step
+    > 0: `--micro-batch`). One epoch, no small-data step floor, as TRL."""
     from lorafit.config import RunConfig
 
     training = {"epochs": 1, "min_steps": 0, "learning_rate": LEARNING_RATE, "logging_steps": 1, "seed": 0}
     if model == TOY:
         training.update(micro_batch_size=samples_per_step, precision="fp32")
+    elif samples_per_step > 0:
+        training.update(micro_batch_size=samples_per_step)
     return RunConfig.model_validate(
         {
             "model": {"name": str(work / "model"), "dtype": "fp32", "attn_implementation": "sdpa"}
@@ -280,7 +283,7 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
 
     warnings.filterwarnings("ignore")
     if variant == "lorafit":
-        out = child_lorafit(work, batch, data, model_name)  # a batch in samples, packed or not: TRL's batch
+        out = child_lorafit(work, rows_per_step, data, model_name)  # for lorafit: samples per micro-batch
     else:
         out = child_trl(
             work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data, model_name
@@ -330,6 +333,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="TRL's per-device batch without packing (its default: 8).")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's, one per core).")
+    p.add_argument(
+        "--micro-batch", type=int, default=0, help="Real model: lorafit's micro_batch_size (default: lorafit's own)."
+    )
     p.add_argument("--quick", action="store_true", help="Smoke test: 24 samples, 1 repeat, BENCHMARKS.md untouched.")
     p.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -363,7 +369,7 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
         from _alpaca import make_alpaca_like
 
         make_alpaca_like(data, a.samples, seed=0)
-    mean_len, tokens_per_forward = _lengths(work, data, a.model)
+    mean_len, tokens_per_forward = _lengths(work, data, a.model, a.batch if a.model == TOY else a.micro_batch)
     if a.model == TOY:
         # Packed rows per step chosen so a step holds about as many real tokens as TRL's batch of `a.batch`
         # samples, which makes the optimizer step counts about equal.
@@ -379,9 +385,9 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     for rep in range(a.repeats):
         order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]  # rotate who goes first
         for variant in order:
-            r = run_child(
-                variant, work, 0 if variant == "lorafit" and a.model != TOY else rows_per_step, a.batch, data, a.model
-            )
+            # lorafit counts its micro-batch in samples: TRL's batch on the toy, its defaults on the real model
+            lorafit_batch = (a.batch if a.model == TOY else a.micro_batch) if variant == "lorafit" else rows_per_step
+            r = run_child(variant, work, lorafit_batch, a.batch, data, a.model)
             results[variant].append(r)
             print(
                 f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
@@ -394,17 +400,15 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     return results, rows_per_step
 
 
-def _lengths(work: Path, data: Path, model: str) -> tuple[float, float]:
-    """Mean tokens per sample, and the tokens one lorafit micro-batch holds (packed rows at its micro-batch size)."""
-    import math
-
+def _lengths(work: Path, data: Path, model: str, micro_batch: int) -> tuple[float, float]:
+    """Mean tokens per sample, and the tokens one lorafit micro-batch holds (its samples, packed into one forward)."""
     from lorafit.data.prepare import prepare_data
     from lorafit.models.tokenizer import load_tokenizer
 
-    cfg = lorafit_config(work, 1, "probe", data, model)
+    cfg = lorafit_config(work, micro_batch, "probe", data, model)
     stats = prepare_data(cfg.data, load_tokenizer(str(model_folder(work, model))), seed=0).stats
-    batches = math.ceil(stats["packing"]["rows"] / cfg.training.micro_batch_size)
-    return stats["total_tokens"] / stats["train_samples"], stats["total_tokens"] / batches
+    mean = stats["total_tokens"] / stats["train_samples"]
+    return mean, mean * cfg.training.micro_batch_size
 
 
 def report(results: dict, a, rows_per_step: int, share: float) -> None:
@@ -473,7 +477,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         model = (
             f"Model: the embedded {a.model}'s real weights (fp32; LM head {share:.0%} of the matmul FLOPs per "
             f"token); {a.samples} Alpaca-like samples of real English sentences (bench/_alpaca.py), 1 epoch, "
-            f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults "
+            f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults"
+            f"{' but the micro-batch' if a.micro_batch else ''} "
             f"(micro_batch_size {lf['micro_batch_size']}: {lf['real_tokens'] / lf['micro_batches']:.0f} tokens "
             f"per forward); TRL batch {a.batch} samples; TRL packing {rows_per_step} row(s) of {MAX_LENGTH} per "
             f"step."
@@ -484,7 +489,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
             title,
             "",
             f"`PYTHONPATH=src python bench/train_cpu.py{'' if a.model == TOY else ' --model ' + a.model} --samples "
-            f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}` (medians of {a.repeats} "
+            f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}"
+            f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}` (medians of {a.repeats} "
             f"alternating repeats; {time.strftime('%Y-%m-%d')})",
             "",
             f"Machine: {machine()}, {threads}; load average {os.getloadavg()[1]:.1f} over the last 5 min (other jobs "

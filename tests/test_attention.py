@@ -34,6 +34,49 @@ def test_packed_losses_equal_each_sample_alone(kernel):
         torch.testing.assert_close(p, a, atol=1e-5, rtol=0)
 
 
+def test_cuda_code_path_with_sdpa_gqa_on_cpu(monkeypatch):
+    """On CUDA the per-sample kernel hands k/v to sdpa with `enable_gqa` instead of repeating them: the same code
+    path, run here on the CPU, still equals each sample alone."""
+    import lorafit.models.attention as attention
+
+    monkeypatch.setattr(attention, "SDPA_GQA_DEVICES", ("cpu", "cuda"))
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(k.get("enable_gqa")) or real(*a, **k),
+    )
+    model = switched("sdpa")
+    features = packed_features()
+    batch = FlattenCollator()(features)
+    flat = {"seq_lengths": [n for f in features for n in f["seq_lengths"]]}
+    packed = split_packed(token_losses(model, batch), [flat])
+    assert calls and all(calls)  # every per-sample call used sdpa's GQA
+    for p, a in zip(packed, alone_losses(tiny_llama("sdpa"))):
+        torch.testing.assert_close(p, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_per_sample_sdpa_on_gpu():
+    """CUDA without flash-attn: lorafit_sdpa (sdpa's flash/efficient kernels, GQA, no mask) equals each sample alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = switched("sdpa").to("cuda", torch.bfloat16)
+    features = packed_features()
+    batch = {k: v.cuda() for k, v in FlattenCollator()(features).items()}
+    flat = {"seq_lengths": [n for f in features for n in f["seq_lengths"]]}
+    packed = split_packed(token_losses(model, batch).float(), [flat])
+    reference = tiny_llama("sdpa").to("cuda", torch.bfloat16)
+    alone = []
+    for ids, labels in samples():
+        for s_ids, s_labels in zip(ids, labels):
+            one = {k: v.cuda() for k, v in PadCollator(PAD)([{"input_ids": s_ids, "labels": s_labels}]).items()}
+            alone.append(token_losses(reference, one)[0].float())
+    for p, a in zip(packed, alone):
+        torch.testing.assert_close(p, a, atol=5e-2, rtol=0)  # bf16 kernels differ in rounding only
+
+
 def test_packed_gradients_equal_the_samples_run_alone():
     """Training, not just the forward: the packed batch's LoRA-free gradients equal the sum over samples alone."""
     model = switched("sdpa").train()

@@ -18,6 +18,10 @@ needed and otherwise defers to transformers' own; generation with a cache or lef
 from __future__ import annotations
 
 SEGMENTED = {"sdpa": "lorafit_sdpa", "eager": "lorafit_eager"}  # the kernel a model loads with -> its per-sample form
+# Devices where sdpa's own GQA (`enable_gqa`, k/v heads shared without copies) runs: CUDA's flash and efficient
+# kernels. On CPU k/v are repeated first: with 2 threads `enable_gqa` ran several times slower there (torch 2.13,
+# bench/packed_attention.py), and it keeps the planner's CPU term simple.
+SDPA_GQA_DEVICES = ("cuda",)
 
 
 def training_attention(model, kernel: str) -> str:
@@ -157,12 +161,11 @@ def per_sample(kernel: str, module, query, key, value, lengths: list[int], dropo
 
 def _split(module, query, key, value, lengths: list[int], sdpa: bool):
     """Per-sample views of q, k, v (split along the sequence: its backward is one concatenation, not a zero-filled
-    full-size gradient per sample). k/v are repeated to every query head, except where sdpa's own GQA is fast:
-    on CPU `enable_gqa` runs ~25x slower than repeating k/v first (measured, torch 2.13, 150-token samples)."""
+    full-size gradient per sample). k/v are repeated to every query head where sdpa's own GQA is not used."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = getattr(module, "num_key_value_groups", 1)
-    gqa = sdpa and groups > 1 and query.device.type == "cuda"
+    gqa = sdpa and groups > 1 and query.device.type in SDPA_GQA_DEVICES
     if groups > 1 and not gqa and sdpa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if len(lengths) == 1:
