@@ -31,7 +31,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 
 
 def _train(target: Path) -> Path:
-    """2 passes over the 75 Quillmoor conversations (18 packed rows): enough for short answers that end with <|im_end|>."""
+    """2 passes over the 75 Quillmoor conversations: short answers, each ended by <|im_end|>."""
     from lorafit.config import load_config
     from lorafit.train.run import run_training
 
