@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_run
+from helpers import save_tiny_run, tiny_config
 
 IDS = torch.tensor([[1, 400, 2000, 30, 7, 9000, 12, 5]])
 
@@ -128,7 +128,6 @@ def test_bad_dtype_and_missing_run_are_clear_errors(tmp_path):
 def test_a_trained_runs_tokenizer_folder_stands_alone(request, tmp_path, model_fixture, template, end_tokens):
     """runs/<name>/tokenizer loads with plain AutoTokenizer (chat template inside, even for the built-in Llama 3.1
     format) and GenerationConfig (eos = every end token), so other tools render and stop as training did."""
-    from helpers import tiny_config
     from transformers import AutoTokenizer, GenerationConfig
 
     from lorafit.config import load_config

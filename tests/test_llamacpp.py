@@ -10,6 +10,7 @@ import llama_cpp  # noqa: F401  (a missing llama.cpp fails these tests: it is pa
 import numpy as np
 import pytest
 import servekit
+from helpers import save_tiny_llama
 
 from lorafit.export.llamacpp import LlamaCppModel
 from lorafit.export.verify import TOLERANCE
@@ -78,7 +79,6 @@ def test_llama_cpp_pythons_own_chat_completion_uses_the_embedded_template(served
 def _tiny_llama31(tmp_path, llama3_tokenizer, **rope) -> Path:
     """Random tiny Llama with the real 128k tokenizer, the official template and Llama 3.1 RoPE scaling whose
     original context is short, so the scaled frequencies change the logits at these short lengths."""
-    from helpers import save_tiny_llama
 
     tok = copy.deepcopy(llama3_tokenizer)
     tok.chat_template = OFFICIAL_TEMPLATE.read_text()

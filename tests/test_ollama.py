@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import run_cli, save_tiny_run
 
 from lorafit.export import gotemplate
 from lorafit.export.ollama import LLAMA31_TEMPLATE, check_template, go_template_for, ollama_values
@@ -88,7 +89,6 @@ def _modelfile(folder: Path) -> dict:
 
 def test_export_ollama_writes_gguf_and_modelfile(tmp_path_factory, tiny_chat_model, smollm2_tokenizer):
     from gguf import GGUFReader
-    from helpers import run_cli, save_tiny_run
 
     run = save_tiny_run(
         tmp_path_factory.mktemp("runs") / "quill",

@@ -7,6 +7,7 @@ import json
 import shlex
 
 import pytest
+from helpers import run_cli
 
 from lorafit.export.vllm import (
     TOOL_CALL_PARSERS,
@@ -17,7 +18,6 @@ from lorafit.export.vllm import (
 
 
 def test_export_vllm_writes_what_vllm_serve_needs(tiny_run_dir, tiny_chat_model, tmp_path, smollm2_tokenizer):
-    from helpers import run_cli
     from transformers import GenerationConfig
 
     out = tmp_path / "serve"
@@ -53,8 +53,6 @@ def test_export_vllm_writes_what_vllm_serve_needs(tiny_run_dir, tiny_chat_model,
 def test_adapters_vllm_cannot_load_are_refused_naming_why(tiny_run_dir, tmp_path, setting, reason):
     import shutil
 
-    from helpers import run_cli
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -81,3 +79,9 @@ def test_tool_runs_get_the_tool_call_parser(tmp_path):
     assert run_uses_tools(tmp_path)
     command = serve_command("meta-llama/Llama-3.1-8B-Instruct", 16, "x", tmp_path, TOOL_CALL_PARSERS["llama3"])
     assert command[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+
+
+def test_unknown_export_format_is_a_clear_error(tiny_run_dir, tmp_path):
+    result = run_cli("export", str(tiny_run_dir), "--format", "onnx", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "`--format` must be gguf, ollama or vllm, got 'onnx'" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -3,7 +3,8 @@
 runs/<name>/
   config.yaml        the resolved config (secrets never written)
   adapter/           PEFT adapter (adapter_config.json + adapter_model.safetensors)
-  tokenizer/         the tokenizer used for training, with its chat template and pad token
+  tokenizer/         the tokenizer used for training, with its chat template and pad token, and a
+                     generation_config.json whose eos lists every end-of-turn token
   metrics.jsonl      one JSON object per logged step / evaluation
   summary.json       parameter counts, data statistics, final losses, throughput, peak memory
   generations.json   before/after answers to eval prompts (when configured)

@@ -238,9 +238,9 @@ def report(run: Path, engines: list[Engine], rows: list[dict], max_new_tokens: i
             )
         )
     if not failed:
+        needs = ", ".join(f"{e.tolerance:.0%} for {e.name.split(', ', 1)[1]}" for e in engines[1:])
         print(
-            "verify: ok ("
-            + "; ".join(f"{e.name} needs {e.tolerance:.0%} identical" for e in engines[1:])
-            + ", every reference stop kept)"
+            f"verify: ok (identical answers needed: {needs}; no answer lost its end token; prompts tokenized "
+            "as in training)"
         )
     return 1 if failed else 0

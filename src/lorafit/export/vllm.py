@@ -130,8 +130,8 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, list[st
     if problems:
         raise ConfigError(
             f"vLLM cannot serve this run as a LoRA: {'; '.join(problems)}.",
-            f"Serve the merged model instead: `lorafit merge {run} --out merged/{name}` then "
-            f"`vllm serve merged/{name}` (the merged folder carries the chat template and stop tokens).",
+            f"Serve the merged model instead: `lorafit merge {run} --out merged/{run.name}` then "
+            f"`vllm serve merged/{run.name}` (the merged folder carries the chat template and stop tokens).",
         )
     rank = max_lora_rank(adapter_config)
     check_empty_target(out)
