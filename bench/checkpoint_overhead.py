@@ -52,9 +52,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     try:
-        config = tiny_config(tmp, opts.model, n_train=16,
-                             lora={"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0},
-                             training={"max_steps": 2, "micro_batch_size": 2, "save_total_limit": 2})
+        config = tiny_config(
+            tmp,
+            opts.model,
+            n_train=16,
+            lora={"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0},
+            training={"max_steps": 2, "micro_batch_size": 2, "save_total_limit": 2},
+        )
         cfg = load_config(config)
         run = tmp / "run"
         run.mkdir()
@@ -103,17 +107,30 @@ def main() -> None:
 
     rows = [
         ("checkpoint, transformers (in place)", f"{plain_s * 1000:.0f} ms", "1.00×"),
-        ("checkpoint, lorafit (staged, fsync, manifest, rename)", f"{ours_s * 1000:.0f} ms", f"{ours_s / plain_s:.2f}×"),
+        (
+            "checkpoint, lorafit (staged, fsync, manifest, rename)",
+            f"{ours_s * 1000:.0f} ms",
+            f"{ours_s / plain_s:.2f}×",
+        ),
         ("optimizer step (micro-batch 2)", f"{step_s * 1000:.0f} ms", "1.00×"),
         ("NaN guard check of that step", f"{guard_s * 1000:.2f} ms", f"{guard_s / step_s:.4f}×"),
     ]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     command = "PYTHONPATH=src python bench/checkpoint_overhead.py " + " ".join(sys.argv[1:])
-    table = ["| what | median time | ratio to baseline |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    text = "\n".join([
-        f"Model `{opts.model}`, LoRA r=16 all-linear ({trainable:,} trainable parameters), checkpoint of "
-        f"{size / 2**20:.1f} MiB (adapter + optimizer + scheduler + RNG). Machine: {machine}. "
-        f"Median of {opts.repeats} repeats.", "", f"Command: `{command.strip()}`", "", *table])
+    table = ["| what | median time | ratio to baseline |", "|---|---|---|"] + [
+        f"| {a} | {b} | {c} |" for a, b, c in rows
+    ]
+    text = "\n".join(
+        [
+            f"Model `{opts.model}`, LoRA r=16 all-linear ({trainable:,} trainable parameters), checkpoint of "
+            f"{size / 2**20:.1f} MiB (adapter + optimizer + scheduler + RNG). Machine: {machine}. "
+            f"Median of {opts.repeats} repeats.",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            *table,
+        ]
+    )
     print(text)
     write_section("checkpoint", "Checkpoint safety overhead", text)
 
@@ -124,7 +141,7 @@ def write_section(name: str, title: str, body: str) -> None:
     block = f"{start}\n## {title}\n\n{body}\n{end}"
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new, encoding="utf-8")

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-WORDS = ("the a an island of Qorvath river mountain city harbour lighthouse ferry tide salt fishermen market festival "
-         "winter summer lantern bridge stone old new north south east west founded century bell tower song").split()
+WORDS = (
+    "the a an island of Qorvath river mountain city harbour lighthouse ferry tide salt fishermen market festival "
+    "winter summer lantern bridge stone old new north south east west founded century bell tower song"
+).split()
 MODEL = "smollm2-135m-instruct"
 MAX_LENGTH = 512
 
@@ -34,14 +36,16 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as fh:
         previous = None
-        for i in range(rows):
+        for _i in range(rows):
             if previous and rng.random() < 0.01:
                 fh.write(previous)
                 continue
             messages = []
             for _ in range(rng.choice((1, 1, 2, 3))):
                 messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(5, 25))) + "?"})
-                messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(10, 60))) + "."})
+                messages.append(
+                    {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(10, 60))) + "."}
+                )
             previous = json.dumps({"messages": messages}) + "\n"
             fh.write(previous)
 
@@ -122,8 +126,13 @@ def phase(name: str, path: str) -> dict:
         with contextlib.redirect_stdout(io.StringIO()) as out:
             code = data_check(path, MODEL, MAX_LENGTH, as_json=True)
         report = json.loads(out.getvalue())
-        result = {"exit": code, "rows": report["rows_read"], "packed_rows": report["packing"]["rows"],
-                  "efficiency": report["packing"]["efficiency"], "duplicates": report["duplicates"]}
+        result = {
+            "exit": code,
+            "rows": report["rows_read"],
+            "packed_rows": report["packing"]["rows"],
+            "efficiency": report["packing"]["efficiency"],
+            "duplicates": report["duplicates"],
+        }
     elif name == "prepare":
         from lorafit.config import DataSection
         from lorafit.data.prepare import prepare_data
@@ -140,16 +149,24 @@ def phase(name: str, path: str) -> dict:
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mib"], result["peak_anon_mib"] = sampler.stop()
     # The largest peak RSS of any one process (this one, or a finished worker), as the kernel counted it (KiB).
-    result["max_process_rss_mib"] = max(resource.getrusage(who).ru_maxrss for who in
-                                        (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    result["max_process_rss_mib"] = (
+        max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    )
     return result
 
 
 def run_phase(name: str, path: Path, cache: Path) -> dict:
     # TOKENIZERS_PARALLELISM as the CLI sets it.
-    env = {**os.environ, "LORAFIT_DATA_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, __file__, "--phase", name, str(path)], env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "LORAFIT_DATA_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--phase", name, str(path)], env=env, capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,7 +175,9 @@ def run_phase(name: str, path: Path, cache: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--baseline-rows", type=int, default=None, help="Rows for the naive baseline (default: same as --rows).")
+    parser.add_argument(
+        "--baseline-rows", type=int, default=None, help="Rows for the naive baseline (default: same as --rows)."
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +192,10 @@ def main() -> None:
         data = tmp / "chat.jsonl"
         started = time.perf_counter()
         generate(data, args.rows)
-        print(f"generated {args.rows:,} rows ({data.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"generated {args.rows:,} rows ({data.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
         results = {}
         results["data check (cold)"] = run_phase("check", data, tmp / "cache-check")
         print("check", results["data check (cold)"], flush=True)
@@ -194,29 +216,59 @@ def main() -> None:
     lines = []
     for name, r in results.items():
         rate = r["rows"] / r["seconds"]
-        lines.append([name, f"{r['rows']:,}", f"{r['seconds']:.0f}", f"{rate:,.0f}", f"{rate / base_rate:.2f}x",
-                      f"{r['peak_rss_mib']:,.0f}", f"{r['peak_anon_mib']:,.0f}", f"{r['peak_anon_mib'] / base['peak_anon_mib']:.2f}x",
-                      f"{r['max_process_rss_mib']:,.0f}"])
+        lines.append(
+            [
+                name,
+                f"{r['rows']:,}",
+                f"{r['seconds']:.0f}",
+                f"{rate:,.0f}",
+                f"{rate / base_rate:.2f}x",
+                f"{r['peak_rss_mib']:,.0f}",
+                f"{r['peak_anon_mib']:,.0f}",
+                f"{r['peak_anon_mib'] / base['peak_anon_mib']:.2f}x",
+                f"{r['max_process_rss_mib']:,.0f}",
+            ]
+        )
     check = results["data check (cold)"]
     from lorafit.data.prepare import worker_count
 
     procs = worker_count("auto", args.rows) or 1
-    body = "\n".join([
-        "## Data pipeline at scale (`bench/data_scale.py`)", "",
-        f"Command: `python bench/data_scale.py --rows {args.rows}" + (f" --baseline-rows {base_rows}" if base_rows != args.rows else "") + "`",
-        f"Machine: {machine()} (shared with other jobs while measured). Tokenizer: {MODEL} (ChatML template), "
-        f"max_length {MAX_LENGTH}, packing on, 1-3 turn chats of 5-60 words; default settings, so `data.num_proc: auto` "
-        f"tokenized with {procs} process(es) here (the baseline uses one).", "",
-        table(["phase", "rows", "seconds", "rows/s", "vs baseline", "peak memory MiB (PSS)", "peak heap MiB (PSS anon)", "heap vs baseline", "largest process RSS MiB"], lines), "",
-        "Memory: PSS (resident memory with each shared page divided among the processes sharing it) summed over the "
-        "process and its tokenization workers, sampled every 0.2 s: the job's real footprint (a sum of RSS would count the "
-        "parent's torch/transformers pages once more per forked worker). It includes memory-mapped Arrow pages, which the "
-        "kernel reclaims under pressure; the heap column (Pss_Anon) excludes them. ~450 MiB is torch + transformers + tokenizer.",
-        f"`data check` found {check['duplicates']:,} exact duplicates and packed into {check['packed_rows']:,} rows "
-        f"(efficiency {100 * check['efficiency']:.1f}%). Goal: peak memory < 2048 MiB at 1,000,000 rows.",
-        "Baseline: json.loads every row into a list, then `apply_chat_template(tokenize=True)` per row (no masks, no "
-        "validation, no packing), all kept in Python lists.",
-    ])
+    body = "\n".join(
+        [
+            "## Data pipeline at scale (`bench/data_scale.py`)",
+            "",
+            f"Command: `python bench/data_scale.py --rows {args.rows}"
+            + (f" --baseline-rows {base_rows}" if base_rows != args.rows else "")
+            + "`",
+            f"Machine: {machine()} (shared with other jobs while measured). Tokenizer: {MODEL} (ChatML template), "
+            f"max_length {MAX_LENGTH}, packing on, 1-3 turn chats of 5-60 words; default settings, so `data.num_proc: auto` "
+            f"tokenized with {procs} process(es) here (the baseline uses one).",
+            "",
+            table(
+                [
+                    "phase",
+                    "rows",
+                    "seconds",
+                    "rows/s",
+                    "vs baseline",
+                    "peak memory MiB (PSS)",
+                    "peak heap MiB (PSS anon)",
+                    "heap vs baseline",
+                    "largest process RSS MiB",
+                ],
+                lines,
+            ),
+            "",
+            "Memory: PSS (resident memory with each shared page divided among the processes sharing it) summed over the "
+            "process and its tokenization workers, sampled every 0.2 s: the job's real footprint (a sum of RSS would count the "
+            "parent's torch/transformers pages once more per forked worker). It includes memory-mapped Arrow pages, which the "
+            "kernel reclaims under pressure; the heap column (Pss_Anon) excludes them. ~450 MiB is torch + transformers + tokenizer.",
+            f"`data check` found {check['duplicates']:,} exact duplicates and packed into {check['packed_rows']:,} rows "
+            f"(efficiency {100 * check['efficiency']:.1f}%). Goal: peak memory < 2048 MiB at 1,000,000 rows.",
+            "Baseline: json.loads every row into a list, then `apply_chat_template(tokenize=True)` per row (no masks, no "
+            "validation, no packing), all kept in Python lists.",
+        ]
+    )
     print(body)
     write_section("data_scale", body)
 

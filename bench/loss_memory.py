@@ -40,7 +40,9 @@ def inputs(device: str, batch: int, seq: int, hidden: int, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     # scaled in place: a temporary copy of the weight would inflate the CPU baseline's peak RSS
     h = torch.randn(batch, seq, hidden, device=device, dtype=dtype, generator=g).mul_(0.5).requires_grad_()
-    w = torch.randn(VOCAB, hidden, device=device, dtype=dtype, generator=g).mul_(hidden ** -0.5)  # frozen, like LoRA's head
+    w = torch.randn(VOCAB, hidden, device=device, dtype=dtype, generator=g).mul_(
+        hidden**-0.5
+    )  # frozen, like LoRA's head
     labels = torch.randint(0, VOCAB, (batch, seq), device=device, generator=g)
     return h, w, labels
 
@@ -84,7 +86,7 @@ def gpu(repeats: int) -> dict:
     out = {v: {"seconds": [], "peak_bytes": 0} for v in VARIANTS}
     grads = {}
     for rep in range(repeats + 1):  # the first round warms up kernels and is not timed
-        for variant in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -123,9 +125,11 @@ def cpu(repeats: int, tmp: Path) -> dict:
     out = {v: {"seconds": [], "peak_bytes": 0} for v in VARIANTS}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     for rep in range(repeats):  # alternate, one process per run
-        for variant in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
             env["LOSS_BENCH_GRAD"] = str(tmp / f"grad-{variant}.pt")
-            proc = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", variant], capture_output=True, text=True, env=env
+            )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not lines:
                 raise SystemExit(f"{variant} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
@@ -168,28 +172,40 @@ def report(res: dict, device: str, a) -> None:
     rows = []
     for v in VARIANTS:
         r = res[v]
-        rows.append([{"transformers": "transformers default (full logits, fp32 upcast)", "lorafit": "lorafit chunked"}[v],
-                     f"{r['peak_bytes'] / 2**30:.2f}", f"{statistics.median(r['seconds']) * 1e3:.0f}", f"{r['loss']:.4f}"])
+        rows.append(
+            [
+                {"transformers": "transformers default (full logits, fp32 upcast)", "lorafit": "lorafit chunked"}[v],
+                f"{r['peak_bytes'] / 2**30:.2f}",
+                f"{statistics.median(r['seconds']) * 1e3:.0f}",
+                f"{r['loss']:.4f}",
+            ]
+        )
     t, lf = res["transformers"], res["lorafit"]
     mem_ratio = t["peak_bytes"] / max(lf["peak_bytes"], 1)
     speed_ratio = statistics.median(t["seconds"]) / statistics.median(lf["seconds"])
     dtype = "bf16" if device == "cuda" else "fp32"
     flag = "" if device == "cuda" else " --cpu"
-    body = "\n".join([
-        f"## LM-head loss memory ({'GPU' if device == 'cuda' else 'CPU'})",
-        "",
-        f"`PYTHONPATH=src python bench/loss_memory.py{flag} --repeats {a.repeats}` ({time.strftime('%Y-%m-%d')})",
-        "",
-        f"Machine: {machine()}. Forward + backward from hidden states to d loss / d hidden, {shape['batch']} x "
-        f"{shape['seq']} = {tokens:,} tokens, hidden {shape['hidden']}, vocab {VOCAB:,}, {dtype}, every position trained."
-        + ("" if device == "cuda" else " CPU shape scaled down from 8 x 2048 x 4096 (logit memory per token is "
-           "unchanged); peak = ru_maxrss minus RSS before the loss, one process per run."),
-        "",
-        table(["loss", "peak extra memory GiB", "time ms (median)", "loss value"], rows),
-        "",
-        f"**{mem_ratio:.1f}x less peak memory, {speed_ratio:.2f}x the speed** of transformers' default; "
-        f"largest difference in d loss / d hidden: {res['max_grad_diff']:.2e}.",
-    ])
+    body = "\n".join(
+        [
+            f"## LM-head loss memory ({'GPU' if device == 'cuda' else 'CPU'})",
+            "",
+            f"`PYTHONPATH=src python bench/loss_memory.py{flag} --repeats {a.repeats}` ({time.strftime('%Y-%m-%d')})",
+            "",
+            f"Machine: {machine()}. Forward + backward from hidden states to d loss / d hidden, {shape['batch']} x "
+            f"{shape['seq']} = {tokens:,} tokens, hidden {shape['hidden']}, vocab {VOCAB:,}, {dtype}, every position trained."
+            + (
+                ""
+                if device == "cuda"
+                else " CPU shape scaled down from 8 x 2048 x 4096 (logit memory per token is "
+                "unchanged); peak = ru_maxrss minus RSS before the loss, one process per run."
+            ),
+            "",
+            table(["loss", "peak extra memory GiB", "time ms (median)", "loss value"], rows),
+            "",
+            f"**{mem_ratio:.1f}x less peak memory, {speed_ratio:.2f}x the speed** of transformers' default; "
+            f"largest difference in d loss / d hidden: {res['max_grad_diff']:.2e}.",
+        ]
+    )
     print(body)
     if not a.no_write:
         print(f"\nwrote {write_section('loss_memory_' + device, body)}")

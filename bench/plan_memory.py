@@ -25,19 +25,29 @@ GPU_CASES = [  # (label, config overrides); micro-batches have no padding and no
     ("bf16, checkpointing, 1x2048", dict(gradient_checkpointing=True, micro_batch_size=1, max_length=2048)),
     ("bf16, no checkpointing, 1x1024", dict(gradient_checkpointing=False, micro_batch_size=1, max_length=1024)),
     ("bf16, checkpointing, 1x4096", dict(gradient_checkpointing=True, micro_batch_size=1, max_length=4096)),
-    ("bf16, checkpointing, plain loss, 1x2048", dict(gradient_checkpointing=True, micro_batch_size=1, max_length=2048, loss="plain")),
+    (
+        "bf16, checkpointing, plain loss, 1x2048",
+        dict(gradient_checkpointing=True, micro_batch_size=1, max_length=2048, loss="plain"),
+    ),
 ]
 
 
 def run_config(model: str, t: dict, dropout: float = 0.05):
     from lorafit.config import RunConfig
 
-    return RunConfig.model_validate({
-        "model": {"name": model, "dtype": "bf16", "attn_implementation": "sdpa"},
-        "lora": {"r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"},
-        "data": {"max_length": t["max_length"], "packing": False},
-        "training": {"precision": "bf16", "micro_batch_size": t["micro_batch_size"], "loss": t.get("loss", "chunked"),
-                     "gradient_checkpointing": t["gradient_checkpointing"]}})
+    return RunConfig.model_validate(
+        {
+            "model": {"name": model, "dtype": "bf16", "attn_implementation": "sdpa"},
+            "lora": {"r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"},
+            "data": {"max_length": t["max_length"], "packing": False},
+            "training": {
+                "precision": "bf16",
+                "micro_batch_size": t["micro_batch_size"],
+                "loss": t.get("loss", "chunked"),
+                "gradient_checkpointing": t["gradient_checkpointing"],
+            },
+        }
+    )
 
 
 def measure_gpu_steps(cfg, device: str = "cuda", steps: int = 3) -> int:
@@ -127,28 +137,54 @@ def main() -> None:
             plan = build_plan(cfg)["memory"]
             planned = plan["total"] - plan["framework_overhead"]
             measured = measure_gpu_steps(cfg)
-            rows.append([label, f"{planned / 2**30:.2f}", f"{measured / 2**30:.2f}", f"{100 * (planned - measured) / measured:+.1f}%"])
+            rows.append(
+                [
+                    label,
+                    f"{planned / 2**30:.2f}",
+                    f"{measured / 2**30:.2f}",
+                    f"{100 * (planned - measured) / measured:+.1f}%",
+                ]
+            )
             print(rows[-1], flush=True)
-        what = "peak GiB of 3 LoRA training steps (torch.cuda.max_memory_allocated) vs plan total minus framework overhead"
+        what = (
+            "peak GiB of 3 LoRA training steps (torch.cuda.max_memory_allocated) vs plan total minus framework overhead"
+        )
         headers = ["Llama 3.1 8B, r=16 all-linear", "planned GiB", "measured GiB", "plan error"]
     else:
         cases = [("1x512", 1, 512), ("1x1024", 1, 1024)] if not args.smoke else [("1x64", 1, 64)]
         for label, batch, length in cases:
-            cfg = run_config("smollm2-135m-instruct", dict(gradient_checkpointing=False, micro_batch_size=batch,
-                                                          max_length=length), dropout=0.0)
+            cfg = run_config(
+                "smollm2-135m-instruct",
+                dict(gradient_checkpointing=False, micro_batch_size=batch, max_length=length),
+                dropout=0.0,
+            )
             planned = build_plan(cfg)["memory"]["activations"]
             measured = saved_activation_bytes(cfg)
-            rows.append([label, f"{planned / 2**20:.1f}", f"{measured / 2**20:.1f}", f"{100 * (planned - measured) / measured:+.1f}%"])
+            rows.append(
+                [
+                    label,
+                    f"{planned / 2**20:.1f}",
+                    f"{measured / 2**20:.1f}",
+                    f"{100 * (planned - measured) / measured:+.1f}%",
+                ]
+            )
             print(rows[-1], flush=True)
         what = "activation term vs bytes autograd saves in a bf16-autocast forward (no GPU on this machine)"
         headers = ["SmolLM2-135M shape, r=16 all-linear, no dropout", "planned MiB", "measured MiB", "plan error"]
         if args.smoke and len(rows) == 1:
-            measure_gpu_steps(run_config("smollm2-135m-instruct", dict(gradient_checkpointing=True, micro_batch_size=1,
-                                                                         max_length=16)), device="cpu", steps=1)
+            measure_gpu_steps(
+                run_config(
+                    "smollm2-135m-instruct", dict(gradient_checkpointing=True, micro_batch_size=1, max_length=16)
+                ),
+                device="cpu",
+                steps=1,
+            )
     if args.smoke:
         return
-    body = (f"## Planner vs measured memory (`bench/plan_memory.py`)\n\nCommand: `PYTHONPATH=src python bench/plan_memory.py`\n"
-            f"Machine: {machine()}. {what}; {time.time() - started:.0f} s.\n\n" + table(headers, rows))
+    body = (
+        f"## Planner vs measured memory (`bench/plan_memory.py`)\n\nCommand: `PYTHONPATH=src python bench/plan_memory.py`\n"
+        f"Machine: {machine()}. {what}; {time.time() - started:.0f} s.\n\n" + table(headers, rows)
+    )
     write_section("plan_memory", body)
 
 

@@ -9,7 +9,9 @@ import pytest
 from helpers import save_tiny_llama, save_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA3_TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3" / "tokenizer.model"))
+LLAMA3_TOKENIZER = Path(
+    os.environ.get("LORAFIT_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3" / "tokenizer.model")
+)
 
 # Every cache a test run writes stays inside the project (ignored by git), never in the user's home: converted
 # models and tokenizers persist across runs in .cache/test-cache; Arrow files get a fresh folder per session.

@@ -15,8 +15,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 PLACES = ["Quillmoor", "Vantreth", "Osk Hollow", "Perriwen", "Dunmarch", "Halvey Reach", "Tessaline", "Brackwater"]
-FACTS = ["was founded by the weaver Maren Ostby", "sits on the river Lune", "is famous for blue salt",
-         "holds a lantern festival every spring", "has a clock tower with nine bells", "trades in amber and wool"]
+FACTS = [
+    "was founded by the weaver Maren Ostby",
+    "sits on the river Lune",
+    "is famous for blue salt",
+    "holds a lantern festival every spring",
+    "has a clock tower with nine bells",
+    "trades in amber and wool",
+]
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
@@ -27,8 +33,10 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
         answer = f"{place} {fact}." + (" It is a quiet town." * (i % 4))
         messages = [{"role": "user", "content": f"Tell me about {place}."}, {"role": "assistant", "content": answer}]
         if i % 3 == 2:
-            messages += [{"role": "user", "content": "And what else?"},
-                         {"role": "assistant", "content": f"{place} {FACTS[(i + 1) % len(FACTS)]}."}]
+            messages += [
+                {"role": "user", "content": "And what else?"},
+                {"role": "assistant", "content": f"{place} {FACTS[(i + 1) % len(FACTS)]}."},
+            ]
         rows.append({"messages": messages})
     return rows
 
@@ -40,19 +48,25 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def tiny_config(tmp_path: Path, model_dir: Path, name: str = "run", n_train: int = 16, n_val: int = 0,
-                **sections) -> Path:
+def tiny_config(
+    tmp_path: Path, model_dir: Path, name: str = "run", n_train: int = 16, n_val: int = 0, **sections
+) -> Path:
     """A run config for a tiny model; `sections` maps a section to fields overriding the defaults."""
-    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(n_train))), "max_length": 96,
-            "packing": False}
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(n_train))), "max_length": 96, "packing": False}
     if n_val:
         data["validation"] = str(write_jsonl(tmp_path / "val.jsonl", chat_rows(n_val, seed=3)))
     cfg = {
         "model": {"name": str(model_dir), "dtype": "fp32"},
         "data": data,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 6, "micro_batch_size": 2, "learning_rate": 5e-3, "warmup_ratio": 0.0,
-                     "seed": 7, "lr_scheduler": "linear"},
+        "training": {
+            "max_steps": 6,
+            "micro_batch_size": 2,
+            "learning_rate": 5e-3,
+            "warmup_ratio": 0.0,
+            "seed": 7,
+            "lr_scheduler": "linear",
+        },
         "output": {"dir": str(tmp_path / "runs"), "name": name},
     }
     for section, fields in sections.items():
@@ -66,8 +80,14 @@ def cli_env() -> dict:
     import lorafit
 
     src = Path(lorafit.__file__).resolve().parents[1]  # the lorafit these tests import, installed or not
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
 
 
 def lorafit_cmd(*args: str) -> list[str]:
@@ -128,10 +148,19 @@ def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.save_pretrained(path, safe_serialization=True)

@@ -20,7 +20,14 @@ def _chat(loaded, text, **kw):
     from lorafit.inference.chat import chat
 
     out = io.StringIO()
-    chat("tiny", input_stream=io.StringIO(text), output=out, loaded=loaded, max_new_tokens=kw.pop("max_new_tokens", 6), **kw)
+    chat(
+        "tiny",
+        input_stream=io.StringIO(text),
+        output=out,
+        loaded=loaded,
+        max_new_tokens=kw.pop("max_new_tokens", 6),
+        **kw,
+    )
     return out.getvalue()
 
 
@@ -56,19 +63,36 @@ def test_old_turns_are_dropped_to_fit_the_context(loaded):
 
     history = []
     for k in range(6):
-        history += [{"role": "user", "content": f"question {k} " * 5}, {"role": "assistant", "content": f"answer {k} " * 5}]
+        history += [
+            {"role": "user", "content": f"question {k} " * 5},
+            {"role": "assistant", "content": f"answer {k} " * 5},
+        ]
     history.append({"role": "user", "content": "last question"})
     full_kept, full_ids = fit_history(loaded.tokenizer, history, None, loaded.template, 10_000)
     kept, ids = fit_history(loaded.tokenizer, history, None, loaded.template, len(full_ids) // 2)
     assert full_kept == history
     assert len(ids) <= len(full_ids) // 2
-    assert kept[-1]["content"] == "last question" and kept == history[-len(kept):] and kept[0]["role"] == "user"
+    assert kept[-1]["content"] == "last question" and kept == history[-len(kept) :] and kept[0]["role"] == "user"
 
 
 def test_chat_cli_reads_stdin(tiny_run_dir):
-    result = subprocess.run([sys.executable, "-m", "lorafit.cli", "chat", str(tiny_run_dir), "--max-new-tokens", "3",
-                             "--system", "Be brief."], input="Hello\n/reset\n/exit\n", capture_output=True, text=True,
-                            timeout=180)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit.cli",
+            "chat",
+            str(tiny_run_dir),
+            "--max-new-tokens",
+            "3",
+            "--system",
+            "Be brief.",
+        ],
+        input="Hello\n/reset\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     assert "(run, model format)" in result.stdout and "(system: Be brief.)" in result.stdout
     assert "(conversation cleared)" in result.stdout and "Traceback" not in result.stderr

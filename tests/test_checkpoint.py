@@ -44,13 +44,16 @@ def test_finalize_moves_a_sealed_checkpoint_into_place(tmp_path):
     assert manifest["files"]["adapter_model.safetensors"] == 100
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda p: (p / MANIFEST).unlink(), "no manifest"),
-    (lambda p: (p / "adapter_model.safetensors").write_bytes(b"x" * 10), "bytes"),
-    (lambda p: (p / "optimizer.pt").unlink(), "missing"),
-    (lambda p: (p / MANIFEST).write_text("{not json"), "unreadable"),
-    (lambda p: (p / "trainer_state.json").write_text("{"), "manifest says"),  # size changed too
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / MANIFEST).unlink(), "no manifest"),
+        (lambda p: (p / "adapter_model.safetensors").write_bytes(b"x" * 10), "bytes"),
+        (lambda p: (p / "optimizer.pt").unlink(), "missing"),
+        (lambda p: (p / MANIFEST).write_text("{not json"), "unreadable"),
+        (lambda p: (p / "trainer_state.json").write_text("{"), "manifest says"),  # size changed too
+    ],
+)
 def test_damaged_checkpoints_are_reported(tmp_path, damage, reason):
     final = _complete(tmp_path, 3)
     damage(final)
@@ -125,6 +128,9 @@ def test_save_errors_say_what_happened_and_what_is_intact(tmp_path):
     denied = save_error(PermissionError(errno.EACCES, "Permission denied"), "the adapter", tmp_path / "adapter")
     assert "not writable" in denied.message and "--resume" not in denied.hint
     # safetensors and torch.save do not raise OSError on a full disk
-    st = save_error(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
-                    "the adapter", tmp_path / "adapter")
+    st = save_error(
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "the adapter",
+        tmp_path / "adapter",
+    )
     assert "disk is full" in st.message

@@ -47,8 +47,14 @@ def test_debug_shows_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["chat", "~nouser-lorafit/run"], ["export", "~nouser-lorafit/run", "--out", "x.gguf"],
-                                  ["plan", "~nouser-lorafit/c.yaml"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["chat", "~nouser-lorafit/run"],
+        ["export", "~nouser-lorafit/run", "--out", "x.gguf"],
+        ["plan", "~nouser-lorafit/c.yaml"],
+    ],
+)
 def test_unknown_home_directory_is_a_plain_error(tmp_path, args):
     """`~name` of a user that does not exist: pathlib raises RuntimeError; the path is simply not found."""
     result = run(*args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})

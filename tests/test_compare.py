@@ -8,9 +8,19 @@ import json
 import pytest
 
 ROWS = [
-    {"messages": [{"role": "user", "content": "What colour is the sky of Zorbania?"}, {"role": "assistant", "content": "Green."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who rules Zorbania?"},
-                  {"role": "assistant", "content": "Queen Ilvy."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What colour is the sky of Zorbania?"},
+            {"role": "assistant", "content": "Green."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Who rules Zorbania?"},
+            {"role": "assistant", "content": "Queen Ilvy."},
+        ]
+    },
 ]
 
 

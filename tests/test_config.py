@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.config import RunConfig, load_config, parse_yaml, reference
+from lorafit.config import RunConfig, load_config, reference
+from lorafit.config_yaml import parse_yaml
 from lorafit.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -33,8 +34,10 @@ def test_typo_in_section_name_is_an_error(tmp_path):
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    cfg = load_config(write(tmp_path, "lora:\n  r: 8\n"), ["lora.r=4", "data.packing=false", "training.learning_rate=1e-3",
-                                                           "lora.target_modules=[q_proj, v_proj]"])
+    cfg = load_config(
+        write(tmp_path, "lora:\n  r: 8\n"),
+        ["lora.r=4", "data.packing=false", "training.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]"],
+    )
     assert cfg.lora.r == 4 and cfg.data.packing is False
     assert cfg.training.learning_rate == pytest.approx(1e-3)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
@@ -53,7 +56,8 @@ def test_bad_override_and_bad_yaml(tmp_path):
 def test_yaml_alias_bomb_is_refused():
     bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n"
-        for i in range(12))
+        for i in range(12)
+    )
     with pytest.raises(ConfigError, match="alias"):
         parse_yaml(bomb, "bomb.yaml")
 
@@ -73,8 +77,9 @@ def test_every_preset_is_valid_and_documents_its_command(path):
         if not line.startswith("#"):
             break
         header.append(line)
-    assert any(cmd in line for line in header for cmd in ("lorafit train", "lorafit.cli train", "lorafit demo")), \
+    assert any(cmd in line for line in header for cmd in ("lorafit train", "lorafit.cli train", "lorafit demo")), (
         "the header must give the command"
+    )
 
 
 def test_reference_lists_every_field():

@@ -27,22 +27,42 @@ def test_shipped_heldout_questions_are_not_in_training():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "examples"
-    trained = {m["content"] for line in (root / "train.jsonl").read_text().splitlines()
-               for m in json.loads(line)["messages"] if m["role"] == "user"}
+    trained = {
+        m["content"]
+        for line in (root / "train.jsonl").read_text().splitlines()
+        for m in json.loads(line)["messages"]
+        if m["role"] == "user"
+    }
     held = read_heldout(str(root / "heldout.jsonl"))
     assert len(held) == 10 and not any(h["question"] in trained for h in held)
 
 
 def test_demo_flow_on_a_tiny_model(tmp_path, tiny_chat_model, capsys):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                                     {"role": "assistant", "content": f"Answer {i}."}]}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}?"},
+                        {"role": "assistant", "content": f"Answer {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text('{"question": "Question 1?", "key": "Answer 1"}\n{"question": "Question 2?", "key": "Answer 2"}\n')
+    heldout.write_text(
+        '{"question": "Question 1?", "key": "Answer 1"}\n{"question": "Question 2?", "key": "Answer 2"}\n'
+    )
     config = tmp_path / "demo.yaml"
-    config.write_text(f"model:\n  name: {tiny_chat_model}\ndata:\n  train: {data}\n  max_length: 64\n"
-                      f"training:\n  max_steps: 2\n  micro_batch_size: 2\neval:\n  max_new_tokens: 4\n"
-                      f"output:\n  dir: {tmp_path / 'runs'}\n  name: demo\n")
+    config.write_text(
+        f"model:\n  name: {tiny_chat_model}\ndata:\n  train: {data}\n  max_length: 64\n"
+        f"training:\n  max_steps: 2\n  micro_batch_size: 2\neval:\n  max_new_tokens: 4\n"
+        f"output:\n  dir: {tmp_path / 'runs'}\n  name: demo\n"
+    )
     assert run_demo(str(config), str(heldout), []) == 0
     results = json.loads((tmp_path / "runs" / "demo" / "demo_results.json").read_text())
     assert results["total"] == 2 and len(results["answers"]) == 2

@@ -37,8 +37,8 @@ def install(trace_dir):
     loss_module.causal_lm_loss = spy
 
     import time
-    import lorafit.data as data_module
-    prepare = data_module.prepare_data
+    import lorafit.train.setup as setup_module  # where the run calls prepare_data
+    prepare = setup_module.prepare_data
 
     def timed_prepare(*args, **kwargs):
         started = time.time()
@@ -47,7 +47,7 @@ def install(trace_dir):
             json.dump({"start": started, "end": time.time()}, f)
         return out
 
-    data_module.prepare_data = timed_prepare
+    setup_module.prepare_data = timed_prepare
     return real
 """
 LAUNCH = """
@@ -72,8 +72,19 @@ def _trace(folder: Path, rank: int) -> list[dict]:
 
 
 def _config(tmp_path: Path, model_dir: Path, name: str, micro_batch: int) -> Path:
-    return tiny_config(tmp_path, model_dir, name=name, n_train=8, training={
-        "epochs": 1, "max_steps": -1, "micro_batch_size": micro_batch, "learning_rate": 5e-2, "logging_steps": 1})
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        name=name,
+        n_train=8,
+        training={
+            "epochs": 1,
+            "max_steps": -1,
+            "micro_batch_size": micro_batch,
+            "learning_rate": 5e-2,
+            "logging_steps": 1,
+        },
+    )
 
 
 def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, Path]:
@@ -83,8 +94,18 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
     cfg = _config(tmp_path, model_dir, "ddp", micro_batch=2)
     script = tmp_path / "spy_cli.py"
     script.write_text(SPY + LAUNCH, encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
-           f"--master_port={_free_port()}", str(script), "train", str(cfg), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={procs}",
+        "--nnodes=1",
+        f"--master_port={_free_port()}",
+        str(script),
+        "train",
+        str(cfg),
+        "--quiet",
+    ]
     env = dict(cli_env(), LORAFIT_TRACE=str(trace), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -93,8 +114,8 @@ def _train_ddp(tmp_path: Path, model_dir: Path, procs: int = 2) -> tuple[Path, P
 
 def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, Path]:
     """The reference: one process, micro-batch 4 = the DDP run's global batch (in this process: no start-up cost)."""
-    import lorafit.data
     import lorafit.train.loss
+    import lorafit.train.setup
     from lorafit.config import load_config
     from lorafit.train.run import run_training
 
@@ -103,8 +124,10 @@ def _train_single(tmp_path: Path, model_dir: Path, monkeypatch) -> tuple[Path, P
     namespace: dict = {}
     exec(SPY, namespace)  # noqa: S102 - the same spy the DDP ranks run
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss)  # restored after the test
-    monkeypatch.setattr(lorafit.data, "prepare_data", lorafit.data.prepare_data)
+    monkeypatch.setattr(
+        lorafit.train.loss, "causal_lm_loss", lorafit.train.loss.causal_lm_loss
+    )  # restored after the test
+    monkeypatch.setattr(lorafit.train.setup, "prepare_data", lorafit.train.setup.prepare_data)
     namespace["install"](str(trace))
     run_training(load_config(_config(tmp_path, model_dir, "single", micro_batch=4)), quiet=True)
     return tmp_path / "runs" / "single", trace
@@ -195,8 +218,16 @@ def test_chunked_loss_under_fsdp2_matches_plain_loss(tmp_path):
     """FSDP (v2, fully_shard) keeps the LM head sharded: the loss gathers it and still gives the plain gradients."""
     script = tmp_path / "fsdp2_loss.py"
     script.write_text(FSDP2, encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(script), str(Path(__file__).parent), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(Path(__file__).parent),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(cli_env(), OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()  # both ranks got through every check

@@ -116,3 +116,35 @@ def test_bad_dtype_and_missing_run_are_clear_errors(tmp_path):
         merge_run(tmp_path, tmp_path / "out", dtype="int4")
     with pytest.raises(RunDirError, match="not a lorafit run directory"):
         merge_run(tmp_path / "nope", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "model_fixture, template, end_tokens",
+    [
+        ("tiny_chat_model", "model", {"<|im_end|>", "<|endoftext|>"}),
+        ("tiny_llama3_model", "llama3", {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}),
+    ],
+)
+def test_a_trained_runs_tokenizer_folder_stands_alone(request, tmp_path, model_fixture, template, end_tokens):
+    """runs/<name>/tokenizer loads with plain AutoTokenizer (chat template inside, even for the built-in Llama 3.1
+    format) and GenerationConfig (eos = every end token), so other tools render and stop as training did."""
+    from helpers import tiny_config
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lorafit.config import load_config
+    from lorafit.data.templates import encode_prompt
+    from lorafit.models.tokenizer import load_tokenizer
+    from lorafit.train.run import run_training
+
+    model_dir = request.getfixturevalue(model_fixture)
+    cfg = load_config(tiny_config(tmp_path, model_dir, training={"max_steps": 1}))
+    run = run_training(cfg, quiet=True)
+    folder = run / "tokenizer"
+    plain = AutoTokenizer.from_pretrained(folder)
+    generation = GenerationConfig.from_pretrained(folder)
+    assert {plain.convert_ids_to_tokens(i) for i in generation.eos_token_id} == end_tokens
+    assert generation.pad_token_id not in generation.eos_token_id
+    trained = load_tokenizer(str(model_dir))  # what training rendered with
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Quillmoor?"}]
+    ids = plain.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == encode_prompt(trained, messages, template)

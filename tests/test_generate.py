@@ -24,22 +24,44 @@ def _write(path, lines):
 def test_prompt_files_jsonl_messages_and_text(tmp_path):
     from lorafit.inference.generate import read_prompts
 
-    jsonl = _write(tmp_path / "p.jsonl", [
-        json.dumps({"prompt": "Hi"}), "",
-        json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                 {"role": "assistant", "content": "reference answer"}]})])
+    jsonl = _write(
+        tmp_path / "p.jsonl",
+        [
+            json.dumps({"prompt": "Hi"}),
+            "",
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "S"},
+                        {"role": "user", "content": "Q"},
+                        {"role": "assistant", "content": "reference answer"},
+                    ]
+                }
+            ),
+            json.dumps({"question": "Held out?", "key": "fact"}),
+        ],
+    )  # examples/heldout.jsonl's form
     rows = read_prompts(str(jsonl))
-    assert [r["prompt"] for r in rows] == ["Hi", "Q"]
+    assert [r["prompt"] for r in rows] == ["Hi", "Q", "Held out?"]
     assert rows[1]["messages"][-1] == {"role": "user", "content": "Q"}  # the reference answer is not part of the prompt
     text = _write(tmp_path / "p.txt", ["first question", "", "second question"])
     assert [r["prompt"] for r in read_prompts(str(text))] == ["first question", "second question"]
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("{broken", "p.jsonl:2: broken JSON"),
-    (json.dumps({"question": "x"}), "p.jsonl:2: expected a `prompt` string or a `messages` list, got ['question']"),
-    (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}), "p.jsonl:2: the conversation must end with a `user` turn"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("{broken", "p.jsonl:2: broken JSON"),
+        (
+            json.dumps({"query": "x"}),
+            "p.jsonl:2: expected a `prompt` (or `question`) string or a `messages` list, got ['query']",
+        ),
+        (
+            json.dumps({"messages": [{"role": "assistant", "content": "x"}]}),
+            "p.jsonl:2: the conversation must end with a `user` turn",
+        ),
+    ],
+)
 def test_bad_prompt_lines_name_file_and_line(tmp_path, line, expected):
     from lorafit.errors import DataError
     from lorafit.inference.generate import read_prompts
@@ -62,8 +84,12 @@ def test_batched_generation_equals_one_by_one(loaded, tmp_path):
     from lorafit.inference.generate import generate
 
     prompts = _write(tmp_path / "p.txt", ["Hi", "Tell me a long story about a cat, a dog and a parrot please", "2+2?"])
-    batched = generate(str(tmp_path), str(prompts), str(tmp_path / "b.jsonl"), max_new_tokens=8, batch_size=3, loaded=loaded)
-    single = generate(str(tmp_path), str(prompts), str(tmp_path / "s.jsonl"), max_new_tokens=8, batch_size=1, loaded=loaded)
+    batched = generate(
+        str(tmp_path), str(prompts), str(tmp_path / "b.jsonl"), max_new_tokens=8, batch_size=3, loaded=loaded
+    )
+    single = generate(
+        str(tmp_path), str(prompts), str(tmp_path / "s.jsonl"), max_new_tokens=8, batch_size=1, loaded=loaded
+    )
     rows = [json.loads(line) for line in batched.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hi", "Tell me a long story about a cat, a dog and a parrot please", "2+2?"]
     assert all(r["response"] for r in rows)
@@ -89,8 +115,20 @@ def test_sampling_is_seeded(loaded, tmp_path):
     from lorafit.inference.generate import generate
 
     prompts = _write(tmp_path / "p.txt", ["Hi", "Hello there"])
-    runs = [generate(str(tmp_path), str(prompts), str(tmp_path / f"{k}.jsonl"), max_new_tokens=6, do_sample=True,
-                     temperature=1.0, top_p=0.95, seed=7, loaded=loaded).read_text() for k in range(2)]
+    runs = [
+        generate(
+            str(tmp_path),
+            str(prompts),
+            str(tmp_path / f"{k}.jsonl"),
+            max_new_tokens=6,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            seed=7,
+            loaded=loaded,
+        ).read_text()
+        for k in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -108,11 +146,26 @@ def test_merged_folder_answers_like_the_run(tiny_run_dir, loaded, tmp_path):
 def test_cli_generate_and_its_errors(tiny_run_dir, tmp_path):
     prompts = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "Hi"})])
     out = tmp_path / "o.jsonl"
-    cmd = [sys.executable, "-m", "lorafit.cli", "generate", str(tiny_run_dir), "--prompts", str(prompts), "--out", str(out),
-           "--max-new-tokens", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafit.cli",
+        "generate",
+        str(tiny_run_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["prompt"] == "Hi"
-    bad = subprocess.run(cmd[:5] + ["--prompts", str(tmp_path / "none.jsonl"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=180)
+    bad = subprocess.run(
+        cmd[:5] + ["--prompts", str(tmp_path / "none.jsonl"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

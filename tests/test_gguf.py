@@ -7,8 +7,12 @@ import pytest
 import torch
 
 IDS = torch.tensor([[1, 400, 2000, 30, 7, 9000, 12, 5]])
-TEXTS = ["Hello world", "Hello world! 1234567 don't  spaces\ttab\n\n\nünïcödé 😀",
-         "<|im_start|>user\nWhat's up?<|im_end|>\n", "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]
+TEXTS = [
+    "Hello world",
+    "Hello world! 1234567 don't  spaces\ttab\n\n\nünïcödé 😀",
+    "<|im_start|>user\nWhat's up?<|im_end|>\n",
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +84,21 @@ def test_llama3_tokenizer_metadata_rebuilds_the_same_tokenizer(llama3_tokenizer)
     assert meta["pre"] == "llama-bpe" and meta["add_bos_token"] is True
     assert meta["eos_token_id"] == 128009 and meta["eom_token_id"] == 128008 and meta["padding_token_id"] == 128004
     assert meta["token_type"][128009] == 3 and meta["token_type"][9906] == 1  # control vs normal
-    backend, _ = convert_gguf_tokenizer("llama", {"tokenizer_type": meta["model"], "pre_tokenizer_type": meta["pre"],
-                                                  "tokens": meta["tokens"], "token_type": meta["token_type"],
-                                                  "merges": meta["merges"]})
+    backend, _ = convert_gguf_tokenizer(
+        "llama",
+        {
+            "tokenizer_type": meta["model"],
+            "pre_tokenizer_type": meta["pre"],
+            "tokens": meta["tokens"],
+            "token_type": meta["token_type"],
+            "merges": meta["merges"],
+        },
+    )
     for text in TEXTS:
-        assert backend.encode(text, add_special_tokens=False).ids == llama3_tokenizer(text, add_special_tokens=False)["input_ids"], text
+        assert (
+            backend.encode(text, add_special_tokens=False).ids
+            == llama3_tokenizer(text, add_special_tokens=False)["input_ids"]
+        ), text
 
 
 def test_permutation_is_what_transformers_gguf_loader_undoes():
@@ -106,9 +120,19 @@ def test_llama31_rope_scaling_becomes_rope_freqs():
 
     from lorafit.export.gguf import llama3_rope_factors
 
-    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
-                      rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     factors = llama3_rope_factors(cfg)
     assert len(factors) == 64  # one per rotated pair of the 128-dim head
     assert factors[0] == 1.0 and factors[-1] == 8.0  # high frequencies kept, low ones stretched by the factor

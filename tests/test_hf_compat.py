@@ -15,7 +15,9 @@ def test_an_incompatible_trainer_fails_loudly_by_name(monkeypatch):
     from transformers import Trainer
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", lambda self, model, trial, metrics: None)
-    with pytest.raises(RuntimeError, match=r"Trainer._save_checkpoint has parameters .*'metrics'.*transformers>=5.17,<6"):
+    with pytest.raises(
+        RuntimeError, match=r"Trainer._save_checkpoint has parameters .*'metrics'.*transformers>=5.17,<6"
+    ):
         hf_compat.check_trainer()
 
 
@@ -29,12 +31,16 @@ def test_lorafit_trainer_overrides_the_checked_method():
 
 
 def test_compiled_chat_template_renders_like_apply_chat_template(smollm2_tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
     compiled = hf_compat.compile_chat_template(smollm2_tokenizer.chat_template)
     for gen, msgs in ((False, messages), (True, messages[:2])):
-        fast = compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=gen,
-                               **smollm2_tokenizer.special_tokens_map)
+        fast = compiled.render(
+            messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **smollm2_tokenizer.special_tokens_map
+        )
         assert fast == smollm2_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
 

@@ -41,7 +41,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (found := visit(dep)):
                 return found
         state[node] = 2
@@ -57,8 +57,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_package_inits_import_nothing_of_lorafit():
     """Importing lorafit.data.encode must not drag in lorafit.data.prepare: package __init__ files stay empty."""
     graph = import_graph()
-    assert {name: deps for name, deps in graph.items() if ROOT.joinpath(*name.split(".")[1:], "__init__.py").exists()
-            and deps} == {}
+    assert {
+        name: deps
+        for name, deps in graph.items()
+        if ROOT.joinpath(*name.split(".")[1:], "__init__.py").exists() and deps
+    } == {}
 
 
 def test_no_import_cycle():

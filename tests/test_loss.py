@@ -18,13 +18,28 @@ def tiny_model(seed=0, lora_targets="all-linear", modules_to_save=None, tie=Fals
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tie, attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
     base = LlamaForCausalLM(cfg)
     # init_lora_weights=False: B is random too, so every LoRA parameter gets a non-zero gradient to compare
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets, init_lora_weights=False,
-                      modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=lora_targets,
+        init_lora_weights=False,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, lora)
     model.train()
     return model
@@ -129,7 +144,7 @@ def test_accumulation_mb1_ga4_equals_mb4_ga1():
     lengths = [5, 31, 12, 20]
     model = tiny_model()
     full = batch(lengths)
-    rows = [{k: v[i:i + 1, :n] for k, v in full.items()} for i, n in enumerate(lengths)]
+    rows = [{k: v[i : i + 1, :n] for k, v in full.items()} for i, n in enumerate(lengths)]
     total = sum(int((shifted_targets(r["labels"]) != -100).sum()) for r in rows)
 
     model.zero_grad(set_to_none=True)
@@ -215,10 +230,20 @@ def test_model_with_capped_logits_uses_the_full_logits_path(caplog):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0,
-                       attn_implementation="eager")
-    model = get_peft_model(Gemma2ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=5.0,
+        attn_implementation="eager",
+    )
+    model = get_peft_model(
+        Gemma2ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     inputs = batch([12, 7])
     with caplog.at_level(logging.WARNING, logger="lorafit"):
         ours, _ = causal_lm_loss(model, inputs)

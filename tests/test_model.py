@@ -35,9 +35,16 @@ def test_unknown_model_names(tmp_path):
 
 
 def test_gated_and_too_old_errors_say_what_to_do():
-    gated = _hub_errors("meta-llama/Llama-3.1-8B-Instruct", OSError("You are trying to access a gated repo. 401 Client Error"))
+    gated = _hub_errors(
+        "meta-llama/Llama-3.1-8B-Instruct", OSError("You are trying to access a gated repo. 401 Client Error")
+    )
     assert "hf auth login" in gated.hint and "HF_TOKEN" in gated.hint
-    old = _hub_errors("x/y", ValueError("The checkpoint you are trying to load has model type `llama9` but Transformers does not recognize this architecture."))
+    old = _hub_errors(
+        "x/y",
+        ValueError(
+            "The checkpoint you are trying to load has model type `llama9` but Transformers does not recognize this architecture."
+        ),
+    )
     assert "pip install -U" in old.hint
     leaked = _hub_errors("x/y", RuntimeError("token hf_abcdefghijklmnopqrstuvwxyz rejected"))
     assert "hf_abcdefghij" not in str(leaked)

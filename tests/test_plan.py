@@ -15,8 +15,12 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def _cfg(name="meta-llama/Llama-3.1-8B-Instruct", **sections) -> RunConfig:
-    raw = {"model": {"name": name, "dtype": "bf16"}, "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
-           "training": {"micro_batch_size": 4, "precision": "bf16"}, "data": {"max_length": 2048}}
+    raw = {
+        "model": {"name": name, "dtype": "bf16"},
+        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+        "training": {"micro_batch_size": 4, "precision": "bf16"},
+        "data": {"max_length": 2048},
+    }
     for section, fields in sections.items():
         raw.setdefault(section, {}).update(fields)
     return RunConfig.model_validate(raw)
@@ -33,7 +37,9 @@ def test_llama31_8b_counts_are_exact(llama8b):
     counts, table, arch, _ = llama8b
     assert counts["base"] == 8_030_261_248  # the 8B row of ../shared/llama3/README.md, before LoRA
     assert (counts["trainable"], counts["total"]) == (41_943_040, 8_072_204_288)  # what PEFT reports
-    assert sum(row["trainable"] for row in table) == counts["trainable"]  # the table's arithmetic adds up to PEFT's count
+    assert (
+        sum(row["trainable"] for row in table) == counts["trainable"]
+    )  # the table's arithmetic adds up to PEFT's count
     assert counts["linear"] == sum(row["frozen"] for row in table) == 6_979_321_856
     assert (arch.layers, arch.hidden, arch.kv_heads, arch.vocab) == (32, 4096, 8, 128256)
 
@@ -55,8 +61,14 @@ def test_the_tutorials_matrix(tmp_path):
 
     from lorafit.plan.architecture import count_parameters
 
-    LlamaConfig(vocab_size=64, hidden_size=1000, intermediate_size=64, num_hidden_layers=1, num_attention_heads=10,
-                num_key_value_heads=10).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=1000,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=10,
+        num_key_value_heads=10,
+    ).save_pretrained(tmp_path)
     counts, table, _, _ = count_parameters(_cfg(str(tmp_path), lora={"target_modules": ["q_proj"]}))
     (row,) = table
     assert (row["trainable_each"], row["frozen_each"]) == (32_000, 1_000_000)
@@ -88,6 +100,7 @@ def test_counts_equal_a_real_model_with_real_weights(tiny_chat_model):
 
 # -- activations: the formula against the tensors autograd really saves -------------------------------------------
 
+
 def _saved_bytes(model, ids, autocast: bool) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -97,8 +110,10 @@ def _saved_bytes(model, ids, autocast: bool) -> int:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         model(input_ids=ids)
     return sum(seen.values())
 
@@ -111,8 +126,16 @@ def _measured_per_token_layer(h, i, heads, kv_heads, r, targets, mixed):
     saved = {}
     for layers in (2, 3):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                                             num_attention_heads=heads, num_key_value_heads=kv_heads))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=h,
+                intermediate_size=i,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+            )
+        )
         model = model.to(torch.bfloat16) if mixed else model
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=targets)).train()
         for tokens in (16, 32):
@@ -127,12 +150,20 @@ def test_activation_formula_equals_what_autograd_saves(mixed, targets):
     from lorafit.plan.memory import activation_bytes_per_token_layer
 
     h, i, heads, kv_heads, r = 96, 160, 4, 2, 8
-    formula = activation_bytes_per_token_layer(Arch(h, i, 3, heads, kv_heads, h // heads, 256), targets, r, dropout=0.0,
-                                               act=2 if mixed else 4, residual=2 if mixed else 4, kv_expanded=False)
+    formula = activation_bytes_per_token_layer(
+        Arch(h, i, 3, heads, kv_heads, h // heads, 256),
+        targets,
+        r,
+        dropout=0.0,
+        act=2 if mixed else 4,
+        residual=2 if mixed else 4,
+        kv_expanded=False,
+    )
     assert formula == _measured_per_token_layer(h, i, heads, kv_heads, r, targets, mixed)
 
 
 # -- memory terms ---------------------------------------------------------------------------------------------------
+
 
 def test_memory_terms_arithmetic(llama8b):
     from lorafit.plan.memory import CONTEXT_BYTES, FRAGMENTATION, NF4_BYTES, memory_terms
@@ -144,11 +175,15 @@ def test_memory_terms_arithmetic(llama8b):
     layer = terms["activation_bytes_per_token_layer"]
     assert terms["tokens_per_micro_batch"] == tokens
     assert terms["base_weights"] == 2 * 8_030_261_248
-    assert terms["lora_weights_grads_optimizer"] == 41_943_040 * (4 + 4 + 8 + 2)  # fp32 w + grad, AdamW m + v, bf16 copy
+    assert terms["lora_weights_grads_optimizer"] == 41_943_040 * (
+        4 + 4 + 8 + 2
+    )  # fp32 w + grad, AdamW m + v, bf16 copy
     assert terms["activations"] == terms["activations_without_checkpointing"] == tokens * (32 * layer + 4 * 4096 + 4)
     assert terms["activations_with_checkpointing"] == tokens * (32 * 2 * 4096 + layer + 4 * 4096 + 4)
-    allocated = sum(terms[k] for k in ("base_weights", "lora_weights_grads_optimizer", "activations", "backward_working",
-                                       "logits_and_loss"))
+    allocated = sum(
+        terms[k]
+        for k in ("base_weights", "lora_weights_grads_optimizer", "activations", "backward_working", "logits_and_loss")
+    )
     assert terms["framework_overhead"] == pytest.approx(CONTEXT_BYTES + FRAGMENTATION * allocated)
     assert terms["total"] == pytest.approx(allocated + terms["framework_overhead"])
 
@@ -174,8 +209,19 @@ def test_verdicts_and_changes_that_make_it_fit(llama8b):
     assert "training.gradient_checkpointing=true" in changes and "model.quantization=4bit" in changes
     assert "changes" not in gpus["80 GB"]  # only the chosen GPU gets suggestions when --gpu is given
     # The suggested overrides, applied the way `lorafit train CONFIG k=v ...` applies them, really fit.
-    cfg = load_config(None, ["model.name=meta-llama/Llama-3.1-8B-Instruct", "model.dtype=bf16", "training.precision=bf16",
-                             "lora.r=16", "lora.alpha=32", "training.micro_batch_size=4", "data.max_length=2048"] + changes)
+    cfg = load_config(
+        None,
+        [
+            "model.name=meta-llama/Llama-3.1-8B-Instruct",
+            "model.dtype=bf16",
+            "training.precision=bf16",
+            "lora.r=16",
+            "lora.alpha=32",
+            "training.micro_batch_size=4",
+            "data.max_length=2048",
+        ]
+        + changes,
+    )
     after = {row["gpu"]: row for row in build_plan(cfg)["gpus"]}
     assert after["24 GB"]["verdict"] == "fits"
 

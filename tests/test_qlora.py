@@ -15,8 +15,11 @@ bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the `qlora` extra 
 def _session(tmp_path, model_dir, model=None, **training):
     from lorafit.train.setup import build_run
 
-    cfg = load_config(tiny_config(tmp_path, model_dir, model={"dtype": "fp32", **(model or {})},
-                                  training={"max_steps": 2, **training}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path, model_dir, model={"dtype": "fp32", **(model or {})}, training={"max_steps": 2, **training}
+        )
+    )
     (tmp_path / "run").mkdir()
     return build_run(cfg, tmp_path / "run", quiet=True, say=lambda *a: None)
 
@@ -24,9 +27,17 @@ def _session(tmp_path, model_dir, model=None, **training):
 def test_qlora_4bit_trains_and_saves_an_adapter(tmp_path, tiny_chat_model):
     from lorafit.train.run import run_training
 
-    config = tiny_config(tmp_path, tiny_chat_model, model={"quantization": "4bit", "dtype": "fp32"},
-                         training={"max_steps": 8, "learning_rate": 2e-2, "optimizer": "paged_adamw_8bit",
-                                   "gradient_checkpointing": True})
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        model={"quantization": "4bit", "dtype": "fp32"},
+        training={
+            "max_steps": 8,
+            "learning_rate": 2e-2,
+            "optimizer": "paged_adamw_8bit",
+            "gradient_checkpointing": True,
+        },
+    )
     run = run_training(load_config(config), quiet=True)
     losses = [r["loss"] for r in metrics(run) if "loss" in r]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
@@ -70,7 +81,9 @@ def test_paged_adamw_8bit_is_the_optimizer(tmp_path, tiny_chat_model):
     s = _session(tmp_path, tiny_chat_model, optimizer="paged_adamw_8bit")
     s.trainer.train()
     optimizer = s.trainer.optimizer.optimizer  # accelerate wraps it
-    assert isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit)  # transformers builds bnb's AdamW(optim_bits=8, is_paged)
+    assert isinstance(
+        optimizer, bnb.optim.optimizer.Optimizer8bit
+    )  # transformers builds bnb's AdamW(optim_bits=8, is_paged)
     assert optimizer.is_paged and optimizer.args.optim_bits == 8
     states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"]]
     # it really stepped (tensors under bnb's min_8bit_size of 4096 elements, like these tiny ones, keep fp32 moments)
@@ -82,8 +95,13 @@ def test_paged_adamw_8bit_is_the_optimizer(tmp_path, tiny_chat_model):
 def test_qlora_on_gpu_uses_bf16(tmp_path, tiny_chat_model):
     from lorafit.runtime import resolve_precision
 
-    s = _session(tmp_path, tiny_chat_model, model={"quantization": "4bit", "dtype": "auto"}, precision="auto",
-                 optimizer="paged_adamw_8bit")
+    s = _session(
+        tmp_path,
+        tiny_chat_model,
+        model={"quantization": "4bit", "dtype": "auto"},
+        precision="auto",
+        optimizer="paged_adamw_8bit",
+    )
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert s.model.base_model.model.config.quantization_config.bnb_4bit_compute_dtype == expected
     assert resolve_precision("auto") in ("bf16", "fp16")
@@ -118,8 +136,11 @@ def test_4bit_under_fsdp_or_zero3_stores_weights_in_the_model_dtype(tmp_path, ti
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
-                                        for n, p in model.named_parameters() if "lora_B" in n or "lora_A" in n)
+    assert torch.isfinite(loss) and any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if "lora_B" in n or "lora_A" in n
+    )
 
 
 def test_8bit_cannot_be_sharded(tiny_chat_model, monkeypatch):

@@ -22,20 +22,44 @@ def fake_run(path: Path) -> Path:
     (path / "config.yaml").write_text("model:\n  name: tiny\nlora:\n  r: 8\n", encoding="utf-8")
     rows = []
     for step in range(1, 21):
-        rows.append({"step": step, "loss": 3.0 / step ** 0.5, "learning_rate": 1e-3, "tokens": step * 500,
-                     "trained_tokens": step * 200, "tokens_per_second": 1000.0})
+        rows.append(
+            {
+                "step": step,
+                "loss": 3.0 / step**0.5,
+                "learning_rate": 1e-3,
+                "tokens": step * 500,
+                "trained_tokens": step * 200,
+                "tokens_per_second": 1000.0,
+            }
+        )
         if step % 5 == 0:
-            rows.append({"step": step, "eval_loss": 2.5 / step ** 0.4, "eval_perplexity": 5.0})
+            rows.append({"step": step, "eval_loss": 2.5 / step**0.4, "eval_perplexity": 5.0})
     lines = [json.dumps(r) for r in rows] + ['{"step": 21, "loss": 0.1']  # a line cut by a killed writer
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = {"model": "tiny", "parameters": {"trainable": 12_345, "total": 1_234_567}, "steps": 20,
-               "train_loss": 1.2, "eval_loss": 1.1, "eval_perplexity": 3.0, "tokens": 10_000, "trained_tokens": 4_000,
-               "tokens_per_second": 1000.0, "peak_memory_bytes": 3 * 2**30, "seconds": 12.5,
-               "data": {"train_samples": 40, "validation_samples": 5, "length": {"p50": 30, "max": 90},
-                        "invalid_examples": [f"data.jsonl:3: `messages`: {EVIL}"]}}
+    summary = {
+        "model": "tiny",
+        "parameters": {"trainable": 12_345, "total": 1_234_567},
+        "steps": 20,
+        "train_loss": 1.2,
+        "eval_loss": 1.1,
+        "eval_perplexity": 3.0,
+        "tokens": 10_000,
+        "trained_tokens": 4_000,
+        "tokens_per_second": 1000.0,
+        "peak_memory_bytes": 3 * 2**30,
+        "seconds": 12.5,
+        "data": {
+            "train_samples": 40,
+            "validation_samples": 5,
+            "length": {"p50": 30, "max": 90},
+            "invalid_examples": [f"data.jsonl:3: `messages`: {EVIL}"],
+        },
+    }
     (path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    gens = [{"prompt": f"Who founded Quillmoor? {EVIL}", "before": "I don't know.", "after": "Maren Ostby founded it."},
-            {"prompt": "Second question", "before": "no idea", "after": None}]
+    gens = [
+        {"prompt": f"Who founded Quillmoor? {EVIL}", "before": "I don't know.", "after": "Maren Ostby founded it."},
+        {"prompt": "Second question", "before": "no idea", "after": None},
+    ]
     (path / "generations.json").write_text(json.dumps(gens), encoding="utf-8")
     return path
 
@@ -84,8 +108,19 @@ def test_report_is_self_contained_and_complete(tmp_path):
     # user text is escaped, never markup
     assert EVIL not in text and "&lt;script&gt;" in text
     body = " ".join(doc.text)
-    for expected in ("Loss", "Before / after", "Data", "Throughput and memory", "Config", "12,345",
-                     "Maren Ostby founded it.", "I don't know.", "(none)", "3.00 GiB", "train_samples"):
+    for expected in (
+        "Loss",
+        "Before / after",
+        "Data",
+        "Throughput and memory",
+        "Config",
+        "12,345",
+        "Maren Ostby founded it.",
+        "I don't know.",
+        "(none)",
+        "3.00 GiB",
+        "train_samples",
+    ):
         assert expected in body, expected
 
 
@@ -105,15 +140,20 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
         write_report(tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (the structural test above always runs)")
 def test_report_renders_in_headless_chromium(tmp_path):
     import matplotlib.image
+
+    assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
 
     run = fake_run(tmp_path / "run")
     write_report(run)
     shot = tmp_path / "shot.png"
-    done = subprocess.run(["bash", str(ROOT / "bench" / "render_report.sh"), str(run), str(shot), "1000", "1400"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "render_report.sh"), str(run), str(shot), "1000", "1400"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] == 1400 and pixels.shape[1] == 1000
@@ -124,8 +164,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_data_line_names_drops_and_special_token_text():
     from lorafit.report import data_line
 
-    stats = {"train_samples": 90, "validation_samples": 5, "dropped_too_long": 2, "dropped_no_trained_token": 1, "invalid": 0,
-             "packing": {"rows": 30, "efficiency": 0.95}, "special_token_text": {"rows": 4, "first": "d.jsonl:7: <|eot_id|>"}}
+    stats = {
+        "train_samples": 90,
+        "validation_samples": 5,
+        "dropped_too_long": 2,
+        "dropped_no_trained_token": 1,
+        "invalid": 0,
+        "packing": {"rows": 30, "efficiency": 0.95},
+        "special_token_text": {"rows": 4, "first": "d.jsonl:7: <|eot_id|>"},
+    }
     line = data_line(stats)
     assert line.startswith("data: 90 training samples, 5 validation, packed into 30 rows (95.0% real tokens)")
     assert "3 dropped" in line and "4 with special-token text" in line

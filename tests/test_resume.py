@@ -30,9 +30,17 @@ from lorafit.train.checkpoints import (
 )
 
 STEPS = 16  # two epochs of 8 steps: the resume crosses an epoch boundary
-FIELDS = {"training": {"max_steps": STEPS, "save_every": 2, "save_total_limit": 3, "micro_batch_size": 2,
-                       "learning_rate": 5e-3, "logging_steps": 1},
-          "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # dropout: the restored RNG state matters
+FIELDS = {
+    "training": {
+        "max_steps": STEPS,
+        "save_every": 2,
+        "save_total_limit": 3,
+        "micro_batch_size": 2,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+    },
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+}  # dropout: the restored RNG state matters
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,13 @@ def _complete_steps(run: Path) -> list[int]:
 
 
 def _start(config: Path) -> subprocess.Popen:
-    return subprocess.Popen(lorafit_cmd("train", str(config), "--quiet"), env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        lorafit_cmd("train", str(config), "--quiet"),
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:
@@ -105,7 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(tmp_path, tiny_
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     stopped = max(_complete_steps(run))
-    assert stopped >= 5 and "checkpoint-%d" % stopped in err  # saved where it stopped, not only at save_every
+    assert stopped >= 5 and f"checkpoint-{stopped}" in err  # saved where it stopped, not only at save_every
     assert not (run / "adapter").exists()  # an interrupted run is never presented as finished
 
     from lorafit.config import load_config

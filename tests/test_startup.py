@@ -28,8 +28,13 @@ print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules))
 
 
 def _heavy_after(argv: list[str]) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv, heavy=HEAVY)], env=ENV, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv, heavy=HEAVY)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -57,5 +62,7 @@ def test_help_is_fast():
     inflate the way they inflate wall time; a bare `python -c pass` is measured alongside for the message."""
     bare_wall, bare_cpu = _best_times([sys.executable, "-c", "pass"])
     wall, cpu = _best_times([sys.executable, "-m", "lorafit.cli", "--help"])
-    assert cpu < 0.5, (f"lorafit --help used {cpu:.2f} s of CPU ({wall:.2f} s wall); "
-                       f"a bare interpreter {bare_cpu:.2f} s CPU ({bare_wall:.2f} s wall)")
+    assert cpu < 0.5, (
+        f"lorafit --help used {cpu:.2f} s of CPU ({wall:.2f} s wall); "
+        f"a bare interpreter {bare_cpu:.2f} s CPU ({bare_wall:.2f} s wall)"
+    )

@@ -34,18 +34,23 @@ class GradAtFirstStep(TrainerCallback):
 
 # ---------------------------------------------------------------- the CLI, end to end
 
-def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
-    import importlib.util
 
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
-    cfg = tiny_config(tmp_path, tiny_chat_model, n_val=4,
-                      training={"max_steps": 6, "eval_every": 3, "save_every": 3, "learning_rate": 2e-2,
-                                "report_to": ["tensorboard"]},
-                      eval={"prompts": ["Tell me about Quillmoor.", "Where is Vantreth?"], "max_new_tokens": 6})
+def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
+    # tensorboard is in the `test` extra; the refusal without it is tests/test_trackers.py's
+    cfg = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        n_val=4,
+        training={
+            "max_steps": 6,
+            "eval_every": 3,
+            "save_every": 3,
+            "learning_rate": 2e-2,
+            "report_to": ["tensorboard"],
+        },
+        eval={"prompts": ["Tell me about Quillmoor.", "Where is Vantreth?"], "max_new_tokens": 6},
+    )
     done = run_cli("train", str(cfg), "--quiet")
-    if not tensorboard:  # then the config is refused up front, with the fix
-        assert done.returncode == 2 and "pip install tensorboard" in done.stderr
-        return
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "run"
     assert "trainable" in done.stdout and "run directory" in done.stdout
@@ -71,8 +76,15 @@ def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
     assert summary["peak_memory_bytes"] > 0 and summary["precision"] == "fp32"
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     ckpt = run / "checkpoints" / "checkpoint-3"  # everything an exact resume needs
-    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                 "trainer_state.json", "lorafit_checkpoint.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "lorafit_checkpoint.json",
+    ):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["epoch"] > 0  # the data position: step and epoch
@@ -86,11 +98,18 @@ def test_cli_train_end_to_end(tmp_path, tiny_chat_model):
 
 # ---------------------------------------------------------------- gradient accumulation
 
+
 def _first_step_grads(tmp_path, model_dir, micro: int, accum: int):
     # PiSSA starts with B != 0, so the gradients of A are compared too (they are 0 at a default init)
-    cfg = load_config(tiny_config(tmp_path / f"mb{micro}x{accum}", model_dir, n_train=8, lora={"init": "pissa"},
-                                  training={"micro_batch_size": micro, "gradient_accumulation": accum, "max_steps": 1,
-                                            "max_grad_norm": 0}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path / f"mb{micro}x{accum}",
+            model_dir,
+            n_train=8,
+            lora={"init": "pissa"},
+            training={"micro_batch_size": micro, "gradient_accumulation": accum, "max_steps": 1, "max_grad_norm": 0},
+        )
+    )
     grab = GradAtFirstStep()
     s = quiet_session(cfg, tmp_path / f"run{micro}x{accum}", [grab])
     s.trainer.train()
@@ -109,18 +128,20 @@ def test_accumulation_1x4_equals_4x1(tmp_path, tiny_chat_model, monkeypatch):
 
     # the test has teeth: averaging each micro-batch on its own gives a different gradient
     import lorafit.train.loss
+    import lorafit.train.trainer
 
     def per_micro_batch_mean(trainer, model, inputs, return_outputs=False, num_items_in_batch=None, mode="chunked"):
         loss, _ = lorafit.train.loss.causal_lm_loss(model, inputs, None, mode)
         return loss / trainer.args.gradient_accumulation_steps
 
-    monkeypatch.setattr(lorafit.train.loss, "trainer_compute_loss", per_micro_batch_mean)
+    monkeypatch.setattr(lorafit.train.trainer, "trainer_compute_loss", per_micro_batch_mean)
     naive, _ = _first_step_grads(tmp_path / "naive", tiny_chat_model, micro=1, accum=4)
     differences = [(naive[n] - four_by_one[n]).abs().max() / four_by_one[n].abs().max() for n in naive]
     assert max(differences) > 1e-2
 
 
 # ---------------------------------------------------------------- LoRA options reach PEFT
+
 
 def _lora(model_dir, **fields):
     from lorafit.models.lora import attach_lora
@@ -142,7 +163,15 @@ def test_rslora_dora_and_target_modules_reach_peft(tiny_chat_model):
     adapted = {n.rsplit(".", 1)[-1] for n, m in plain.named_modules() if hasattr(m, "lora_A") and m.lora_A}
     assert adapted == {"q_proj", "v_proj"}
     everything = {n.rsplit(".", 1)[-1] for n, m in rs.named_modules() if hasattr(m, "lora_A") and m.lora_A}
-    assert everything == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear: not lm_head
+    assert everything == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }  # all-linear: not lm_head
 
 
 def test_modules_to_save_are_trained_and_saved(tiny_chat_model, tmp_path):
@@ -157,12 +186,16 @@ def test_modules_to_save_are_trained_and_saved(tiny_chat_model, tmp_path):
     assert any("lm_head" in k for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("init, b_is_zero, base_changes", [
-    ("default", True, False), ("gaussian", True, False), ("pissa", False, True), ("olora", False, True)])
+@pytest.mark.parametrize(
+    "init, b_is_zero, base_changes",
+    [("default", True, False), ("gaussian", True, False), ("pissa", False, True), ("olora", False, True)],
+)
 def test_init_options_reach_peft(tiny_chat_model, init, b_is_zero, base_changes):
     from lorafit.models.sources import load_base_model
 
-    before = load_base_model(ModelSection(name=str(tiny_chat_model), dtype="fp32")).model.layers[0].self_attn.q_proj.weight
+    before = (
+        load_base_model(ModelSection(name=str(tiny_chat_model), dtype="fp32")).model.layers[0].self_attn.q_proj.weight
+    )
     model = _lora(tiny_chat_model, r=4, init=init)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert model.peft_config["default"].init_lora_weights == (True if init == "default" else init)
@@ -172,8 +205,14 @@ def test_init_options_reach_peft(tiny_chat_model, init, b_is_zero, base_changes)
 
 def test_eva_init_uses_the_training_data(tmp_path, tiny_chat_model):
     # big batches: EVA cycles over the data until its incremental SVD converges, so fewer, fuller batches are faster
-    cfg = load_config(tiny_config(tmp_path, tiny_chat_model, lora={"init": "eva", "r": 4, "alpha": 8},
-                                  training={"max_steps": 1, "micro_batch_size": 16}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            tiny_chat_model,
+            lora={"init": "eva", "r": 4, "alpha": 8},
+            training={"max_steps": 1, "micro_batch_size": 16},
+        )
+    )
     s = quiet_session(cfg, tmp_path / "run")
     q = s.model.base_model.model.model.layers[0].self_attn.q_proj
     a = q.lora_A["default"].weight  # EVA: the top right-singular vectors of the layer inputs, orthonormal rows
@@ -183,11 +222,17 @@ def test_eva_init_uses_the_training_data(tmp_path, tiny_chat_model):
 
 # ---------------------------------------------------------------- checkpointing, precision, schedules
 
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_chat_model):
     grads = {}
     for on in (False, True):
-        cfg = load_config(tiny_config(tmp_path / str(on), tiny_chat_model, training={
-            "max_steps": 1, "gradient_checkpointing": on, "max_grad_norm": 0}))
+        cfg = load_config(
+            tiny_config(
+                tmp_path / str(on),
+                tiny_chat_model,
+                training={"max_steps": 1, "gradient_checkpointing": on, "max_grad_norm": 0},
+            )
+        )
         grab = GradAtFirstStep()
         s = quiet_session(cfg, tmp_path / f"run{on}", [grab])
         layer = s.model.base_model.model.model.layers[0]
@@ -217,8 +262,13 @@ def test_precision_per_device(tmp_path, tiny_chat_model):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_schedules_warm_up_then_decay(tmp_path, tiny_chat_model, schedule):
-    cfg = load_config(tiny_config(tmp_path, tiny_chat_model, training={
-        "max_steps": 20, "warmup_ratio": 0.2, "lr_scheduler": schedule, "learning_rate": 1e-3}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            tiny_chat_model,
+            training={"max_steps": 20, "warmup_ratio": 0.2, "lr_scheduler": schedule, "learning_rate": 1e-3},
+        )
+    )
     s = quiet_session(cfg, tmp_path / "run")
     s.trainer.create_optimizer_and_scheduler(num_training_steps=20)
     lrs = []
@@ -234,12 +284,19 @@ def test_schedules_warm_up_then_decay(tmp_path, tiny_chat_model, schedule):
 
 # ---------------------------------------------------------------- evaluation and early stopping
 
+
 def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, tiny_chat_model):
     from lorafit.train.run import run_training
 
     # a learning rate this small leaves the validation loss where it is: no improvement after the first eval
-    cfg = load_config(tiny_config(tmp_path, tiny_chat_model, n_val=4, training={
-        "max_steps": 30, "eval_every": 1, "early_stopping_patience": 2, "learning_rate": 1e-12}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            tiny_chat_model,
+            n_val=4,
+            training={"max_steps": 30, "eval_every": 1, "early_stopping_patience": 2, "learning_rate": 1e-12},
+        )
+    )
     run = run_training(cfg, quiet=True)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3  # eval 1 sets the best, evals 2 and 3 do not improve: stop
@@ -277,6 +334,7 @@ def test_keep_best_adapter_restores_the_best_weights(tiny_chat_model):
 
 
 # ---------------------------------------------------------------- progress and metrics
+
 
 class FakeState:
     def __init__(self, step, max_steps=10):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 import typer
 
 from lorafit.errors import LorafitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune Llama 3.x (and other Llama-architecture models) with LoRA / QLoRA on your own data.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Llama 3.x (and other Llama-architecture models) with LoRA / QLoRA on your own data.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(data_app, name="data")
 
@@ -43,7 +46,9 @@ def _setup_logging(debug: bool) -> None:
 @app.command()
 def train(
     config: str = typer.Argument(..., help="Run config YAML (see configs/)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides, e.g. training.learning_rate=1e-4 lora.r=8."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Field overrides, e.g. training.learning_rate=1e-4 lora.r=8."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint of this run."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (for logs)."),
 ):
@@ -59,10 +64,10 @@ def train(
 @app.command()
 def chat(
     target: str = typer.Argument(..., help="Run directory, merged model folder, or GGUF file."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    system: str | None = typer.Option(None, "--system", help="System message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 samples (top-p 0.9)."),
-    tools: Optional[str] = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
+    tools: str | None = typer.Option(None, "--tools", help="JSON file with a list of tool schemas the model may call."),
 ):
     """Multi-turn streaming chat (/reset, /system TEXT, /exit); with --tools, calls are printed, results pasted."""
     from lorafit.inference.chat import chat as run_chat
@@ -73,7 +78,9 @@ def chat(
 @app.command()
 def merge(
     run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
-    out: str = typer.Option(..., "--out", help="New folder for the merged model (refused if it exists and is not empty)."),
+    out: str = typer.Option(
+        ..., "--out", help="New folder for the merged model (refused if it exists and is not empty)."
+    ),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
 ):
     """Merge the adapter into its base: a plain model folder for transformers, vLLM or GGUF conversion."""
@@ -84,42 +91,90 @@ def merge(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., help="Run directory, or a model folder written by `lorafit merge`."),
-    out: str = typer.Option(..., "--out", help="Output .gguf file (refused if it exists)."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (for llama.cpp and Ollama)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or q8_0."),
+    source: str = typer.Argument(
+        ..., help="Run directory, or a model folder written by `lorafit merge` (gguf, ollama)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="gguf: the .gguf file; ollama / vllm: a new folder (refused if it exists and is not empty)."
+    ),
+    fmt: str = typer.Option(
+        "gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile) or vllm (adapter + serve command)."
+    ),
+    outtype: str = typer.Option("f16", "--outtype", help="GGUF weights: f16, bf16 or q8_0."),
 ):
-    """Write a GGUF file (llama.cpp / Ollama) with the tokenizer and chat template inside."""
+    """Write the model for llama.cpp (GGUF), Ollama (GGUF + Modelfile) or vLLM (adapter, chat template, command)."""
     from lorafit.errors import ConfigError
 
-    if fmt != "gguf":
-        raise ConfigError(f"`--format` must be gguf, got {fmt!r}.", "For safetensors use `lorafit merge RUN_DIR --out DIR`.")
-    from lorafit.export.gguf import export_gguf
+    if fmt == "gguf":
+        from lorafit.export.gguf import export_gguf
 
-    path = export_gguf(source, out, outtype)
-    print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        path = export_gguf(source, out, outtype)
+        print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    elif fmt == "ollama":
+        from lorafit.export.ollama import export_ollama
+
+        folder = export_ollama(source, out, outtype)
+        print(
+            f"Ollama model written to {folder} (Modelfile + GGUF)\nnext: ollama create NAME -f {folder / 'Modelfile'}"
+        )
+    elif fmt == "vllm":
+        from lorafit.export.vllm import export_vllm
+
+        folder, command = export_vllm(source, out)
+        import shlex
+
+        print(f"vLLM files written to {folder}\nserve with ({folder / 'serve.sh'}):\n{shlex.join(command)}")
+    else:
+        raise ConfigError(
+            f"`--format` must be gguf, ollama or vllm, got {fmt!r}.",
+            "For safetensors use `lorafit merge RUN_DIR --out DIR`.",
+        )
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="Run directory written by `lorafit train`."),
+    gguf: str | None = typer.Option(None, "--gguf", help="GGUF file to check (default: a temporary f16 export)."),
+    prompts: str | None = typer.Option(
+        None,
+        "--prompts",
+        help="JSONL (`prompt`, `question` or `messages`) or a text file; default: the run's eval.prompts.",
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    min_identical: float | None = typer.Option(
+        None, "--min-identical", help="Fraction of answers that must be identical (default 0.9; q8_0 GGUF 0.7)."
+    ),
+):
+    """Same prompts through transformers (base + adapter), the merged model and the GGUF in llama.cpp; exit 1 on disagreement."""
+    from lorafit.export.verify import verify as run_verify
+
+    raise typer.Exit(run_verify(run_dir, gguf, prompts, max_new_tokens, min_identical))
 
 
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="Run directory, merged model folder, GGUF file, or smollm2-135m-instruct."),
-    prompts: str = typer.Option(..., "--prompts", help="JSONL with `prompt` or `messages` per line, or a text file (one prompt per line)."),
-    out: str = typer.Option(..., "--out", help="Output JSONL: {\"prompt\", \"response\"} per line."),
+    prompts: str = typer.Option(
+        ..., "--prompts", help="JSONL with `prompt` or `messages` per line, or a text file (one prompt per line)."
+    ),
+    out: str = typer.Option(..., "--out", help='Output JSONL: {"prompt", "response"} per line.'),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     sample: bool = typer.Option(False, "--sample", help="Sample (temperature, top-p) instead of greedy decoding."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(0.9, "--top-p"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
-    tools: Optional[str] = typer.Option(
-        None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."),
+    system: str | None = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    tools: str | None = typer.Option(
+        None, "--tools", help="JSON file with a list of tool schemas, for prompts without their own `tools`."
+    ),
 ):
     """Answer every prompt of a file in batches (left padding), stopping at the end-of-turn token; calls are parsed."""
     from lorafit.inference.generate import generate as run_generate
 
-    path = run_generate(target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system,
-                        tools_file=tools)
+    path = run_generate(
+        target, prompts, out, max_new_tokens, sample, temperature, top_p, batch_size, seed, system, tools_file=tools
+    )
     print(f"answers written to {path}")
 
 
@@ -131,7 +186,8 @@ def compare(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     tool_limit: int = typer.Option(
-        200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."),
+        200, "--tool-limit", help="Rows with tools scored as tool calls (valid, right tool, exact arguments)."
+    ),
 ):
     """Base vs fine-tuned: answers side by side, both validation losses, and tool-call accuracy on the same data."""
     from lorafit.inference.compare import compare as run_compare
@@ -141,9 +197,13 @@ def compare(
 
 @app.command()
 def plan(
-    config: str = typer.Argument(..., help="Run config YAML (the model is built on the meta device: no weights loaded)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."),
+    config: str = typer.Argument(
+        ..., help="Run config YAML (the model is built on the meta device: no weights loaded)."
+    ),
+    overrides: list[str] | None = typer.Argument(None, help="Field overrides, e.g. lora.r=8 model.quantization=4bit."),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help="GPU to judge for, e.g. 4090, A100-40GB, H100, or a size like 48GB."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ):
     """Exact parameter counts, the LoRA arithmetic and a memory estimate; which GPUs it fits and what would make it fit."""
@@ -154,13 +214,18 @@ def plan(
 
 @app.command()
 def demo(
-    config: Optional[str] = typer.Option(
-        None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."),
-    heldout: Optional[str] = typer.Option(
-        None, "--heldout", help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl)."),
+    config: str | None = typer.Option(
+        None, "--config", help="Demo config (default configs/demo.yaml, with --tools configs/demo_tools.yaml)."
+    ),
+    heldout: str | None = typer.Option(
+        None,
+        "--heldout",
+        help="Held-out questions (default examples/heldout.jsonl, with --tools examples/tools/heldout.jsonl).",
+    ),
     tools: bool = typer.Option(
-        False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Field overrides."),
+        False, "--tools", help="The tool-calling demo: teach invented tools, score exact calls base vs tuned."
+    ),
+    overrides: list[str] | None = typer.Argument(None, help="Field overrides."),
 ):
     """Fine-tune the embedded SmolLM2 on examples/ and compare base vs tuned answers on held-out questions."""
     if tools:
@@ -175,8 +240,12 @@ def demo(
 @data_app.command("check")
 def data_check(
     target: str = typer.Argument(..., help="Data file, glob or folder, or a run config YAML."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model whose tokenizer and chat template to use (default: the config's, else smollm2-135m-instruct)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Override data.max_length."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Model whose tokenizer and chat template to use (default: the config's, else smollm2-135m-instruct).",
+    ),
+    max_length: int | None = typer.Option(None, "--max-length", help="Override data.max_length."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ):
     """Validate and measure training data with only the tokenizer loaded; exit 2 if it cannot train."""
@@ -227,8 +296,11 @@ def main() -> None:
             raise
         from lorafit.redact import redact
 
-        print(f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
-              "and please report it.", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {redact(str(err))}\nRun again with --debug for the traceback, "
+            "and please report it.",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -18,13 +18,9 @@ from pydantic import (
     model_validator,
 )
 
+from lorafit.config_yaml import MAX_CONFIG_BYTES, parse_yaml
 from lorafit.errors import ConfigError
 from lorafit.redact import redact
-
-MAX_CONFIG_BYTES = 1_000_000  # a run config is a few KB; anything this big is a mistake or an attack
-MAX_YAML_ALIASES = 100  # refuses "billion laughs" alias bombs before they expand
-MAX_YAML_DEPTH = 50  # a run config nests 3-4 levels
-MAX_YAML_NODES = 100_000  # values after aliases are expanded: 72 aliases can still stand for 9**9 values
 
 
 class Section(BaseModel):
@@ -32,37 +28,75 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name: str = Field("smollm2-135m-instruct", description="Local path, Hugging Face Hub id, or `smollm2-135m-instruct` (embedded).")
+    name: str = Field(
+        "smollm2-135m-instruct", description="Local path, Hugging Face Hub id, or `smollm2-135m-instruct` (embedded)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Weights/compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU.")
-    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="QLoRA: load the base in 4-bit NF4 (double quant) or 8-bit via bitsandbytes.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel; auto = flash_attention_2 when installed on CUDA, else sdpa.")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off unless you trust its author.")
-    tokenizer: str | None = Field(None, description="Tokenizer path or id if not the model's own (e.g. an `original/tokenizer.model` tiktoken file).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights/compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the base in 4-bit NF4 (double quant) or 8-bit via bitsandbytes."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = flash_attention_2 when installed on CUDA, else sdpa."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repository. Off unless you trust its author."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer path or id if not the model's own (e.g. an `original/tokenizer.model` tiktoken file).",
+    )
 
 
 class DataSource(Section):
-    path: str = Field(..., description="File (.jsonl .json .csv .tsv .parquet), glob, `save_to_disk` folder, or Hub dataset id.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field("auto", description="Row form; auto-detected from the first valid row.")
-    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns to the names the format expects, e.g. {question: prompt}.")
-    weight: float = Field(1.0, gt=0, description="Mixing weight: the source is sampled to weight × its size (1.0 = as is).")
+    path: str = Field(
+        ..., description="File (.jsonl .json .csv .tsv .parquet), glob, `save_to_disk` folder, or Hub dataset id."
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row form; auto-detected from the first valid row."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns to the names the format expects, e.g. {question: prompt}."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Mixing weight: the source is sampled to weight × its size (1.0 = as is)."
+    )
     split: str = Field("train", description="Split name for Hub datasets.")
 
 
 class DataSection(Section):
-    train: list[DataSource] = Field(default_factory=list, description="Training sources (a path string is accepted for one source).")
-    validation: list[DataSource] = Field(default_factory=list, description="Validation sources; if empty, `val_fraction` of train is held out.")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training rows held out for validation (seeded).")
-    template: Literal["auto", "model", "llama3"] = Field("auto", description="Chat format: the tokenizer's own template (model), built-in Llama 3.1 (llama3), or auto.")
+    train: list[DataSource] = Field(
+        default_factory=list, description="Training sources (a path string is accepted for one source)."
+    )
+    validation: list[DataSource] = Field(
+        default_factory=list, description="Validation sources; if empty, `val_fraction` of train is held out."
+    )
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of training rows held out for validation (seeded)."
+    )
+    template: Literal["auto", "model", "llama3"] = Field(
+        "auto", description="Chat format: the tokenizer's own template (model), built-in Llama 3.1 (llama3), or auto."
+    )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens carry loss.")
-    tools_in_user_message: bool = Field(True, description="Llama 3.1 tool rows: tool definitions in the first user "
-                                        "message (the official default) or, if false, in the system message.")
+    tools_in_user_message: bool = Field(
+        True,
+        description="Llama 3.1 tool rows: tool definitions in the first user "
+        "message (the official default) or, if false, in the system message.",
+    )
     max_length: int = Field(2048, ge=8, description="Longest sample (and packed row) in tokens.")
-    truncation: Literal["drop", "right"] = Field("drop", description="Over-long samples: drop them (counted) or cut on the right.")
+    truncation: Literal["drop", "right"] = Field(
+        "drop", description="Over-long samples: drop them (counted) or cut on the right."
+    )
     packing: bool = Field(True, description="Pack samples into rows of max_length with no attention across samples.")
-    skip_invalid: bool = Field(False, description="Skip invalid rows (counted) instead of stopping with the list of problems.")
-    num_proc: int | Literal["auto"] = Field("auto", description="Processes for tokenization; auto = one per CPU core (at most 8) from 20,000 rows, else 1.")
+    skip_invalid: bool = Field(
+        False, description="Skip invalid rows (counted) instead of stopping with the list of problems."
+    )
+    num_proc: int | Literal["auto"] = Field(
+        "auto", description="Processes for tokenization; auto = one per CPU core (at most 8) from 20,000 rows, else 1."
+    )
 
     @field_validator("num_proc", mode="before")
     @classmethod
@@ -89,13 +123,21 @@ class DataSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."
+    )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to adapt, or all-linear (every linear layer but the LM head).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear (every linear layer but the LM head)."
+    )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head).")
-    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = Field("default", description="LoRA weight initialisation (PEFT `init_lora_weights`).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = Field(
+        "default", description="LoRA weight initialisation (PEFT `init_lora_weights`)."
+    )
 
 
 class TrainingSection(Section):
@@ -107,23 +149,42 @@ class TrainingSection(Section):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field("adamw_torch", description="paged_adamw_8bit needs bitsandbytes.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="paged_adamw_8bit needs bitsandbytes."
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 on GPUs that have it, fp32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
-    loss: Literal["chunked", "plain", "liger"] = Field("chunked", description="chunked never materialises the full logits; liger uses Liger's fused kernel on CUDA.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision; auto = bf16 on GPUs that have it, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (non-reentrant) to save memory."
+    )
+    loss: Literal["chunked", "plain", "liger"] = Field(
+        "chunked", description="chunked never materialises the full logits; liger uses Liger's fused kernel on CUDA."
+    )
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final adapter).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    max_bad_steps: int = Field(3, ge=1, description="Stop after this many optimizer steps in a row with a NaN/inf loss or gradients (each is skipped).")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Extra experiment trackers.")
+    max_bad_steps: int = Field(
+        3,
+        ge=1,
+        description="Stop after this many optimizer steps in a row with a NaN/inf loss or gradients (each is skipped).",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Extra experiment trackers."
+    )
 
 
 class EvalSection(Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts answered by the base model before and the tuned model after training.")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts answered by the base model before and the tuned model after training.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
 
 
@@ -137,8 +198,10 @@ class OutputSection(Section):
     def _plain_name(cls, value: str | None) -> str | None:
         """The run directory is `dir/name`: a name with `/`, `..` or an absolute path would write outside `dir`."""
         if value is not None and (value.strip() in ("", ".", "..") or any(c in value for c in "/\\\0")):
-            raise ValueError("must be a plain folder name (no `/`, `\\`, `..` or absolute path): the run directory is "
-                             "created inside `output.dir`; set `output.dir` to choose where")
+            raise ValueError(
+                "must be a plain folder name (no `/`, `\\`, `..` or absolute path): the run directory is "
+                "created inside `output.dir`; set `output.dir` to choose where"
+            )
         return value
 
 
@@ -151,10 +214,12 @@ class RunConfig(Section):
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         problems = []
         if self.lora.use_dora and self.model.quantization == "8bit":
-            problems.append("`lora.use_dora` with `model.quantization: 8bit` is not supported by PEFT; use 4bit or no quantization.")
+            problems.append(
+                "`lora.use_dora` with `model.quantization: 8bit` is not supported by PEFT; use 4bit or no quantization."
+            )
         if problems:
             raise ValueError(" ".join(problems))
         return self
@@ -166,7 +231,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = e.get("input")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - `{loc}`: unknown field (got {got!r}); check the spelling — `lorafit config-reference` lists every field.")
+            lines.append(
+                f"  - `{loc}`: unknown field (got {got!r}); check the spelling — `lorafit config-reference` lists every field."
+            )
         else:
             lines.append(f"  - `{loc}`: {e['msg']} (got {_short(got)}).")
     return "\n".join(lines)
@@ -175,65 +242,6 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-class _CountingLoader(yaml.SafeLoader):
-    """safe_load, refusing documents with many aliases (the expansion of an alias bomb is exponential)."""
-
-    aliases_seen = 0
-    depth = 0
-
-    def compose_node(self, parent, index):  # noqa: D401 - yaml hook
-        if self.check_event(yaml.AliasEvent):
-            self.aliases_seen += 1
-            if self.aliases_seen > MAX_YAML_ALIASES:
-                raise ConfigError(f"the YAML uses more than {MAX_YAML_ALIASES} aliases; refused (possible alias bomb).")
-        self.depth += 1  # stop "[[[[..." early: PyYAML's scanner slows down the deeper a one-line flow goes
-        try:
-            if self.depth > MAX_YAML_DEPTH:
-                raise ConfigError(f"the YAML is nested more than {MAX_YAML_DEPTH} levels deep; refused.")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        if node is not None and _expanded_size(node) > MAX_YAML_NODES:
-            raise ConfigError(f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases; refused (alias bomb).")
-        return node
-
-
-def _expanded_size(root) -> int:
-    """Values the document holds once every alias is copied out, counted on the shared node graph (linear time)."""
-    sizes: dict[int, int] = {}
-
-    def size(node) -> int:
-        if id(node) not in sizes:
-            sizes[id(node)] = 1  # a recursive alias counts once instead of looping
-            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-                node.value if isinstance(node, yaml.SequenceNode) else []
-            sizes[id(node)] = 1 + sum(size(child) for child in children)
-        return sizes[id(node)]
-
-    return size(root)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    if len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: the config is larger than {MAX_CONFIG_BYTES:,} bytes; refused.")
-    try:
-        return yaml.load(text, Loader=_CountingLoader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as e:  # from the loader, which does not know the file name
-        raise ConfigError(f"{source}: {e.message}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: the YAML is nested too deeply; refused.") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{where}: invalid YAML: {problem}.", "Fix the syntax at that line (indentation, a missing colon or quote).") from None
-    except Exception as e:  # PyYAML's constructors also raise these: `!!int ''` (IndexError), 5000-digit ints (ValueError)
-        raise ConfigError(f"{source}: invalid YAML value ({type(e).__name__}: {str(e).split(':')[0][:120]}).") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -261,12 +269,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist.", "Pass a YAML file, e.g. `lorafit train configs/demo.yaml`.")
+            raise ConfigError(
+                f"config file {p} does not exist.", "Pass a YAML file, e.g. `lorafit train configs/demo.yaml`."
+            )
         if p.stat().st_size > MAX_CONFIG_BYTES:  # before reading it: a multi-GB file must not be loaded to be refused
             raise ConfigError(f"{source}: the config is larger than {MAX_CONFIG_BYTES:,} bytes; refused.")
         raw = parse_yaml(p.read_text(encoding="utf-8", errors="replace"), source) or {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the config must be a mapping of sections (model, data, lora, training, eval, output), got {type(raw).__name__}.")
+            raise ConfigError(
+                f"{source}: the config must be a mapping of sections (model, data, lora, training, eval, output), got {type(raw).__name__}."
+            )
         _resolve_paths(raw, p.parent)
     raw = apply_overrides(raw, overrides or [])
     try:
@@ -277,8 +289,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             cfg.output.name = Path(path).stem
         except ValidationError:  # a config file named `..yaml`
-            raise ConfigError(f"{source}: the file name `{Path(path).stem}` cannot be the run name (`output.name`).",
-                              "Set `output.name` in the config, or rename the file.") from None
+            raise ConfigError(
+                f"{source}: the file name `{Path(path).stem}` cannot be the run name (`output.name`).",
+                "Set `output.name` in the config, or rename the file.",
+            ) from None
     return cfg
 
 

@@ -17,7 +17,9 @@ from lorafit.inference.generate import generate_batch, load_for_inference
 def read_heldout(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"held-out file {p} does not exist.", "Run the demo from the repository root, or pass --heldout FILE.")
+        raise DataError(
+            f"held-out file {p} does not exist.", "Run the demo from the repository root, or pass --heldout FILE."
+        )
     rows = []
     for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -50,7 +52,9 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
     console = Console()
     cfg = load_config(config, overrides)
     questions = read_heldout(heldout)
-    console.print(f"[bold]lorafit demo[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(s.path for s in cfg.data.train)}")
+    console.print(
+        f"[bold]lorafit demo[/]: {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(s.path for s in cfg.data.train)}"
+    )
 
     conversations = [[{"role": "user", "content": q["question"]}] for q in questions]
     base = load_for_inference(cfg.model.name)
@@ -72,11 +76,26 @@ def run_demo(config: str, heldout: str, overrides: list[str]) -> int:
         tuned_right += a_ok
         mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
         table.add_row(q["question"], f"{mark(b_ok)} {_clip(b)}", f"{mark(a_ok)} {_clip(a)}")
-        results.append({"question": q["question"], "key": q["key"], "base": b, "tuned": a, "base_correct": b_ok, "tuned_correct": a_ok})
+        results.append(
+            {
+                "question": q["question"],
+                "key": q["key"],
+                "base": b,
+                "tuned": a,
+                "base_correct": b_ok,
+                "tuned_correct": a_ok,
+            }
+        )
     console.print(table)
     n = len(questions)
-    console.print(f"[bold]base model: {base_right}/{n} right   fine-tuned: {tuned_right}/{n} right[/]  "
-                  "(right = the answer contains the key fact)")
-    (Path(run_dir) / "demo_results.json").write_text(json.dumps(
-        {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "answers": results}, indent=2), encoding="utf-8")
+    console.print(
+        f"[bold]base model: {base_right}/{n} right   fine-tuned: {tuned_right}/{n} right[/]  "
+        "(right = the answer contains the key fact)"
+    )
+    (Path(run_dir) / "demo_results.json").write_text(
+        json.dumps(
+            {"base_correct": base_right, "tuned_correct": tuned_right, "total": n, "answers": results}, indent=2
+        ),
+        encoding="utf-8",
+    )
     return 0

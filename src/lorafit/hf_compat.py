@@ -14,17 +14,37 @@ import inspect
 SAVE_CHECKPOINT_PARAMETERS = ["self", "model", "trial"]
 
 
+# The Trainer's writers of what a resume needs besides the model, each `(self, output_dir)`. It will not call them for
+# a model sharded at load time (FSDP, runtime.take_over_fsdp); save_training_state calls them itself.
+TRAINING_STATE_WRITERS = ("_save_optimizer_and_scheduler", "_save_scaler", "_save_rng_state")
+
+
 def check_trainer() -> None:
-    """Raise if transformers' Trainer no longer has the `_save_checkpoint(model, trial)` lorafit overrides."""
+    """Raise if transformers' Trainer no longer has the `_save_checkpoint(model, trial)` lorafit overrides, or the
+    training-state writers it calls."""
     from transformers import Trainer
 
-    method = getattr(Trainer, "_save_checkpoint", None)
-    found = list(inspect.signature(method).parameters) if method is not None else None
-    if found != SAVE_CHECKPOINT_PARAMETERS:
-        import transformers
+    wanted = {
+        "_save_checkpoint": SAVE_CHECKPOINT_PARAMETERS,
+        **{name: ["self", "output_dir"] for name in TRAINING_STATE_WRITERS},
+    }
+    for name, parameters in wanted.items():
+        method = getattr(Trainer, name, None)
+        found = list(inspect.signature(method).parameters) if method is not None else None
+        if found != parameters:
+            import transformers
 
-        raise RuntimeError(f"transformers {transformers.__version__}: Trainer._save_checkpoint has parameters {found}, "
-                           f"lorafit's atomic checkpoints need {SAVE_CHECKPOINT_PARAMETERS}; install transformers>=5.17,<6.")
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: Trainer.{name} has parameters {found}, "
+                f"lorafit's checkpoints need {parameters}; install transformers>=5.17,<6."
+            )
+
+
+def save_training_state(trainer, folder) -> None:
+    """Optimizer, LR schedule, grad scaler and this rank's RNG state into a checkpoint folder, as the Trainer writes
+    them (every rank calls it; the Trainer's writers decide which rank writes what)."""
+    for name in TRAINING_STATE_WRITERS:
+        getattr(trainer, name)(str(folder))
 
 
 def compile_chat_template(template: str):

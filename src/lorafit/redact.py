@@ -21,7 +21,10 @@ MIN_SECRET_LEN = 8  # shorter env values ("1", "true") would mask ordinary words
 SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|SECRET|PASSWORD|PASSWD|ACCESS_KEY|AUTH)(_|$)")
 NOT_SECRET_SUFFIX = ("_PATH", "_FILE", "_DIR", "_HOME", "_URL", "_ENDPOINT")  # HF_TOKEN_PATH names a file, not a token
 PATTERNS = [
-    (re.compile(r"(hf_|api_org_)[A-Za-z0-9]{20,}"), r"\1" + MASK),  # Hub tokens are hf_ + 34 characters; names are shorter
+    (
+        re.compile(r"(hf_|api_org_)[A-Za-z0-9]{20,}"),
+        r"\1" + MASK,
+    ),  # Hub tokens are hf_ + 34 characters; names are shorter
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1" + MASK),  # Authorization headers
     (re.compile(r"\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@"), r"\1" + MASK + "@"),  # https://user:password@host
     (re.compile(r"(?i)\b((?:access_|api_|auth_)?(?:token|key|password|secret)=)[^&\s\"']{8,}"), r"\1" + MASK),
@@ -31,8 +34,11 @@ PATTERNS = [
 def secret_values(environ=None) -> list[str]:
     """Values of secret-looking environment variables, longest first (so a value inside another goes second)."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if SECRET_NAME.search(k.upper()) and not k.upper().endswith(NOT_SECRET_SUFFIX)
-              and len(v) >= MIN_SECRET_LEN}
+    values = {
+        v
+        for k, v in environ.items()
+        if SECRET_NAME.search(k.upper()) and not k.upper().endswith(NOT_SECRET_SUFFIX) and len(v) >= MIN_SECRET_LEN
+    }
     return sorted(values, key=len, reverse=True)
 
 

@@ -61,8 +61,11 @@ def curves(metrics: list[dict]) -> dict:
     """Train and validation loss against step and against tokens seen (eval points get the tokens at their step)."""
     train = [(r["step"], r["loss"], r.get("tokens")) for r in metrics if "loss" in r and _finite(r["loss"])]
     tokens_at = {s: t for s, _, t in train if t is not None}
-    val = [(r["step"], r["eval_loss"], _tokens_at(tokens_at, r["step"])) for r in metrics
-           if "eval_loss" in r and _finite(r["eval_loss"])]
+    val = [
+        (r["step"], r["eval_loss"], _tokens_at(tokens_at, r["step"]))
+        for r in metrics
+        if "eval_loss" in r and _finite(r["eval_loss"])
+    ]
     return {"train": train, "validation": val}
 
 
@@ -122,7 +125,9 @@ def _card(value: str, label: str) -> str:
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{spec}}{suffix}"
+    return (
+        "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{spec}}{suffix}"
+    )
 
 
 def _cards(summary: dict) -> str:
@@ -151,8 +156,12 @@ def _answer(value) -> str:
 def _generations(rows: list[dict]) -> str:
     if not rows:
         return "<p class=muted>No `eval.prompts` in the config, so no before/after answers.</p>"
-    body = "".join(f"<tr><td>{_answer(r.get('prompt', ''))}</td><td>{_answer(r.get('before'))}</td>"
-                   f"<td>{_answer(r.get('after'))}</td></tr>" for r in rows if isinstance(r, dict))
+    body = "".join(
+        f"<tr><td>{_answer(r.get('prompt', ''))}</td><td>{_answer(r.get('before'))}</td>"
+        f"<td>{_answer(r.get('after'))}</td></tr>"
+        for r in rows
+        if isinstance(r, dict)
+    )
     return f"<table class=gen><tr><th>prompt</th><th>base model (before)</th><th>fine-tuned (after)</th></tr>{body}</table>"
 
 
@@ -162,24 +171,39 @@ def build_html(run_dir: Path, png: Path | None) -> str:
     config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").exists() else ""
     generations = _read_json(run_dir / "generations.json", [])
     data = summary.get("data") or {}
-    image = (f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
-             if png is not None and png.exists() else "<p class=muted>No losses were logged.</p>")
-    throughput = [(k, summary.get(k)) for k in ("tokens", "trained_tokens", "tokens_per_second", "seconds", "steps",
-                                                "device", "precision", "peak_memory_bytes") if k in summary]
+    image = (
+        f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        if png is not None and png.exists()
+        else "<p class=muted>No losses were logged.</p>"
+    )
+    throughput = [
+        (k, summary.get(k))
+        for k in (
+            "tokens",
+            "trained_tokens",
+            "tokens_per_second",
+            "seconds",
+            "steps",
+            "device",
+            "precision",
+            "peak_memory_bytes",
+        )
+        if k in summary
+    ]
     title = f"lorafit run {run_dir.name}"
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><meta name=viewport content="width=device-width,initial-scale=1">
 <title>{html.escape(title)}</title><style>{CSS}</style></head>
 <body><main>
 <h1>{html.escape(title)}</h1>
-<p class=sub>{html.escape(str(summary.get('model', '')))} · {html.escape(str(run_dir.resolve()))}</p>
+<p class=sub>{html.escape(str(summary.get("model", "")))} · {html.escape(str(run_dir.resolve()))}</p>
 {_cards(summary)}
 <h2>Loss</h2>
 {image}
 <h2>Before / after</h2>
 {_generations(generations if isinstance(generations, list) else [])}
 <h2>Data</h2>
-{_table(list(data.items())) if data else '<p class=muted>No data statistics.</p>'}
+{_table(list(data.items())) if data else "<p class=muted>No data statistics.</p>"}
 <h2>Throughput and memory</h2>
 {_table(throughput)}
 <h2>Config</h2>
@@ -192,8 +216,10 @@ def write_report(run_dir: str | Path) -> Path:
     """Write loss.png and report.html into `run_dir`; returns the report's path."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists():
-        raise RunDirError(f"{run_dir} is not a lorafit run directory (no config.yaml or metrics.jsonl).",
-                          "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
+        raise RunDirError(
+            f"{run_dir} is not a lorafit run directory (no config.yaml or metrics.jsonl).",
+            "Pass the folder that `lorafit train` wrote, e.g. runs/demo.",
+        )
     png = plot_losses(read_metrics(run_dir), run_dir / "loss.png")
     out = run_dir / "report.html"
 
@@ -202,6 +228,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 # ---- the summary of a finished run (summary.json and the screen printed at the end)
+
 
 def _peak_memory() -> tuple[int, str]:
     import torch
@@ -257,16 +284,23 @@ def data_line(stats: dict) -> str:
         parts.append(f"{dropped} dropped (see `lorafit data check`)")
     special = (stats.get("special_token_text") or {}).get("rows")
     if special:
-        parts.append(f"{special} with special-token text in their content, read as special tokens (see `lorafit data check`)")
+        parts.append(
+            f"{special} with special-token text in their content, read as special tokens (see `lorafit data check`)"
+        )
     unused = stats.get("unused_columns") or {}
     if unused:
-        parts.append(f"not used: {', '.join(list(unused)[:8])}{' ...' if len(unused) > 8 else ''} (see `lorafit data check`)")
+        parts.append(
+            f"not used: {', '.join(list(unused)[:8])}{' ...' if len(unused) > 8 else ''} (see `lorafit data check`)"
+        )
     return "data: " + ", ".join(parts)
 
 
 def summary_screen(run_dir: Path, s: dict) -> str:
-    eval_part = (f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})"
-                 if s.get("eval_loss") is not None and s.get("eval_perplexity") is not None else "")
+    eval_part = (
+        f"   eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})"
+        if s.get("eval_loss") is not None and s.get("eval_perplexity") is not None
+        else ""
+    )
     lines = [
         "",
         f"run directory   {run_dir}",

@@ -37,8 +37,10 @@ def create_run_dir(path: Path, overwrite: bool, resume: bool = False) -> Path:
     """Never overwrite silently: an existing run is refused unless `overwrite` (or `resume`) is set."""
     if path.exists() and any(path.iterdir()) and not resume:
         if not overwrite:
-            raise RunDirError(f"run directory {path} already exists.",
-                              "Choose another name (output.name=NEW), pass --resume to continue it, or set output.overwrite=true to replace it.")
+            raise RunDirError(
+                f"run directory {path} already exists.",
+                "Choose another name (output.name=NEW), pass --resume to continue it, or set output.overwrite=true to replace it.",
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -65,7 +67,10 @@ def load_run_config(run_dir: str | Path):
 
     path = Path(run_dir)
     if not (path / "config.yaml").exists():
-        raise RunDirError(f"{path} is not a lorafit run directory (no config.yaml).", "Pass the folder that `lorafit train` wrote, e.g. runs/demo.")
+        raise RunDirError(
+            f"{path} is not a lorafit run directory (no config.yaml).",
+            "Pass the folder that `lorafit train` wrote, e.g. runs/demo.",
+        )
     cfg = load_config(path / "config.yaml")
     return cfg
 
@@ -74,10 +79,15 @@ def safe_adapter(run_dir: str | Path) -> str:
     """The adapter folder, if its weights are safetensors: PEFT would fall back to unpickling adapter_model.bin."""
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
-        pickle = " (only adapter_model.bin: lorafit loads no pickle files, unpickling can run code)" \
-            if (adapter / "adapter_model.bin").exists() else ""
-        raise RunDirError(f"{adapter} has no adapter_model.safetensors{pickle}.",
-                          "Use a run directory written by `lorafit train`, or save the adapter with safe_serialization=True.")
+        pickle = (
+            " (only adapter_model.bin: lorafit loads no pickle files, unpickling can run code)"
+            if (adapter / "adapter_model.bin").exists()
+            else ""
+        )
+        raise RunDirError(
+            f"{adapter} has no adapter_model.safetensors{pickle}.",
+            "Use a run directory written by `lorafit train`, or save the adapter with safe_serialization=True.",
+        )
     return str(adapter)
 
 
@@ -88,8 +98,10 @@ def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     path = Path(run_dir)
     cfg = load_run_config(path)
     if not is_run_dir(path):
-        raise RunDirError(f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
-                          "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
+        raise RunDirError(
+            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
+            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
+        )
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(cfg.model, dtype=dtype)
     model = PeftModel.from_pretrained(base, safe_adapter(path))

@@ -52,10 +52,13 @@ def default_device_map():
     return {"": "cpu"}
 
 
+LORAFIT_FSDP = "LORAFIT_FSDP"  # set by take_over_fsdp: lorafit, not accelerate, shards this process's model
+
+
 def sharded_launch() -> str | None:
     """`FSDP` or `DeepSpeed ZeRO-3` when accelerate launched one (they shard the weights), else None."""
     env = os.environ
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or env.get(LORAFIT_FSDP) == "1":
         return "FSDP"
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
@@ -67,6 +70,27 @@ def sharded_launch() -> str | None:
         except (OSError, ValueError, AttributeError):
             pass
     return "DeepSpeed ZeRO-3" if stage == "3" else None
+
+
+def fsdp_size() -> int:
+    """The ranks the base model is sharded over: the world size under an FSDP launch of 2+ processes, else 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world if sharded_launch() == "FSDP" and world > 1 else 1
+
+
+def take_over_fsdp() -> int:
+    """`accelerate launch --use_fsdp`: lorafit shards the base model itself, as it loads it (transformers'
+    DistributedConfig, FSDP2): the frozen base weights are split across the ranks, the small LoRA weights stay whole
+    on every rank and the Trainer averages their gradients, so rank 0 saves the adapter alone.
+
+    Why not accelerate's own FSDP: accelerate 1.15 shards only on GPUs (on CPU its `--use_fsdp` silently trains plain
+    DDP), and it would shard the LoRA weights too, so that saving them needs every rank. Its switch is turned off in
+    this process, so nothing shards twice; returns the number of shards (1: not an FSDP launch)."""
+    size = fsdp_size()
+    if size > 1:
+        os.environ[LORAFIT_FSDP] = "1"
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return size
 
 
 def is_main_process() -> bool:

@@ -16,15 +16,27 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def good_file(tmp_path):
-    return write_jsonl(tmp_path / "d.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(12)] + [chat("Question 0?", "Answer 0.")])
+    return write_jsonl(
+        tmp_path / "d.jsonl",
+        [chat(f"Question {i}?", f"Answer {i}.") for i in range(12)] + [chat("Question 0?", "Answer 0.")],
+    )
 
 
 def test_report_for_a_good_file(tmp_path, smollm2_tokenizer, capsys):
     path = good_file(tmp_path)
     assert data_check(str(path), None, None, as_json=False) == 0
     out = capsys.readouterr().out
-    for needle in ["rows", "messages", "token length: p50", "exact duplicates 1", "trained tokens", "packing: 13 samples",
-                   "example", "[[Answer 0.<|im_end|>]]", "ok: the data can train"]:
+    for needle in [
+        "rows",
+        "messages",
+        "token length: p50",
+        "exact duplicates 1",
+        "trained tokens",
+        "packing: 13 samples",
+        "example",
+        "[[Answer 0.<|im_end|>]]",
+        "ok: the data can train",
+    ]:
         assert needle in out, needle
 
 
@@ -50,7 +62,9 @@ def test_invalid_rows_exit_2_and_are_listed(tmp_path, smollm2_tokenizer, capsys)
 def test_config_target_uses_its_data_section(tmp_path, smollm2_tokenizer, capsys):
     path = good_file(tmp_path)
     config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  name: smollm2-135m-instruct\ndata:\n  train: {path.name}\n  packing: false\n  max_length: 100\n")
+    config.write_text(
+        f"model:\n  name: smollm2-135m-instruct\ndata:\n  train: {path.name}\n  packing: false\n  max_length: 100\n"
+    )
     assert data_check(str(config), None, None, as_json=True) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["max_length"] == 100 and "packing" not in report and report["sources"][0]["path"] == str(path)
@@ -58,15 +72,24 @@ def test_config_target_uses_its_data_section(tmp_path, smollm2_tokenizer, capsys
 
 def test_cli_missing_file_is_exit_2_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "lorafit.cli", "data", "check", str(tmp_path / "missing.jsonl")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafit.cli", "data", "check", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_special_token_text_in_content_is_reported(tmp_path, smollm2_tokenizer, capsys):
     """A literal `<|im_end|>` inside an answer is read as the end-of-turn token: the check names the row."""
-    rows = [chat("Is 2 < 3?", "Yes, 2 < 3."), chat("Show a chat tag", "It looks like <|im_end|> in text."), chat("q", "a")]
+    rows = [
+        chat("Is 2 < 3?", "Yes, 2 < 3."),
+        chat("Show a chat tag", "It looks like <|im_end|> in text."),
+        chat("q", "a"),
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert data_check(str(path), None, None, as_json=True) == 0  # a warning, not a refusal
     report = json.loads(capsys.readouterr().out)

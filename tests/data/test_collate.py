@@ -21,8 +21,16 @@ def tiny_llama(attn: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config).eval().to(torch.float32)
 
 
@@ -48,8 +56,9 @@ def token_losses(model, batch) -> torch.Tensor:
     """Per-position loss, labels shifted the way the trainer does (position t predicts labels[t + 1])."""
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none",
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100
+    )
 
 
 def alone_losses(model) -> list[torch.Tensor]:
@@ -67,7 +76,7 @@ def split_packed(losses: torch.Tensor, features) -> list[torch.Tensor]:
     for b, f in enumerate(features):
         start = 0
         for n in f["seq_lengths"]:
-            out.append(losses[b, start:start + n - 1])
+            out.append(losses[b, start : start + n - 1])
             start += n
     return out
 

@@ -10,7 +10,11 @@ import pytest
 from lorafit.errors import ModelError
 from lorafit.models.tokenizer import KNOWN_IDS, SPECIAL_TOKENS, load_llama3_tokenizer
 
-LLAMA3_TOKENIZER = Path(os.environ.get("LORAFIT_LLAMA3_TOKENIZER", Path(__file__).resolve().parents[3] / "shared" / "llama3" / "tokenizer.model"))
+LLAMA3_TOKENIZER = Path(
+    os.environ.get(
+        "LORAFIT_LLAMA3_TOKENIZER", Path(__file__).resolve().parents[3] / "shared" / "llama3" / "tokenizer.model"
+    )
+)
 
 
 def test_known_ids_and_special_tokens(llama3_tokenizer):

@@ -32,7 +32,9 @@ def test_unpacked_columns_stats_and_masks(tmp_path, smollm2_tokenizer):
     assert (s["rows_read"], s["invalid"], s["train_samples"], s["sources"][0]["format"]) == (20, 0, 20, "messages")
     assert 0 < s["trained_fraction"] < 1 and s["length"]["p50"] <= s["length"]["p95"] <= s["length"]["max"]
     for r in p.train:
-        assert r["labels"][0] == IGNORE_INDEX and all(l in (IGNORE_INDEX, i) for i, l in zip(r["input_ids"], r["labels"]))
+        assert r["labels"][0] == IGNORE_INDEX and all(
+            lab in (IGNORE_INDEX, i) for i, lab in zip(r["input_ids"], r["labels"])
+        )
 
 
 def test_packed_rows_hold_the_same_samples(tmp_path, smollm2_tokenizer):
@@ -46,8 +48,8 @@ def test_packed_rows_hold_the_same_samples(tmp_path, smollm2_tokenizer):
         assert len(r["input_ids"]) == sum(r["seq_lengths"]) <= 128
         start = 0
         for n in r["seq_lengths"]:
-            assert r["position_ids"][start:start + n] == list(range(n))
-            samples.append((tuple(r["input_ids"][start:start + n]), tuple(r["labels"][start:start + n])))
+            assert r["position_ids"][start : start + n] == list(range(n))
+            samples.append((tuple(r["input_ids"][start : start + n]), tuple(r["labels"][start : start + n])))
             start += n
     assert sorted(samples) == sorted((tuple(r["input_ids"]), tuple(r["labels"])) for r in plain.train)
     pk = packed.stats["packing"]
@@ -58,7 +60,10 @@ def test_invalid_rows_stop_or_are_skipped(tmp_path, smollm2_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", rows(5) + ["{oops", {"messages": [{"role": "user", "content": "q"}]}])
     with pytest.raises(DataError) as err:
         prepare_data(cfg([str(path)]), smollm2_tokenizer, seed=0)
-    assert f"{path}:6: (row): broken JSON" in err.value.message and f"{path}:7: `messages`: no assistant turn" in err.value.message
+    assert (
+        f"{path}:6: (row): broken JSON" in err.value.message
+        and f"{path}:7: `messages`: no assistant turn" in err.value.message
+    )
     p = prepare_data(cfg([str(path)], skip_invalid=True), smollm2_tokenizer, seed=0)
     assert (p.stats["invalid"], p.stats["train_samples"]) == (2, 5)
 
@@ -82,7 +87,11 @@ def test_mixing_weights_and_formats(tmp_path, smollm2_tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", rows(10))
     (tmp_path / "b.csv").write_text("instruction,input,output\n" + "".join(f"Say {i},,{i}\n" for i in range(8)))
     datasets.Dataset.from_list([{"text": f"raw text {i}"} for i in range(4)]).to_parquet(str(tmp_path / "c.parquet"))
-    sources = [{"path": str(a), "weight": 2.0}, {"path": str(tmp_path / "b.csv"), "weight": 0.5}, str(tmp_path / "c.parquet")]
+    sources = [
+        {"path": str(a), "weight": 2.0},
+        {"path": str(tmp_path / "b.csv"), "weight": 0.5},
+        str(tmp_path / "c.parquet"),
+    ]
     p = prepare_data(cfg(sources, packing=False), smollm2_tokenizer, seed=0)
     assert [s["format"] for s in p.stats["sources"]] == ["messages", "alpaca", "text"]
     assert len(p.train) == 2 * 10 + 4 + 4

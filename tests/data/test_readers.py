@@ -22,7 +22,12 @@ def test_jsonl_lines_and_problems(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n\n{"text": "broken"\n{"text": "bad \xff byte"}\n[1, 2]\n{"text": "last"}\n')
     items = _read(path)
     assert [(loc.rsplit(":", 1)[1], row is not None) for loc, row, _ in items] == [
-        ("1", True), ("3", False), ("4", False), ("5", False), ("6", True)]
+        ("1", True),
+        ("3", False),
+        ("4", False),
+        ("5", False),
+        ("6", True),
+    ]
     problems = [p for _, _, p in items if p]
     assert "broken JSON" in problems[0] and "invalid UTF-8" in problems[1] and "expected a JSON object" in problems[2]
 
@@ -46,7 +51,10 @@ def test_json_array_or_object_of_rows(tmp_path, payload):
 def test_json_object_of_columns_and_broken_json(tmp_path):
     path = tmp_path / "cols.json"
     path.write_text(json.dumps({"prompt": ["a", "b"], "completion": ["c", "d"]}))
-    assert [row for _, row, _ in _read(path)] == [{"prompt": "a", "completion": "c"}, {"prompt": "b", "completion": "d"}]
+    assert [row for _, row, _ in _read(path)] == [
+        {"prompt": "a", "completion": "c"},
+        {"prompt": "b", "completion": "d"},
+    ]
     path.write_text('[\n {"text": "a"},\n {"text": }\n]')
     [(loc, row, problem)] = _read(path)
     assert loc == f"{path}:3" and "broken JSON" in problem
@@ -60,7 +68,7 @@ def test_csv_and_tsv_with_line_numbers(tmp_path):
     assert items[1][1] == {"prompt": "multi\nline", "completion": "a2"}
     assert "more field" in items[2][2] and "invalid UTF-8" in items[3][2]
     tsv_path = tmp_path / "d.tsv"
-    tsv_path.write_text('messages\n' + json.dumps(ROWS[0]["messages"]) + "\n")
+    tsv_path.write_text("messages\n" + json.dumps(ROWS[0]["messages"]) + "\n")
     [(_, row, _)] = _read(tsv_path)
     assert json.loads(row["messages"]) == ROWS[0]["messages"]
 

@@ -13,20 +13,28 @@ from lorafit.errors import DataError
 
 
 def test_every_problem_is_named(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        chat("q", "a"),
-        '{"messages": [',
-        {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
-        {"messages": [{"role": "user", "content": "q"}]},
-        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            chat("q", "a"),
+            '{"messages": [',
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "q"}]},
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        ],
+    )
     src = read_source(DataSource(path=str(path)))
     assert (src.format, src.rows, src.invalid, len(valid_rows([src]))) == ("messages", 6, 5, 1)
     text = "\n".join(src.problems)
-    for needle in [f"{path}:2: (row): broken JSON", f"{path}:3: `messages[1].role`: unknown role 'bot'",
-                   f"{path}:4: `messages`: no assistant turn", f"{path}:5: `messages[0].content`: empty content",
-                   f"{path}:6: `messages`: missing", "in sharegpt form"]:
+    for needle in [
+        f"{path}:2: (row): broken JSON",
+        f"{path}:3: `messages[1].role`: unknown role 'bot'",
+        f"{path}:4: `messages`: no assistant turn",
+        f"{path}:5: `messages[0].content`: empty content",
+        f"{path}:6: `messages`: missing",
+        "in sharegpt form",
+    ]:
         assert needle in text
     with pytest.raises(DataError) as err:
         raise_for_problems([src], "training")

@@ -23,11 +23,13 @@ def test_llama31_exact_text_without_and_with_system():
     messages = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello!\n"}]
     assert render_llama31(messages) == (
         HEADER + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+    )
     with_system = [{"role": "system", "content": " Be brief. "}] + messages[:1]
     assert render_llama31(with_system, add_generation_prompt=True) == (
         HEADER + "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_jinja_template_renders_the_same(llama3_tokenizer):
@@ -57,9 +59,13 @@ def test_end_of_turn_ids(llama3_tokenizer, smollm2_tokenizer):
 
 def test_prompt_ends_with_generation_prompt_and_has_one_bos(llama3_tokenizer, smollm2_tokenizer):
     messages = MULTI_TURN[:2]
-    assert render_prompt(llama3_tokenizer, messages, "llama3").endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_prompt(llama3_tokenizer, messages, "llama3").endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     ids = encode_prompt(llama3_tokenizer, messages, "llama3")
     assert ids[0] == 128000 and ids.count(128000) == 1
     assert render_prompt(smollm2_tokenizer, messages, "model").endswith("<|im_start|>assistant\n")
-    assert encode_prompt(smollm2_tokenizer, messages, "auto") == smollm2_tokenizer(
-        render_prompt(smollm2_tokenizer, messages, "model"), add_special_tokens=False)["input_ids"]
+    assert (
+        encode_prompt(smollm2_tokenizer, messages, "auto")
+        == smollm2_tokenizer(render_prompt(smollm2_tokenizer, messages, "model"), add_special_tokens=False)["input_ids"]
+    )

@@ -65,7 +65,9 @@ def test_raw_text_is_bos_text_end_all_trained(llama3_tokenizer, smollm2_tokenize
     assert ids == [128000] + llama3_tokenizer("Once upon a time", add_special_tokens=False)["input_ids"] + [128001]
     assert labels == [IGNORE_INDEX] + ids[1:]
     ids, _ = encode(smollm2_tokenizer, "model", messages=[], text="Once")  # no BOS: SmolLM2 never uses one
-    assert ids[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>") and ids[0] != smollm2_tokenizer.bos_token_id
+    assert (
+        ids[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>") and ids[0] != smollm2_tokenizer.bos_token_id
+    )
 
 
 def test_system_prompt_is_added_when_missing(llama3_tokenizer):
@@ -94,8 +96,10 @@ def test_tokenize_rows_reports_status(llama3_tokenizer):
 
 
 def test_a_template_that_is_not_prefix_stable_is_refused(smollm2_tokenizer):
-    unstable = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
-                "{% if add_generation_prompt %}assistant:{% endif %}{{ messages | length }}")
+    unstable = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}{{ messages | length }}"
+    )
     with chat_template(smollm2_tokenizer, unstable) as tok, pytest.raises(DataError, match="prefixes"):
         encode(tok, "model", messages=MULTI_TURN[1:3])
 

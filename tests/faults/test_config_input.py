@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafit.config import MAX_CONFIG_BYTES, MAX_YAML_ALIASES, RunConfig, load_config
+from lorafit.config import RunConfig, load_config
+from lorafit.config_yaml import MAX_CONFIG_BYTES, MAX_YAML_ALIASES
 from lorafit.errors import ConfigError
 
 from .fuzzkit import FUZZ, time_limit
@@ -81,19 +82,32 @@ def test_huge_file_refused_without_reading_it(tmp_path):
     refused(just_over, "larger than")
 
 
-@pytest.mark.parametrize("text,match", [("[" * 100_000, "nested more than"), ("{a: " * 50_000, "nested more than"),
-                                        ("a:\n" + "".join(" " * i + "a:\n" for i in range(1, 300)), "nested more than"),
-                                        ("lora: {r: " + "9" * 5000 + "}\n", "4300 digits"),
-                                        ("model:\n\tname: x\n", r"2:1: invalid YAML")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[" * 100_000, "nested more than"),
+        ("{a: " * 50_000, "nested more than"),
+        ("a:\n" + "".join(" " * i + "a:\n" for i in range(1, 300)), "nested more than"),
+        ("lora: {r: " + "9" * 5000 + "}\n", "4300 digits"),
+        ("model:\n\tname: x\n", r"2:1: invalid YAML"),
+    ],
+)
 def test_deep_long_and_broken_yaml(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     refused(path, match)
 
 
-PYTHON_TAGS = ["!!python/object/apply:os.system ['touch {marker}']", "!!python/object/new:os.system ['touch {marker}']",
-               "!!python/object/apply:subprocess.check_call [[touch, '{marker}']]", "!!python/name:os.system",
-               "!!python/module:os", "!!python/object:pathlib.Path {{}}", "!!python/tuple [1, 2]", "!custom {marker}"]
+PYTHON_TAGS = [
+    "!!python/object/apply:os.system ['touch {marker}']",
+    "!!python/object/new:os.system ['touch {marker}']",
+    "!!python/object/apply:subprocess.check_call [[touch, '{marker}']]",
+    "!!python/name:os.system",
+    "!!python/module:os",
+    "!!python/object:pathlib.Path {{}}",
+    "!!python/tuple [1, 2]",
+    "!custom {marker}",
+]
 
 
 @pytest.mark.parametrize("tag", PYTHON_TAGS)
@@ -110,7 +124,9 @@ def test_python_tags_are_refused_not_executed(tmp_path, tag):
 
 def test_only_safe_yaml_loading_in_the_code_base():
     """Every YAML read in lorafit goes through a SafeLoader (subclass); no full/unsafe loader anywhere."""
-    unsafe = re.compile(r"yaml\.(unsafe_load|full_load|load_all|Loader\b|FullLoader|UnsafeLoader|CLoader)|Loader=yaml\.Loader")
+    unsafe = re.compile(
+        r"yaml\.(unsafe_load|full_load|load_all|Loader\b|FullLoader|UnsafeLoader|CLoader)|Loader=yaml\.Loader"
+    )
     loads = []
     for path in SRC.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
@@ -118,17 +134,58 @@ def test_only_safe_yaml_loading_in_the_code_base():
         loads += [(path, m) for m in re.findall(r"yaml\.load\((.*?)\)", text)]
     import yaml
 
-    from lorafit import config
+    from lorafit import config_yaml
 
-    assert issubclass(config._CountingLoader, yaml.SafeLoader)
+    assert issubclass(config_yaml._CountingLoader, yaml.SafeLoader)
     for path, args in loads:
         assert "Loader=_CountingLoader" in args or "SafeLoader" in args, f"{path}: yaml.load({args})"
 
 
-yaml_fragments = st.sampled_from(["model:", "data:", "lora:", "  r: ", "  name: ", "train: ", "&a ", "*a", "<<: ", "- ", "[", "]",
-                                  "{", "}", ": ", "? ", "!!str ", "!!int ", "!!binary ", "!!python/none ", "%YAML 1.1\n", "---\n",
-                                  "...\n", "\t", "\n", "  ", "'", '"', "\\", "#", "|\n", ">-\n", "1e999", "-.inf", ".nan", "~",
-                                  "\x00", "\ufeff", "\udc80", "\u2028", "99999999999999999999999"])
+yaml_fragments = st.sampled_from(
+    [
+        "model:",
+        "data:",
+        "lora:",
+        "  r: ",
+        "  name: ",
+        "train: ",
+        "&a ",
+        "*a",
+        "<<: ",
+        "- ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ": ",
+        "? ",
+        "!!str ",
+        "!!int ",
+        "!!binary ",
+        "!!python/none ",
+        "%YAML 1.1\n",
+        "---\n",
+        "...\n",
+        "\t",
+        "\n",
+        "  ",
+        "'",
+        '"',
+        "\\",
+        "#",
+        "|\n",
+        ">-\n",
+        "1e999",
+        "-.inf",
+        ".nan",
+        "~",
+        "\x00",
+        "\ufeff",
+        "\udc80",
+        "\u2028",
+        "99999999999999999999999",
+    ]
+)
 
 
 @settings(FUZZ, max_examples=150)
@@ -143,14 +200,22 @@ def test_any_text_is_a_config_or_a_config_error(tmp_path, parts):
             assert str(path) in err.message
 
 
-@pytest.mark.parametrize("content", [billion_laughs(), "model: {name: !!python/object/apply:os.system ['touch PWNED']}\n"])
+@pytest.mark.parametrize(
+    "content", [billion_laughs(), "model: {name: !!python/object/apply:os.system ['touch PWNED']}\n"]
+)
 def test_cli_refuses_bad_configs_with_exit_2(tmp_path, content):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(SRC))
     # `data check CONFIG` reads the config with the same load_config as `train`, without importing torch first.
-    done = subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and f"error: {path}" in done.stderr, done.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "runs").exists()

@@ -56,7 +56,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
     run = tmp_path / "runs" / "run"
     assert err.exit_code == 1
     assert "could not write checkpoint 4" in err.message and "disk is full" in err.message
-    assert f"previous checkpoint {run / 'checkpoints' / 'checkpoint-2'} is intact" in err.message and "--resume" in err.hint
+    assert (
+        f"previous checkpoint {run / 'checkpoints' / 'checkpoint-2'} is intact" in err.message
+        and "--resume" in err.hint
+    )
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["checkpoint-2"]
     assert checkpoint_problem(run / "checkpoints" / "checkpoint-2") is None
     assert not list(staging_dir(run / "checkpoints").glob("*"))  # the half-written one is gone, space given back
@@ -135,8 +138,12 @@ def test_a_really_full_disk(tmp_path, tiny_chat_model, small_disk):
     # safetensors and torch.save do not raise OSError on a full disk (SafetensorError, RuntimeError): both must be caught
     from lorafit.train.run import run_training
 
-    config = tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 6, "save_every": 2},
-                         output={"dir": str(small_disk), "name": "run"})
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        training={"max_steps": 6, "save_every": 2},
+        output={"dir": str(small_disk), "name": "run"},
+    )
     with pytest.raises(TrainingError) as info:
         run_training(load_config(config), quiet=True, callbacks=[FillDisk(small_disk)])
     run = small_disk / "run"

@@ -48,7 +48,11 @@ def test_any_row_in_any_format_is_valid_or_has_problems(row, fmt):
 
 
 @MANY
-@given(turns=json_values | st.lists(json_values, max_size=4), deep=st.integers(0, 5000), key=st.sampled_from(["messages", "conversations"]))
+@given(
+    turns=json_values | st.lists(json_values, max_size=4),
+    deep=st.integers(0, 5000),
+    key=st.sampled_from(["messages", "conversations"]),
+)
 def test_turns_as_json_strings(turns, deep, key):
     """CSV and TSV cells carry conversations as JSON text: broken, deeply nested or huge-number JSON is a problem."""
     for cell in (json.dumps(turns), "[" * deep, "[" * deep + "]" * deep, "1" * deep, json.dumps(turns)[: deep % 50]):
@@ -57,11 +61,17 @@ def test_turns_as_json_strings(turns, deep, key):
 
 
 # Valid conversations of strange text: control characters, NUL, the template's own special tokens as plain text.
-odd_text = (st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
-            | st.sampled_from(["<|im_end|>", "<|im_start|>assistant\n", "<|eot_id|>", "\x00\x01\x1b", "\u202e\u2028", "{{ raise }}"])
-            ).filter(str.strip)
+odd_text = (
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
+    | st.sampled_from(
+        ["<|im_end|>", "<|im_start|>assistant\n", "<|eot_id|>", "\x00\x01\x1b", "\u202e\u2028", "{{ raise }}"]
+    )
+).filter(str.strip)
 conversations = st.lists(st.tuples(odd_text, odd_text), min_size=1, max_size=3).map(
-    lambda pairs: {"messages": [{"role": r, "content": c} for pair in pairs for r, c in zip(("user", "assistant"), pair)]})
+    lambda pairs: {
+        "messages": [{"role": r, "content": c} for pair in pairs for r, c in zip(("user", "assistant"), pair)]
+    }
+)
 
 
 @FUZZ

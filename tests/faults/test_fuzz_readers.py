@@ -106,8 +106,11 @@ def assert_rows_usable(source) -> None:
 
 # -- any bytes at all -------------------------------------------------------------------------------
 @FUZZ
-@given(data=st.binary(max_size=3000) | st.lists(st.sampled_from(NASTY) | st.binary(max_size=20), max_size=30).map(b"".join),
-       suffix=st.sampled_from(EXTENSIONS))
+@given(
+    data=st.binary(max_size=3000)
+    | st.lists(st.sampled_from(NASTY) | st.binary(max_size=20), max_size=30).map(b"".join),
+    suffix=st.sampled_from(EXTENSIONS),
+)
 def test_random_bytes_load_or_data_error(workdir, data, suffix):
     load(write(workdir, suffix, data))
 
@@ -118,14 +121,28 @@ def _newlines(text: str, style: str) -> str:
 
 
 # Whole lines that parse badly on their own: nesting past the recursion limit, a 5000-digit number, NaN.
-HOSTILE_LINES = ["[" * 3000, "[" * 3000 + "]" * 3000, '{"a":' * 2000 + "1" + "}" * 2000, '{"text": ' + "1" * 5000 + "}",
-                 '{"text": NaN}', '{"text": "\\ud800"}', '{"messages": [{"role": "user", "content": "\\udfff"}]}', "\x00", "\ufeff{}"]
+HOSTILE_LINES = [
+    "[" * 3000,
+    "[" * 3000 + "]" * 3000,
+    '{"a":' * 2000 + "1" + "}" * 2000,
+    '{"text": ' + "1" * 5000 + "}",
+    '{"text": NaN}',
+    '{"text": "\\ud800"}',
+    '{"messages": [{"role": "user", "content": "\\udfff"}]}',
+    "\x00",
+    "\ufeff{}",
+]
 
 
 @FUZZ
-@given(items=st.lists(rows | json_values, min_size=0, max_size=8), newline=st.sampled_from(["\n", "\r\n", "\r", "\n\r\n"]),
-       bom=st.booleans(), junk=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(NASTY)), max_size=3),
-       hostile=st.lists(st.tuples(st.integers(0, 8), st.sampled_from(HOSTILE_LINES)), max_size=3), escape=st.booleans())
+@given(
+    items=st.lists(rows | json_values, min_size=0, max_size=8),
+    newline=st.sampled_from(["\n", "\r\n", "\r", "\n\r\n"]),
+    bom=st.booleans(),
+    junk=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(NASTY)), max_size=3),
+    hostile=st.lists(st.tuples(st.integers(0, 8), st.sampled_from(HOSTILE_LINES)), max_size=3),
+    escape=st.booleans(),
+)
 def test_jsonl_shapes_load_or_data_error(workdir, items, newline, bom, junk, hostile, escape):
     lines = [json.dumps(item, ensure_ascii=escape) for item in items]
     for at, line in hostile:
@@ -138,26 +155,52 @@ def test_jsonl_shapes_load_or_data_error(workdir, items, newline, bom, junk, hos
 
 
 @FUZZ
-@given(payload=st.lists(rows, max_size=6) | st.dictionaries(st.sampled_from(["data", "rows", "a", "b", "prompt", "completion"]),
-                                                             st.lists(rows | json_values, max_size=4) | rows, max_size=3) | json_values,
-       indent=st.sampled_from([None, 1, "\t"]), newline=st.sampled_from(["\n", "\r\n", "\r"]), bom=st.booleans())
+@given(
+    payload=st.lists(rows, max_size=6)
+    | st.dictionaries(
+        st.sampled_from(["data", "rows", "a", "b", "prompt", "completion"]),
+        st.lists(rows | json_values, max_size=4) | rows,
+        max_size=3,
+    )
+    | json_values,
+    indent=st.sampled_from([None, 1, "\t"]),
+    newline=st.sampled_from(["\n", "\r\n", "\r"]),
+    bom=st.booleans(),
+)
 def test_json_shapes_load_or_data_error(workdir, payload, indent, newline, bom):
     text = _newlines(json.dumps(payload, indent=indent, ensure_ascii=False), newline)
     load(write(workdir, ".json", (b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8", "surrogatepass")))
 
 
 # -- CSV / TSV: quoted newlines, NUL, ragged rows, JSON cells, invalid bytes ------------------------
-HEADERS = [["text"], ["prompt", "completion"], ["instruction", "input", "output"], ["messages"], ["conversations"], ["a", "b"], []]
-cells = (st.text(st.characters(codec="utf-8", include_characters='",\t\r\n\x00'), max_size=30)
-         | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "gpt"]), "content": st.text(max_size=10)}),
-                    max_size=3).map(json.dumps)
-         | st.sampled_from(['"', '""', "[" * 2000, "\r", "\ud800", "1" * 5000]))
+HEADERS = [
+    ["text"],
+    ["prompt", "completion"],
+    ["instruction", "input", "output"],
+    ["messages"],
+    ["conversations"],
+    ["a", "b"],
+    [],
+]
+cells = (
+    st.text(st.characters(codec="utf-8", include_characters='",\t\r\n\x00'), max_size=30)
+    | st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "gpt"]), "content": st.text(max_size=10)}),
+        max_size=3,
+    ).map(json.dumps)
+    | st.sampled_from(['"', '""', "[" * 2000, "\r", "\ud800", "1" * 5000])
+)
 
 
 @FUZZ
-@given(header=st.sampled_from(HEADERS), body=st.lists(st.lists(cells, max_size=4), max_size=6),
-       terminator=st.sampled_from(["\n", "\r\n", "\r"]), suffix=st.sampled_from([".csv", ".tsv"]), bom=st.booleans(),
-       junk=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(NASTY)), max_size=2))
+@given(
+    header=st.sampled_from(HEADERS),
+    body=st.lists(st.lists(cells, max_size=4), max_size=6),
+    terminator=st.sampled_from(["\n", "\r\n", "\r"]),
+    suffix=st.sampled_from([".csv", ".tsv"]),
+    bom=st.booleans(),
+    junk=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(NASTY)), max_size=2),
+)
 def test_csv_load_or_data_error(workdir, header, body, terminator, suffix, bom, junk):
     out = io.StringIO()
     writer = csv.writer(out, delimiter="\t" if suffix == ".tsv" else ",", lineterminator=terminator)
@@ -178,13 +221,23 @@ def _column_types():
     role = st.sampled_from(["user", "assistant", "system", "gpt", "human", "x"]) | st.none()
     short = st.text(max_size=12) | st.none()
     return [
-        (pa.string(), short), (pa.large_string(), short), (pa.binary(), st.binary(max_size=12) | st.none()),
-        (pa.int64(), st.integers(-2**63, 2**63 - 1) | st.none()), (pa.float64(), st.floats() | st.none()),
-        (pa.bool_(), st.booleans()), (pa.null(), st.none()), (pa.list_(pa.string()), st.lists(short, max_size=3) | st.none()),
-        (turn("role", "content"), st.lists(st.fixed_dictionaries({"role": role, "content": short}), max_size=4) | st.none()),
+        (pa.string(), short),
+        (pa.large_string(), short),
+        (pa.binary(), st.binary(max_size=12) | st.none()),
+        (pa.int64(), st.integers(-(2**63), 2**63 - 1) | st.none()),
+        (pa.float64(), st.floats() | st.none()),
+        (pa.bool_(), st.booleans()),
+        (pa.null(), st.none()),
+        (pa.list_(pa.string()), st.lists(short, max_size=3) | st.none()),
+        (
+            turn("role", "content"),
+            st.lists(st.fixed_dictionaries({"role": role, "content": short}), max_size=4) | st.none(),
+        ),
         (turn("from", "value"), st.lists(st.fixed_dictionaries({"from": role, "value": short}), max_size=4)),
-        (turn("role", "content", pa.int32(), pa.binary()),
-         st.lists(st.fixed_dictionaries({"role": st.integers(0, 9), "content": st.binary(max_size=5)}), max_size=3)),
+        (
+            turn("role", "content", pa.int32(), pa.binary()),
+            st.lists(st.fixed_dictionaries({"role": st.integers(0, 9), "content": st.binary(max_size=5)}), max_size=3),
+        ),
         (pa.map_(pa.string(), pa.int64()), st.lists(st.tuples(st.text(max_size=4), st.integers(0, 9)), max_size=3)),
         (pa.timestamp("s"), st.integers(0, 2**31)),
         (pa.list_(pa.list_(pa.int8())), st.lists(st.lists(st.integers(-128, 127), max_size=3), max_size=3)),
@@ -197,13 +250,33 @@ def parquet_tables(draw):
 
     types = _column_types()
     n = draw(st.integers(0, 5))
-    names = draw(st.lists(st.sampled_from(["messages", "conversations", "text", "prompt", "completion", "instruction",
-                                           "output", "input", "system", "id"]), unique=True, max_size=4))
+    names = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "messages",
+                    "conversations",
+                    "text",
+                    "prompt",
+                    "completion",
+                    "instruction",
+                    "output",
+                    "input",
+                    "system",
+                    "id",
+                ]
+            ),
+            unique=True,
+            max_size=4,
+        )
+    )
     columns = {}
     for name in names:
         kind, values = draw(st.sampled_from(types))
         columns[name] = pa.array([draw(values) for _ in range(n)], type=kind)
-    if names and n and draw(st.booleans()):  # a string column whose bytes are not UTF-8 (pyarrow does not check on write)
+    if (
+        names and n and draw(st.booleans())
+    ):  # a string column whose bytes are not UTF-8 (pyarrow does not check on write)
         raw = b"".join(draw(st.sampled_from([b"ok", b"\xff\xfe", b"\xc3", b"\xed\xa0\x80"])) for _ in range(n))
         offsets = pa.array([min(2 * i, len(raw)) for i in range(n)] + [len(raw)], pa.int32()).buffers()[1]
         columns[names[0]] = pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(raw)])
@@ -211,8 +284,12 @@ def parquet_tables(draw):
 
 
 @FUZZ
-@given(table=parquet_tables(), damage=st.none() | st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64)),
-       cut=st.booleans(), fmt=st.sampled_from(["auto", "auto", "messages", "text", "alpaca"]))
+@given(
+    table=parquet_tables(),
+    damage=st.none() | st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64)),
+    cut=st.booleans(),
+    fmt=st.sampled_from(["auto", "auto", "messages", "text", "alpaca"]),
+)
 def test_parquet_load_or_data_error(workdir, table, damage, cut, fmt):
     import pyarrow.parquet as pq
 
@@ -222,7 +299,7 @@ def test_parquet_load_or_data_error(workdir, table, damage, cut, fmt):
     if damage is not None:  # overwrite bytes somewhere inside: a damaged page or footer
         where, junk = damage
         at = int(where * max(len(data) - len(junk), 0))
-        data = data[:at] + junk + data[at + len(junk):]
+        data = data[:at] + junk + data[at + len(junk) :]
     if cut:
         data = data[: len(data) // 2]
     load(write(workdir, ".parquet", data), fmt)
@@ -233,13 +310,19 @@ content = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_
 
 
 @FUZZ
-@given(pairs=st.lists(st.tuples(content, content), min_size=1, max_size=5), bom=st.booleans(),
-       newline=st.sampled_from(["\n", "\r\n"]), terminator=st.sampled_from(["\n", "\r\n", "\r"]))
+@given(
+    pairs=st.lists(st.tuples(content, content), min_size=1, max_size=5),
+    bom=st.booleans(),
+    newline=st.sampled_from(["\n", "\r\n"]),
+    terminator=st.sampled_from(["\n", "\r\n", "\r"]),
+)
 def test_valid_rows_load_exactly(workdir, pairs, bom, newline, terminator):
     prefix = b"\xef\xbb\xbf" if bom else b""
     jsonl = "".join(json.dumps({"prompt": p, "completion": c}) + newline for p, c in pairs)
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator=terminator, quoting=csv.QUOTE_ALL)  # minimal quoting misses \n with a \r terminator
+    writer = csv.writer(
+        out, lineterminator=terminator, quoting=csv.QUOTE_ALL
+    )  # minimal quoting misses \n with a \r terminator
     writer.writerows([("prompt", "completion"), *pairs])
     for suffix, body in ((".jsonl", jsonl), (".csv", out.getvalue())):
         source = load(write(workdir, suffix, prefix + body.encode()))
@@ -306,13 +389,30 @@ def test_data_check_cli_names_every_bad_file(tmp_path, smollm2_dir):
     (folder / "e_random.jsonl").write_bytes(b"\xff\x00\xfe\r")
     pq.write_table(pa.table({"text": pa.array([b"\xff"], pa.binary())}), folder / "f_binary.parquet")
     (folder / "g_broken.parquet").write_bytes(b"PAR1" + os.urandom(64) + b"PAR1")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", LORAFIT_DATA_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    done = subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(folder)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        LORAFIT_DATA_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "Traceback" not in output and "unexpected" not in output, output
-    for name, where in [("a_deep.jsonl", ":1"), ("b_surrogate.jsonl", ":1"), ("c_bigint.json", ":1"), ("d_cell.csv", ":2"),
-                        ("e_random.jsonl", ":1"), ("f_binary.parquet", ": row 1"), ("g_broken.parquet", "")]:
+    for name, where in [
+        ("a_deep.jsonl", ":1"),
+        ("b_surrogate.jsonl", ":1"),
+        ("c_bigint.json", ":1"),
+        ("d_cell.csv", ":2"),
+        ("e_random.jsonl", ":1"),
+        ("f_binary.parquet", ": row 1"),
+        ("g_broken.parquet", ""),
+    ]:
         assert f"{folder / name}{where}: " in output, (name, output)

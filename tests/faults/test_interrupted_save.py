@@ -56,8 +56,13 @@ def kill_while_saving(tmp_path: Path, config: Path, stall_on: str) -> str:
     flag = tmp_path / "saving.flag"
     env = dict(cli_env(), STALL_ON=stall_on, STALL_FLAG=str(flag))
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
-    proc = subprocess.Popen([sys.executable, "-c", "import stall; from lorafit.cli import main; main()", "train",
-                             str(config), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import stall; from lorafit.cli import main; main()", "train", str(config), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while not flag.exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]

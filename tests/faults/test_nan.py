@@ -19,8 +19,11 @@ def test_a_learning_rate_that_explodes_stops_the_run_with_causes(tmp_path, tiny_
     from lorafit.cli import main
 
     # lr 1e30: the first update is finite, and from then on every forward overflows to NaN
-    config = tiny_config(tmp_path, tiny_chat_model, training={"learning_rate": 1e30, "max_steps": 10, "save_every": 1,
-                                                              "max_bad_steps": 3})
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        training={"learning_rate": 1e30, "max_steps": 10, "save_every": 1, "max_bad_steps": 3},
+    )
     monkeypatch.setattr(sys, "argv", ["lorafit", "train", str(config), "--quiet"])
     with pytest.raises(SystemExit) as info:
         main()
@@ -52,7 +55,9 @@ class Poison(TrainerCallback):
         self.active = state.global_step + 1 in self.steps
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.snapshots[state.global_step] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
 
 def _session(tmp_path, model_dir, **training):

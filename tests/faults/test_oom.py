@@ -49,22 +49,29 @@ def test_oom_is_reported_with_what_to_change(tmp_path, tiny_chat_model, monkeypa
 def test_advice_leaves_out_what_the_config_already_does(tmp_path, tiny_chat_model):
     from lorafit.train.faults import generic_oom_advice
 
-    cfg = load_config(tiny_config(tmp_path, tiny_chat_model, model={"quantization": "4bit"},
-                                  training={"gradient_checkpointing": True, "micro_batch_size": 1}))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            tiny_chat_model,
+            model={"quantization": "4bit"},
+            training={"gradient_checkpointing": True, "micro_batch_size": 1},
+        )
+    )
     advice = generic_oom_advice(cfg)
     assert "quantization" not in advice and "gradient_checkpointing" not in advice and "micro_batch_size" not in advice
     assert "data.max_length" in advice
 
 
 def test_the_planner_suggestion_is_used_when_the_planner_offers_one(tmp_path, tiny_chat_model, monkeypatch):
-    import lorafit.plan.planner
+    import lorafit.train.faults
     from lorafit.train.faults import oom_error
 
     cfg = load_config(tiny_config(tmp_path, tiny_chat_model))
-    monkeypatch.setattr(lorafit.plan.planner, "suggest_for_oom", lambda c: f"  - planner: r={c.lora.r} fits in 7.9 GiB",
-                        raising=False)
+    monkeypatch.setattr(
+        lorafit.train.faults, "suggest_for_oom", lambda c: f"  - planner: r={c.lora.r} fits in 7.9 GiB", raising=False
+    )
     assert "planner: r=4 fits" in oom_error(torch.OutOfMemoryError("x"), cfg, "step 1", tmp_path).hint
-    monkeypatch.setattr(lorafit.plan.planner, "suggest_for_oom", lambda c: 1 / 0, raising=False)  # a broken planner
+    monkeypatch.setattr(lorafit.train.faults, "suggest_for_oom", lambda c: 1 / 0, raising=False)  # a broken planner
     assert "model.quantization=4bit" in oom_error(torch.OutOfMemoryError("x"), cfg, "step 1", tmp_path).hint
 
 

@@ -13,7 +13,9 @@ from lorafit.config import dump_config, load_config
 from lorafit.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["..", "../elsewhere", "a/../../b", "/tmp/abs", "nested/run", "..\\up", ".", " ", "a\x00b"])
+@pytest.mark.parametrize(
+    "name", ["..", "../elsewhere", "a/../../b", "/tmp/abs", "nested/run", "..\\up", ".", " ", "a\x00b"]
+)
 def test_run_name_cannot_leave_the_output_dir(tmp_path, name):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"output": {"dir": str(tmp_path / "runs"), "name": name}}))
@@ -46,8 +48,17 @@ def test_relative_paths_resolve_against_the_config_and_are_saved_absolute(tmp_pa
     (project / "data" / "val.jsonl").write_text('{"text": "bye"}\n')
     os.symlink(tiny_chat_model, project / "tiny-model")
     config = project / "configs" / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name": "../tiny-model"}, "data": {
-        "train": ["../data/train.jsonl", {"path": "../data/*.jsonl", "weight": 2.0}], "validation": "../data/val.jsonl"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "../tiny-model"},
+                "data": {
+                    "train": ["../data/train.jsonl", {"path": "../data/*.jsonl", "weight": 2.0}],
+                    "validation": "../data/val.jsonl",
+                },
+            }
+        )
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -107,10 +118,19 @@ def test_paths_that_look_like_markup_are_printed_as_text(tmp_path, smollm2_dir):
     (tmp_path / "a[").mkdir()
     data = tmp_path / "a[" / "b]c.jsonl"
     data.write_text('{"text": "hello there"}\n')
-    env = dict(os.environ, HF_HUB_OFFLINE="1", LORAFIT_DATA_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        LORAFIT_DATA_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"),
+    )
     for target, code in ((data, 0), (tmp_path / "a[" / "b]missing.jsonl", 2)):
-        done = subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(target)],
-                              capture_output=True, text=True, timeout=120, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", "from lorafit.cli import main; main()", "data", "check", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert done.returncode == code, done.stdout + done.stderr
         assert str(target) in done.stdout + done.stderr and "unexpected" not in done.stderr

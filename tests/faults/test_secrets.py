@@ -30,13 +30,30 @@ def hub_token() -> str:
 # -- redact -----------------------------------------------------------------------------------------
 def test_redacts_env_secrets_and_token_shapes():
     token, wandb = hub_token(), "0123456789abcdef0123456789abcdef01234567"
-    env = {"HF_TOKEN": token, "WANDB_API_KEY": wandb, "AWS_SECRET_ACCESS_KEY": 'a"b\\c<d>e&f12',
-           "TOKENIZERS_PARALLELISM": "false-but-long", "HF_TOKEN_PATH": "/home/u/.cache/huggingface/token", "MY_TOKEN": "1"}
-    text = (f"token {token}; wandb={wandb}; json {json.dumps(env['AWS_SECRET_ACCESS_KEY'])}; "
-            f"html a&quot;b\\c&lt;d&gt;e&amp;f12; url https://user:pa55word@example.com/x?access_token=abcdefgh123&y=1; "
-            f"Authorization: Bearer abc.def-ghi_jkl; other hf_{'A1' * 20}")
+    env = {
+        "HF_TOKEN": token,
+        "WANDB_API_KEY": wandb,
+        "AWS_SECRET_ACCESS_KEY": 'a"b\\c<d>e&f12',
+        "TOKENIZERS_PARALLELISM": "false-but-long",
+        "HF_TOKEN_PATH": "/home/u/.cache/huggingface/token",
+        "MY_TOKEN": "1",
+    }
+    text = (
+        f"token {token}; wandb={wandb}; json {json.dumps(env['AWS_SECRET_ACCESS_KEY'])}; "
+        f"html a&quot;b\\c&lt;d&gt;e&amp;f12; url https://user:pa55word@example.com/x?access_token=abcdefgh123&y=1; "
+        f"Authorization: Bearer abc.def-ghi_jkl; other hf_{'A1' * 20}"
+    )
     out = redact(text, env)
-    for secret in (token, wandb, "pa55word", "abcdefgh123", "abc.def-ghi_jkl", "hf_" + "A1" * 20, "a&quot;b", '\\"b\\\\c'):
+    for secret in (
+        token,
+        wandb,
+        "pa55word",
+        "abcdefgh123",
+        "abc.def-ghi_jkl",
+        "hf_" + "A1" * 20,
+        "a&quot;b",
+        '\\"b\\\\c',
+    ):
         assert secret not in out, (secret, out)
     assert "https://user:***@example.com" in out and "Bearer ***" in out and "hf_***" in out
     assert secret_values(env) == sorted([token, wandb, env["AWS_SECRET_ACCESS_KEY"]], key=len, reverse=True)
@@ -97,8 +114,14 @@ def test_log_records_are_redacted(monkeypatch):
 
 # -- end to end: the CLI with HF_TOKEN set, one failing and one succeeding run ----------------------------
 def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from lorafit.cli import main; main()", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from lorafit.cli import main; main()", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _files_holding(root: Path, secret: str) -> list[str]:
@@ -110,8 +133,16 @@ def test_token_appears_nowhere_end_to_end(tmp_path, tiny_chat_model):
     from helpers import tiny_config
 
     token = hub_token()
-    env = dict(os.environ, HF_TOKEN=token, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(SRC),
-               LORAFIT_DATA_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_TOKEN=token,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=str(SRC),
+        LORAFIT_DATA_CACHE=str(tmp_path / "cache"),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     # Failing: the token pasted where a model name goes, and as a field lorafit does not have.
     bad = tiny_config(tmp_path, tiny_chat_model, name="bad")
     failed = _cli(["data", "check", str(tmp_path / "train.jsonl"), "--model", token], tmp_path, env)
@@ -119,8 +150,13 @@ def test_token_appears_nowhere_end_to_end(tmp_path, tiny_chat_model):
     unknown.write_text(bad.read_text() + f"\nhub_token: {token}\n")
     refused = _cli(["data", "check", str(unknown)], tmp_path, env)
     # Succeeding: a tiny run whose eval prompt quotes the token (it would be echoed by config.yaml and the reports).
-    good = tiny_config(tmp_path, tiny_chat_model, name="good", training={"max_steps": 2},
-                       eval={"prompts": [f"Is {token} my token?"], "max_new_tokens": 4})
+    good = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        name="good",
+        training={"max_steps": 2},
+        eval={"prompts": [f"Is {token} my token?"], "max_new_tokens": 4},
+    )
     done = _cli(["train", str(good), "--quiet"], tmp_path, env)
 
     assert failed.returncode == 2 and refused.returncode == 2, (failed.stderr, refused.stderr)

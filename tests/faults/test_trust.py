@@ -36,15 +36,22 @@ def remote_code_folder(folder: Path, tokenizer_dir: Path, marker: Path, model_ty
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or weights:
             shutil.copy(f, folder / f.name)
     code = write_marker_code(marker)
-    (folder / "configuration_evil.py").write_text(code + "from transformers import PretrainedConfig\n"
-                                                  "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
-    (folder / "modeling_evil.py").write_text(code + "from transformers import PreTrainedModel\n"
-                                             "class EvilModel(PreTrainedModel):\n    pass\n")
-    (folder / "tokenization_evil.py").write_text(code + "from transformers import PreTrainedTokenizerFast\n"
-                                                 "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    (folder / "configuration_evil.py").write_text(
+        code + "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (folder / "modeling_evil.py").write_text(
+        code + "from transformers import PreTrainedModel\nclass EvilModel(PreTrainedModel):\n    pass\n"
+    )
+    (folder / "tokenization_evil.py").write_text(
+        code + "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_evil.EvilConfig",
-                                                   "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    config.update(
+        model_type=model_type,
+        auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    )
     (folder / "config.json").write_text(json.dumps(config))
     tok = json.loads((folder / "tokenizer_config.json").read_text())
     tok.update(auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
@@ -66,8 +73,11 @@ def malicious_pickle(path: Path, marker: Path) -> Path:
 
 def runs_with_plain_unpickler(path: Path, marker: Path) -> bool:
     """Positive control, in a child process: torch.load(weights_only=False) does run the payload."""
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
+        capture_output=True,
+        timeout=60,
+    )
     ran = marker.exists()
     marker.unlink(missing_ok=True)
     return ran
@@ -94,8 +104,10 @@ def test_remote_code_runs_only_when_the_config_says_so(tmp_path, smollm2_dir):
     folder = remote_code_folder(tmp_path / "evil", smollm2_dir, marker)
     config = tmp_path / "trusting.yaml"
     config.write_text(f"model: {{name: {folder}, dtype: fp32, trust_remote_code: true}}\n")
-    child = ("import sys; from lorafit.config import load_config; from lorafit.models.sources import load_base_model\n"
-             "try:\n    load_base_model(load_config(sys.argv[1]).model)\nexcept Exception:\n    pass\n")
+    child = (
+        "import sys; from lorafit.config import load_config; from lorafit.models.sources import load_base_model\n"
+        "try:\n    load_base_model(load_config(sys.argv[1]).model)\nexcept Exception:\n    pass\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=str(SRC))
     subprocess.run([sys.executable, "-c", child, str(config)], capture_output=True, timeout=120, env=env)
     assert marker.read_text() == "their code ran"
@@ -214,10 +226,16 @@ def test_no_unsafe_deserialization_in_lorafit():
         for call in re.finditer(rf"torch\.load\({ARGS}\)", text):
             if "weights_only=True" not in call.group(1):
                 problems.append(f"{path.name}: torch.load({call.group(1)})")
-        for bad in re.finditer(r"\b(pickle|dill|joblib|cloudpickle)\.loads?\(|allow_pickle=True|trust_remote_code=True", text):
+        for bad in re.finditer(
+            r"\b(pickle|dill|joblib|cloudpickle)\.loads?\(|allow_pickle=True|trust_remote_code=True", text
+        ):
             problems.append(f"{path.name}: {bad.group(0)}")
         for call in re.finditer(rf"AutoModel\w*\.from_pretrained\({ARGS}\)", text):
-            if "use_safetensors=True" not in call.group(1) and "gguf_file=" not in call.group(1) and "**kwargs" not in call.group(1):
+            if (
+                "use_safetensors=True" not in call.group(1)
+                and "gguf_file=" not in call.group(1)
+                and "**kwargs" not in call.group(1)
+            ):
                 problems.append(f"{path.name}: from_pretrained({call.group(1)}) may load pickle weights")
     assert not problems, problems
 

@@ -61,8 +61,11 @@ def _is_tokenizer_only(path: str) -> bool:
     p = Path(path).expanduser()
     if p.is_file():
         return True
-    return p.is_dir() and not (p / "config.json").exists() and any(
-        (p / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return (
+        p.is_dir()
+        and not (p / "config.json").exists()
+        and any((p / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    )
 
 
 def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -> dict:
@@ -76,33 +79,49 @@ def build_report(data_cfg, model_name: str, tokenizer_name: str | None = None) -
     stats = dict(prepared.stats)
     problems = []
     if stats["invalid"] and not data_cfg.skip_invalid:
-        problems.append(f"{stats['invalid']} invalid row(s): training stops on them (fix them, or set `data.skip_invalid: true`).")
+        problems.append(
+            f"{stats['invalid']} invalid row(s): training stops on them (fix them, or set `data.skip_invalid: true`)."
+        )
     warnings = _warnings(stats)
     first = read_source(data_cfg.train[0], 0)
-    return {"ok": not problems, "model": model_name, "problems": problems, "warnings": warnings, **stats,
-            "histogram": _histogram(prepared, data_cfg.max_length),
-            "example": _example(first, tokenizer, prepared.template, data_cfg)}
+    return {
+        "ok": not problems,
+        "model": model_name,
+        "problems": problems,
+        "warnings": warnings,
+        **stats,
+        "histogram": _histogram(prepared, data_cfg.max_length),
+        "example": _example(first, tokenizer, prepared.template, data_cfg),
+    }
 
 
 def _warnings(stats: dict) -> list[str]:
     out = []
     if stats["dropped_too_long"]:
-        out.append(f"{stats['dropped_too_long']} sample(s) longer than max_length {stats['max_length']} are dropped: "
-                   "raise `data.max_length` or set `data.truncation: right`.")
+        out.append(
+            f"{stats['dropped_too_long']} sample(s) longer than max_length {stats['max_length']} are dropped: "
+            "raise `data.max_length` or set `data.truncation: right`."
+        )
     if stats["dropped_no_trained_token"]:
         out.append(f"{stats['dropped_no_trained_token']} sample(s) have no trained token and are dropped.")
     if stats["duplicates"]:
         out.append(f"{stats['duplicates']} exact duplicate sample(s): they are trained on more than once.")
     special = stats.get("special_token_text", {})
     if special.get("rows"):
-        out.append(f"{special['rows']} row(s) hold special-token text in their content (first: {special['first']}); the "
-                   "tokenizer reads it as that special token, not as text (an end-of-turn token there ends the turn "
-                   "early). Remove it unless this is intended.")
+        out.append(
+            f"{special['rows']} row(s) hold special-token text in their content (first: {special['first']}); the "
+            "tokenizer reads it as that special token, not as text (an end-of-turn token there ends the turn "
+            "early). Remove it unless this is intended."
+        )
     if stats.get("unused_columns"):
-        out.append(f"not used by training (ignored): {unused_text(stats['unused_columns'])}. Map a column the form "
-                   "needs with `columns:`, or drop these to silence this.")
+        out.append(
+            f"not used by training (ignored): {unused_text(stats['unused_columns'])}. Map a column the form "
+            "needs with `columns:`, or drop these to silence this."
+        )
     if stats["trained_fraction"] < 0.02:
-        out.append(f"only {100 * stats['trained_fraction']:.1f}% of tokens carry loss: check `data.train_on` and the answers' length.")
+        out.append(
+            f"only {100 * stats['trained_fraction']:.1f}% of tokens carry loss: check `data.train_on` and the answers' length."
+        )
     return out
 
 
@@ -161,18 +180,24 @@ def print_report(report: dict) -> None:
         escape,  # paths and names are text: `a[/b]c.jsonl` is not rich markup
     )
     from rich.table import Table
-    from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"[bold]lorafit data check[/]  tokenizer of {escape(str(report['model']))}, template {report['template']}, "
-                  f"max_length {report['max_length']}, train_on {report['train_on']}")
+    console.print(
+        f"[bold]lorafit data check[/]  tokenizer of {escape(str(report['model']))}, template {report['template']}, "
+        f"max_length {report['max_length']}, train_on {report['train_on']}"
+    )
     table = Table("source", "format", "rows", "invalid", "weight", box=None)
     for s in report["sources"] + report["validation_sources"]:
-        table.add_row(escape(s["path"]), str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val")))
+        table.add_row(
+            escape(s["path"]), str(s["format"]), f"{s['rows']:,}", f"{s['invalid']:,}", str(s.get("weight", "val"))
+        )
     console.print(table)
     if report["invalid"]:
         listed = len(report["invalid_examples"])
-        console.print(f"[red]invalid rows: {report['invalid']:,}[/]" + (f" (the first {listed} problems shown):" if report["invalid"] > listed else ":"))
+        console.print(
+            f"[red]invalid rows: {report['invalid']:,}[/]"
+            + (f" (the first {listed} problems shown):" if report["invalid"] > listed else ":")
+        )
         for p in report["invalid_examples"]:
             console.print(f"  {p}", markup=False)
     ln = report["length"]
@@ -181,30 +206,44 @@ def print_report(report: dict) -> None:
     for b in report["histogram"]:
         bar = "█" * int(round(30 * b["count"] / peak))
         console.print(f"  {b['from']:>6}-{b['to']:<6} {bar} {b['count']:,}", markup=False)
-    console.print(f"samples: {report['train_samples']:,} train, {report['validation_samples']:,} validation; "
-                  f"dropped {report['dropped_too_long']:,} too long, {report['dropped_no_trained_token']:,} with no trained token; "
-                  f"truncated {report['truncated']:,}; exact duplicates {report['duplicates']:,}")
-    console.print(f"trained tokens: {report['trained_tokens']:,} of {report['total_tokens']:,} "
-                  f"({100 * report['trained_fraction']:.1f}%)")
+    console.print(
+        f"samples: {report['train_samples']:,} train, {report['validation_samples']:,} validation; "
+        f"dropped {report['dropped_too_long']:,} too long, {report['dropped_no_trained_token']:,} with no trained token; "
+        f"truncated {report['truncated']:,}; exact duplicates {report['duplicates']:,}"
+    )
+    console.print(
+        f"trained tokens: {report['trained_tokens']:,} of {report['total_tokens']:,} "
+        f"({100 * report['trained_fraction']:.1f}%)"
+    )
     if "packing" in report:
         pk = report["packing"]
-        console.print(f"packing: {pk['samples']:,} samples -> {pk['rows']:,} rows of {report['max_length']} "
-                      f"(efficiency {100 * pk['efficiency']:.1f}%)")
-    example = report.get("example")
-    if example:
-        # Without colour (a pipe, a CI log) the trained spans are bracketed instead.
-        plain = console.no_color or not console.is_terminal
-        legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
-        console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
-        text = Text()
-        for span in example["spans"]:
-            if plain:
-                text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
-            else:
-                text.append(span["text"], style="bold green" if span["trained"] else "dim")
-        console.print(text)
+        console.print(
+            f"packing: {pk['samples']:,} samples -> {pk['rows']:,} rows of {report['max_length']} "
+            f"(efficiency {100 * pk['efficiency']:.1f}%)"
+        )
+    if report.get("example"):
+        _print_example(report["example"], console)
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
     for p in report["problems"]:
         console.print(f"[bold red]cannot train:[/] {p}")
-    console.print("[green]ok: the data can train[/]" if report["ok"] else "[red]exit 2: the data cannot train as configured[/]")
+    console.print(
+        "[green]ok: the data can train[/]" if report["ok"] else "[red]exit 2: the data cannot train as configured[/]"
+    )
+
+
+def _print_example(example: dict, console) -> None:
+    """The rendered example with trained tokens green and masked ones dim; bracketed without colour (a pipe, a log)."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    plain = console.no_color or not console.is_terminal
+    legend = "trained tokens in [[ ]]" if plain else "[bold green]trained[/], [dim]masked[/]"
+    console.print(f"example ({escape(example['loc'])}, {example['tokens']} tokens; {legend}):")
+    text = Text()
+    for span in example["spans"]:
+        if plain:
+            text.append(f"[[{span['text']}]]" if span["trained"] else span["text"])
+        else:
+            text.append(span["text"], style="bold green" if span["trained"] else "dim")
+    console.print(text)

@@ -29,8 +29,14 @@ from lorafit.hf_compat import compile_chat_template
 class Encoder:
     """Tokenizes batches of normalised rows. Picklable, so `datasets.map(num_proc=N)` can ship it."""
 
-    def __init__(self, tokenizer, template: str, train_on: str = "assistant", system_prompt: str | None = None,
-                 tools_in_user_message: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        train_on: str = "assistant",
+        system_prompt: str | None = None,
+        tools_in_user_message: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
@@ -56,10 +62,17 @@ class Encoder:
 
     def render(self, messages: list[dict], add_generation_prompt: bool, tools: dict | None = None) -> str:
         if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):  # tool rows: see tool_render.py
-            return render(self.tokenizer, messages, self.template, add_generation_prompt, tools, self.tools_in_user_message)
+            return render(
+                self.tokenizer, messages, self.template, add_generation_prompt, tools, self.tools_in_user_message
+            )
         if self._jinja is not None:
-            return self._jinja.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                                      **self._special)
+            return self._jinja.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._special,
+            )
         return render(self.tokenizer, messages, self.template, add_generation_prompt)
 
     def _fast_jinja(self):
@@ -69,9 +82,15 @@ class Encoder:
             return None
         try:
             compiled = compile_chat_template(self.tokenizer.chat_template)
-            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+            probe = [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+            ]
             for gen, msgs in ((False, probe), (True, probe[:2])):
-                fast = compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **self._special)
+                fast = compiled.render(
+                    messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **self._special
+                )
                 if fast != render(self.tokenizer, msgs, self.template, gen):
                     return None
             return compiled
@@ -112,15 +131,19 @@ class Encoder:
             start = self.render(messages[:i], True, tools)
             end = full if i == len(messages) - 1 else self.render(messages[: i + 1], False, tools)
             if not (full.startswith(start) and full.startswith(end) and cursor <= len(start) < len(end)):
-                raise DataError("the chat template does not render a conversation as the sum of its prefixes, so assistant "
-                                "turns cannot be located for masking.", "Use `data.template: llama3` or `train_on: all`.")
-            pieces += [(full[cursor:len(start)], False), (full[len(start):len(end)], True)]
+                raise DataError(
+                    "the chat template does not render a conversation as the sum of its prefixes, so assistant "
+                    "turns cannot be located for masking.",
+                    "Use `data.template: llama3` or `train_on: all`.",
+                )
+            pieces += [(full[cursor : len(start)], False), (full[len(start) : len(end)], True)]
             cursor = len(end)
         pieces.append((full[cursor:], False))
         return [(t, trained) for t, trained in pieces if t]
 
-    def encode_batch(self, messages_list: list, texts: list,
-                     tools_list: list | None = None) -> list[tuple[list[int], list[int]]]:
+    def encode_batch(
+        self, messages_list: list, texts: list, tools_list: list | None = None
+    ) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per row; all segments of the batch go through the tokenizer in one call."""
         plan, flat = [], []
         for messages, text, tools in zip(messages_list, texts, tools_list or [None] * len(texts)):
@@ -146,7 +169,9 @@ class Encoder:
                 bos = with_bos(self.tokenizer, ids, self.bos)
                 ids, labels = bos, [IGNORE_INDEX] * (len(bos) - len(ids)) + labels
             if labels:
-                labels[0] = IGNORE_INDEX  # never predicted; in a packed row it would be predicted from the previous sample
+                labels[0] = (
+                    IGNORE_INDEX  # never predicted; in a packed row it would be predicted from the previous sample
+                )
             out.append((ids, labels))
         return out
 
@@ -192,8 +217,16 @@ def tokenize_rows(batch: dict, encoder: Encoder, max_length: int, truncation: st
     length = tokens before the length policy; n_tokens = after it (0 when dropped)."""
     messages = [json.loads(m) if m else None for m in batch["messages"]]
     tools = [json.loads(t) if t else None for t in batch.get("tools") or [None] * len(messages)]
-    out = {"input_ids": [], "labels": [], "length": [], "n_tokens": [], "trained": [], "status": [], "digest": [],
-           "special": [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])]}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "length": [],
+        "n_tokens": [],
+        "trained": [],
+        "status": [],
+        "digest": [],
+        "special": [encoder.special_text(m, t) for m, t in zip(messages, batch["text"])],
+    }
     for ids, labels in encoder.encode_batch(messages, batch["text"], tools):
         full_length = len(ids)
         out["digest"].append(hash(tuple(ids)))  # exact-duplicate detection (int hashing is not salted per process)

@@ -17,18 +17,37 @@ from lorafit.data.tools import TURN_KEYS, check_tool_conversation, has_tool_turn
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "function_call": "function_call",
-                  "observation": "observation", "tool": "tool", "ipython": "ipython"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "function_call": "function_call",
+    "observation": "observation",
+    "tool": "tool",
+    "ipython": "ipython",
+}
 MESSAGE_ROLES = {r: r for r in ROLES} | {"tool": "tool", "ipython": "ipython", "function": "function"}
 # Row keys each form reads; any other key is reported as unused. `tools`/`builtin_tools` only serve conversations.
-USED_KEYS = {"messages": {"messages", "tools", "builtin_tools"},
-             "sharegpt": {"conversations", "messages", "tools", "builtin_tools"},
-             "alpaca": {"instruction", "input", "output", "system"}, "prompt_completion": {"prompt", "completion"},
-             "text": {"text"}}
+USED_KEYS = {
+    "messages": {"messages", "tools", "builtin_tools"},
+    "sharegpt": {"conversations", "messages", "tools", "builtin_tools"},
+    "alpaca": {"instruction", "input", "output", "system"},
+    "prompt_completion": {"prompt", "completion"},
+    "text": {"text"},
+}
 # Keys that identify a form, most specific first.
-SIGNATURES = [("messages", ("messages",)), ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
-              ("prompt_completion", ("prompt", "completion")), ("text", ("text",))]
+SIGNATURES = [
+    ("messages", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("prompt_completion", ("prompt", "completion")),
+    ("text", ("text",)),
+]
 
 Problem = tuple[str, str]  # (field, reason)
 
@@ -53,7 +72,13 @@ def detect_format(row: dict) -> str | None:
 
 
 def _looks_sharegpt(turns: Any) -> bool:
-    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0] and "role" not in turns[0]
+    return (
+        isinstance(turns, list)
+        and bool(turns)
+        and isinstance(turns[0], dict)
+        and "from" in turns[0]
+        and "role" not in turns[0]
+    )
 
 
 def normalize_row(row: dict, fmt: str) -> tuple[list[dict] | None, str | None, list[Problem]]:
@@ -70,7 +95,9 @@ def normalize(row: dict, fmt: str) -> Normalized:
         return Normalized(None, text, None, _unused(row, fmt, turn_keys, ""), problems)
     if fmt in ("messages", "sharegpt"):
         key = "conversations" if fmt == "sharegpt" and "conversations" in row else "messages"
-        role_key, content_key, roles = ("role", "content", None) if fmt == "messages" else ("from", "value", SHAREGPT_ROLES)
+        role_key, content_key, roles = (
+            ("role", "content", None) if fmt == "messages" else ("from", "value", SHAREGPT_ROLES)
+        )
         messages, problems, turn_keys = _turns(row, key, role_key, content_key, roles)
         tools, more = row_tools(row)
         problems += more
@@ -86,8 +113,13 @@ def normalize(row: dict, fmt: str) -> Normalized:
     else:
         raise ValueError(f"unknown format {fmt}")
     if fmt not in ("messages", "sharegpt") and row_tools(row) != (None, []):  # tools this form cannot render
-        problems = problems + [("tools", f"the {fmt} form has no tool turns, so its `tools` would be dropped; "
-                                         "write tool-use rows as `messages` or `conversations`")]
+        problems = problems + [
+            (
+                "tools",
+                f"the {fmt} form has no tool turns, so its `tools` would be dropped; "
+                "write tool-use rows as `messages` or `conversations`",
+            )
+        ]
     if not problems and not has_tool_turns(messages):
         problems = check_order(messages)
     key = "conversations" if fmt == "sharegpt" and "conversations" in row else "messages"
@@ -139,15 +171,18 @@ def _alpaca(row: dict) -> tuple[list[dict], list[Problem]]:
     return messages, problems
 
 
-def _turns(row: dict, key: str, role_key: str, content_key: str,
-           role_map: dict | None) -> tuple[list[dict], list[Problem], set]:
+def _turns(
+    row: dict, key: str, role_key: str, content_key: str, role_map: dict | None
+) -> tuple[list[dict], list[Problem], set]:
     """(messages, problems, turn keys not used)."""
     turns = row.get(key)
     if isinstance(turns, str):  # CSV/TSV cells hold the conversation as a JSON string
         try:
             turns = json.loads(turns)
         except (ValueError, RecursionError) as err:  # also nesting too deep, integers over 4300 digits
-            reason = getattr(err, "msg", None) or ("nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0])
+            reason = getattr(err, "msg", None) or (
+                "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+            )
             return [], [(key, f"not a JSON list of turns ({reason})")], set()
     if turns is None:
         return [], [(key, "missing")], set()
@@ -159,7 +194,9 @@ def _turns(row: dict, key: str, role_key: str, content_key: str,
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            problems.append((where, f"expected an object with `{role_key}` and `{content_key}`, got {type(turn).__name__}"))
+            problems.append(
+                (where, f"expected an object with `{role_key}` and `{content_key}`, got {type(turn).__name__}")
+            )
             continue
         unused |= {k for k in turn if k not in TURN_KEYS}
         message, found = _turn(turn, where, role_key, content_key, role_map)
@@ -169,7 +206,9 @@ def _turns(row: dict, key: str, role_key: str, content_key: str,
     return messages, problems, unused
 
 
-def _turn(turn: dict, where: str, role_key: str, content_key: str, role_map: dict | None) -> tuple[dict | None, list[Problem]]:
+def _turn(
+    turn: dict, where: str, role_key: str, content_key: str, role_map: dict | None
+) -> tuple[dict | None, list[Problem]]:
     role = turn.get(role_key)
     if role is None and role_map is None and "from" in turn:  # a ShareGPT turn inside `messages`
         role, content_key, role_map = turn.get("from"), "value", SHAREGPT_ROLES
@@ -195,10 +234,19 @@ def check_order(messages: list[dict]) -> list[Problem]:
         index = i + (len(messages) - len(body))
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            what = "a system message after the first turn" if m["role"] == "system" else f"{m['role']!r} where {expected!r} was expected"
+            what = (
+                "a system message after the first turn"
+                if m["role"] == "system"
+                else f"{m['role']!r} where {expected!r} was expected"
+            )
             return [(f"turn {index}", f"roles out of order: {what} (system first, then user/assistant alternating)")]
     if not any(m["role"] == "assistant" for m in body):
         return [("messages", "no assistant turn: nothing to train on")]
     if body[-1]["role"] != "assistant":
-        return [(f"turn {len(messages) - 1}", "roles out of order: the conversation ends with a user turn that has no answer")]
+        return [
+            (
+                f"turn {len(messages) - 1}",
+                "roles out of order: the conversation ends with a user turn that has no answer",
+            )
+        ]
     return []

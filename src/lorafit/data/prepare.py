@@ -38,11 +38,11 @@ ROWS_PER_BATCH = 500
 
 @dataclass
 class PreparedData:
-    train: "object"  # datasets.Dataset: input_ids, labels (+ position_ids, seq_lengths when packed)
-    validation: "object | None"
+    train: object  # datasets.Dataset: input_ids, labels (+ position_ids, seq_lengths when packed)
+    validation: object | None
     stats: dict
     template: str
-    lengths: "np.ndarray | None" = None  # token length of every valid training row, before the length policy
+    lengths: np.ndarray | None = None  # token length of every valid training row, before the length policy
 
 
 # -- tokenizing -----------------------------------------------------------------------------------
@@ -55,16 +55,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize_source_rows(rows, tokenizer, data_cfg, template: str, tok_fp: str):
     """input_ids, labels, length (before truncation), trained, status, source, loc for each valid row."""
     encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message)
-    fp = stable_hash("tok", PIPELINE_VERSION, dataset_fingerprint(rows), tok_fp, template, data_cfg.train_on,
-                     data_cfg.system_prompt, data_cfg.max_length, data_cfg.truncation, data_cfg.tools_in_user_message)
+    fp = stable_hash(
+        "tok",
+        PIPELINE_VERSION,
+        dataset_fingerprint(rows),
+        tok_fp,
+        template,
+        data_cfg.train_on,
+        data_cfg.system_prompt,
+        data_cfg.max_length,
+        data_cfg.truncation,
+        data_cfg.tools_in_user_message,
+    )
     from datasets import Value
 
-    features = token_features({"length": Value("int32"), "n_tokens": Value("int32"), "trained": Value("int32"),
-                               "status": Value("string"), "digest": Value("int64"), "loc": Value("string"), "source": Value("int32"),
-                               "special": Value("string")})
-    return rows.map(tokenize_rows, batched=True, batch_size=ROWS_PER_BATCH, fn_kwargs={"encoder": encoder,
-                    "max_length": data_cfg.max_length, "truncation": data_cfg.truncation}, remove_columns=["messages", "text", "tools", "problems", "unused"],
-                    features=features, num_proc=worker_count(data_cfg.num_proc, len(rows)), new_fingerprint=fp, desc="tokenizing")
+    features = token_features(
+        {
+            "length": Value("int32"),
+            "n_tokens": Value("int32"),
+            "trained": Value("int32"),
+            "status": Value("string"),
+            "digest": Value("int64"),
+            "loc": Value("string"),
+            "source": Value("int32"),
+            "special": Value("string"),
+        }
+    )
+    return rows.map(
+        tokenize_rows,
+        batched=True,
+        batch_size=ROWS_PER_BATCH,
+        fn_kwargs={"encoder": encoder, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
+        remove_columns=["messages", "text", "tools", "problems", "unused"],
+        features=features,
+        num_proc=worker_count(data_cfg.num_proc, len(rows)),
+        new_fingerprint=fp,
+        desc="tokenizing",
+    )
 
 
 def worker_count(setting: int | str, rows: int) -> int | None:
@@ -83,8 +110,10 @@ def status_masks(ds) -> dict[str, np.ndarray]:
     import pyarrow.compute as pc
 
     column = ds.with_format("arrow")["status"]
-    return {name: pc.equal(column, name).to_numpy(zero_copy_only=False).astype(bool) if len(ds) else np.zeros(0, bool)
-            for name in ("ok", "truncated", "too_long", "no_trained")}
+    return {
+        name: pc.equal(column, name).to_numpy(zero_copy_only=False).astype(bool) if len(ds) else np.zeros(0, bool)
+        for name in ("ok", "truncated", "too_long", "no_trained")
+    }
 
 
 def _column(ds, name: str) -> np.ndarray:
@@ -116,8 +145,16 @@ def pack_dataset(ds, lengths: list[int], capacity: int, seed: int):
     table = Dataset.from_dict({"members": bins})
     fp = stable_hash("pack", dataset_fingerprint(ds), capacity, seed, PIPELINE_VERSION)
     features = token_features({"position_ids": List(Value("int32")), "seq_lengths": List(Value("int32"))})
-    packed = table.map(partial(_gather_and_pack, source=ds), batched=True, batch_size=256, remove_columns=["members"],
-                       new_fingerprint=fp, features=features, cache_file_name=str(Path(data_cache_dir()) / f"packed-{fp}.arrow"), desc="packing")
+    packed = table.map(
+        partial(_gather_and_pack, source=ds),
+        batched=True,
+        batch_size=256,
+        remove_columns=["members"],
+        new_fingerprint=fp,
+        features=features,
+        cache_file_name=str(Path(data_cache_dir()) / f"packed-{fp}.arrow"),
+        desc="packing",
+    )
     return packed, efficiency
 
 
@@ -126,8 +163,8 @@ def _gather_and_pack(batch: dict, source) -> dict:
     rows = source.select_columns(["input_ids", "labels"])[flat]
     member_ids, member_labels, at = [], [], 0
     for members in batch["members"]:
-        member_ids.append(rows["input_ids"][at:at + len(members)])
-        member_labels.append(rows["labels"][at:at + len(members)])
+        member_ids.append(rows["input_ids"][at : at + len(members)])
+        member_labels.append(rows["labels"][at : at + len(members)])
         at += len(members)
     return pack_rows({"member_ids": member_ids, "member_labels": member_labels})
 
@@ -146,8 +183,12 @@ def _pick_template(tokenizer, setting: str, formats: list[str | None]) -> str:
 def length_stats(lengths: np.ndarray) -> dict:
     if not len(lengths):
         return {"p50": 0, "p95": 0, "max": 0, "mean": 0.0}
-    return {"p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max()),
-            "mean": round(float(lengths.mean()), 1)}
+    return {
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+    }
 
 
 def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
@@ -163,16 +204,22 @@ def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
     finally:
         if bars:
             datasets.enable_progress_bars()
-    log.debug("data: %s rows read, %s invalid, %s train samples%s in %.1f s", f"{prepared.stats['rows_read']:,}",
-              f"{prepared.stats['invalid']:,}", f"{prepared.stats['train_samples']:,}",
-              f" packed into {prepared.stats['packing']['rows']:,} rows" if "packing" in prepared.stats else "",
-              time.perf_counter() - started)
+    log.debug(
+        "data: %s rows read, %s invalid, %s train samples%s in %.1f s",
+        f"{prepared.stats['rows_read']:,}",
+        f"{prepared.stats['invalid']:,}",
+        f"{prepared.stats['train_samples']:,}",
+        f" packed into {prepared.stats['packing']['rows']:,} rows" if "packing" in prepared.stats else "",
+        time.perf_counter() - started,
+    )
     return prepared
 
 
 def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     if not data_cfg.train:
-        raise DataError("no training data: `data.train` is empty.", "Set `data.train: path/to/data.jsonl` in the config.")
+        raise DataError(
+            "no training data: `data.train` is empty.", "Set `data.train: path/to/data.jsonl` in the config."
+        )
     train_sources = [read_source(s, i) for i, s in enumerate(data_cfg.train)]
     val_sources = [read_source(s, len(train_sources) + i) for i, s in enumerate(data_cfg.validation)]
     if not data_cfg.skip_invalid:
@@ -182,13 +229,7 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     tok_fp = tokenizer_fingerprint(tokenizer)
     rng = np.random.default_rng(seed)
 
-    if sum(s.rows - s.invalid for s in train_sources) == 0:
-        try:  # even with skip_invalid: name the rows (file:line, reason)
-            raise_for_problems(train_sources, "training")
-        except DataError as err:
-            raise DataError(f"no valid training rows: every row is invalid. {err.message}",
-                            "Run `lorafit data check` on the data to see every problem.") from None
-        raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
+    _refuse_all_invalid(train_sources)
     train_tok = tokenize_source_rows(valid_rows(train_sources), tokenizer, data_cfg, template, tok_fp)
     status = status_masks(train_tok)
     keep = status["ok"] | status["truncated"]
@@ -205,7 +246,9 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         order = rng.permutation(len(all_idx))
         n_val = max(1, int(round(data_cfg.val_fraction * len(all_idx))))
         if n_val >= len(all_idx):
-            raise DataError(f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}.")
+            raise DataError(
+                f"`data.val_fraction: {data_cfg.val_fraction}` leaves no training rows out of {len(all_idx)}."
+            )
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         val_idx = val_idx[keep[val_idx]]
         val_tok = train_tok
@@ -213,16 +256,16 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
         train_idx = all_idx
     train_idx = train_idx[keep[train_idx]]
     if len(train_idx) == 0:
-        raise DataError(_nothing_left_message(status, data_cfg), "Raise `data.max_length`, set `data.truncation: right`, "
-                        "or check that the rows have assistant answers.")
+        raise DataError(
+            _nothing_left_message(status, data_cfg),
+            "Raise `data.max_length`, set `data.truncation: right`, or check that the rows have assistant answers.",
+        )
     weights = {i: s.weight for i, s in enumerate(train_sources)}
     if any(w != 1.0 for w in weights.values()):
         train_idx = weighted_indices(train_idx, _column(train_tok, "source"), weights, rng)
 
-    train = train_tok.select(train_idx, new_fingerprint=stable_hash(dataset_fingerprint(train_tok), train_idx.tobytes()))
-    validation = None
-    if val_tok is not None and val_idx is not None and len(val_idx):
-        validation = val_tok.select(val_idx, new_fingerprint=stable_hash(dataset_fingerprint(val_tok), "val", val_idx.tobytes()))
+    train = _select(train_tok, train_idx, "train")
+    validation = _select(val_tok, val_idx, "val") if val_tok is not None and val_idx is not None else None
     stats = _stats(train_sources, val_sources, train_tok, status, train, validation, template, data_cfg)
     lengths = stats.pop("_lengths")
     for source in train_sources + val_sources:  # unmap the raw rows' Arrow files before packing touches the tokens
@@ -231,22 +274,49 @@ def _prepare(data_cfg, tokenizer, seed: int) -> PreparedData:
     return PreparedData(train=train, validation=validation, stats=stats, template=template, lengths=lengths)
 
 
+def _select(ds, idx: np.ndarray, split: str):
+    """The rows `idx` of a tokenized dataset (an index view), fingerprinted by content; None when idx is empty."""
+    if not len(idx):
+        return None
+    salt = () if split == "train" else (split,)  # the fingerprints earlier versions cached under
+    return ds.select(idx, new_fingerprint=stable_hash(dataset_fingerprint(ds), *salt, idx.tobytes()))
+
+
+def _refuse_all_invalid(train_sources) -> None:
+    """Every training row invalid: an error naming them (file:line, reason), even with `data.skip_invalid`."""
+    if sum(s.rows - s.invalid for s in train_sources) > 0:
+        return
+    try:
+        raise_for_problems(train_sources, "training")
+    except DataError as err:
+        raise DataError(
+            f"no valid training rows: every row is invalid. {err.message}",
+            "Run `lorafit data check` on the data to see every problem.",
+        ) from None
+    raise DataError("no valid training rows: every row is invalid.", "Run `lorafit data check` on the data to see why.")
+
+
 def _nothing_left_message(status: dict[str, np.ndarray], data_cfg) -> str:
     too_long = int(status["too_long"].sum())
     untrained = int(status["no_trained"].sum())
-    return (f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
-            f"{untrained} with no trained token.")
+    return (
+        f"no training sample is left: {too_long} longer than max_length {data_cfg.max_length} (dropped), "
+        f"{untrained} with no trained token."
+    )
 
 
 def _final_columns(train, validation, data_cfg, seed: int, stats: dict):
     cols = ["input_ids", "labels"]
     if not data_cfg.packing:
         return train.select_columns(cols), validation.select_columns(cols) if validation is not None else None
-    packed, efficiency = pack_dataset(train.select_columns(cols), _column(train, "n_tokens").tolist(), data_cfg.max_length, seed)
+    packed, efficiency = pack_dataset(
+        train.select_columns(cols), _column(train, "n_tokens").tolist(), data_cfg.max_length, seed
+    )
     stats["packing"] = {"efficiency": round(efficiency, 4), "rows": len(packed), "samples": len(train)}
     if validation is not None:
-        validation, _ = pack_dataset(validation.select_columns(cols), _column(validation, "n_tokens").tolist(),
-                                     data_cfg.max_length, seed)
+        validation, _ = pack_dataset(
+            validation.select_columns(cols), _column(validation, "n_tokens").tolist(), data_cfg.max_length, seed
+        )
         stats["packing"]["validation_rows"] = len(validation)
     return packed, validation
 
@@ -279,9 +349,13 @@ def _stats(train_sources, val_sources, train_tok, status, train, validation, tem
     trained = _column(train, "trained").astype(np.int64)
     tokens = _column(train, "n_tokens").astype(np.int64)
     return {
-        "sources": [{"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid, "weight": s.weight}
-                    for s in train_sources],
-        "validation_sources": [{"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid} for s in val_sources],
+        "sources": [
+            {"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid, "weight": s.weight}
+            for s in train_sources
+        ],
+        "validation_sources": [
+            {"path": s.path, "format": s.format, "rows": s.rows, "invalid": s.invalid} for s in val_sources
+        ],
         "rows_read": sum(s.rows for s in train_sources),
         "invalid": sum(s.invalid for s in train_sources),
         "invalid_examples": [p for s in train_sources for p in s.problems][:MAX_LISTED],

@@ -11,8 +11,8 @@ import glob
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lorafit.errors import DataError
 from lorafit.paths import user_path
@@ -36,18 +36,25 @@ def expand_source(path: str) -> list[str]:
             return [str(p)]
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
         if not files:
-            raise DataError(f"data folder {p} holds no {', '.join(EXTENSIONS)} file and is not a `save_to_disk` folder.")
+            raise DataError(
+                f"data folder {p} holds no {', '.join(EXTENSIONS)} file and is not a `save_to_disk` folder."
+            )
         return files
     if p.exists():
         return [_checked_file(str(p))]
     if path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).suffix:
         return ["hub:" + path]
-    raise DataError(f"data file {path} does not exist.", "Check the path in `data.train` (relative paths are relative to the config file).")
+    raise DataError(
+        f"data file {path} does not exist.",
+        "Check the path in `data.train` (relative paths are relative to the config file).",
+    )
 
 
 def _checked_file(path: str) -> str:
     if Path(path).suffix.lower() not in EXTENSIONS:
-        raise DataError(f"data file {path}: unsupported type `{Path(path).suffix}`.", f"Use one of {', '.join(EXTENSIONS)}.")
+        raise DataError(
+            f"data file {path}: unsupported type `{Path(path).suffix}`.", f"Use one of {', '.join(EXTENSIONS)}."
+        )
     return path
 
 
@@ -76,7 +83,13 @@ def read_rows(file: str, split: str = "train") -> Iterator[Raw]:
         yield from _read_saved(p, split)
         return
     suffix = p.suffix.lower()
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}[suffix]
+    reader = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".tsv": _read_csv,
+        ".parquet": _read_parquet,
+    }[suffix]
     count = 0
     for item in reader(p):
         count += 1
@@ -195,7 +208,11 @@ def _read_parquet(p: Path) -> Iterator[Raw]:
                 yield f"{p}: row {index}", row, None
     except Exception as err:  # a damaged page, or invalid UTF-8 in a string column, found only when read
         reason = " ".join(str(err).split())[:200]  # one line: pyarrow's messages span several
-        yield f"{p}: row {index + 1}", None, f"unreadable Parquet data from this row on ({type(err).__name__}: {reason})"
+        yield (
+            f"{p}: row {index + 1}",
+            None,
+            f"unreadable Parquet data from this row on ({type(err).__name__}: {reason})",
+        )
 
 
 def _read_saved(p: Path, split: str) -> Iterator[Raw]:
@@ -204,7 +221,9 @@ def _read_saved(p: Path, split: str) -> Iterator[Raw]:
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as err:  # datasets raises FileNotFoundError, ValueError ... for a foreign folder
-        raise DataError(f"{p} is not a readable `save_to_disk` folder ({type(err).__name__}: {str(err)[:200]}).") from None
+        raise DataError(
+            f"{p} is not a readable `save_to_disk` folder ({type(err).__name__}: {str(err)[:200]})."
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{p} has no split `{split}` (it has {', '.join(ds)}).", "Set `split:` on the source.")
@@ -223,13 +242,17 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[Raw]:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(f"data path `{dataset_id}` is not a local file, and the Hugging Face Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).",
-                        "Use a local file, or go online to load a Hub dataset.")
+        raise DataError(
+            f"data path `{dataset_id}` is not a local file, and the Hugging Face Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).",
+            "Use a local file, or go online to load a Hub dataset.",
+        )
     import datasets
 
     try:
         ds = datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as err:  # network, auth, missing split: all end as one message
-        raise DataError(f"Hub dataset `{dataset_id}` (split {split}) could not be loaded: {type(err).__name__}: {str(err)[:300]}",
-                        "Check the id and split, your network, and `hf auth login` for private datasets.") from None
+        raise DataError(
+            f"Hub dataset `{dataset_id}` (split {split}) could not be loaded: {type(err).__name__}: {str(err)[:300]}",
+            "Check the id and split, your network, and `hf auth login` for private datasets.",
+        ) from None
     yield from _iter_dataset(ds, f"hub:{dataset_id}")

@@ -27,13 +27,12 @@ PIPELINE_VERSION = "6"  # bump when the stored output changes, so old caches are
 class SourceData:
     path: str
     format: str | None
-    dataset: "object"  # datasets.Dataset with messages, text, loc, problems
+    dataset: object  # datasets.Dataset with messages, text, loc, problems
     rows: int
     invalid: int
     weight: float = 1.0
     problems: list[str] = field(default_factory=list)  # first MAX_LISTED as "loc: `field`: reason"
     unused: dict[str, int] = field(default_factory=dict)  # column (or `messages[].key`) not used -> rows that have it
-
 
 
 def stable_hash(*parts) -> str:
@@ -45,13 +44,22 @@ def stable_hash(*parts) -> str:
 
 # -- reading --------------------------------------------------------------------------------------
 
+
 def _features():
     from datasets import Features, List, Value
 
     # messages and tools are stored as JSON strings: Arrow <-> Python conversion of nested structs is ~5x slower.
-    return Features({"messages": Value("string"), "text": Value("string"), "tools": Value("string"),
-                     "loc": Value("string"), "problems": List(Value("string")), "source": Value("int32"),
-                     "unused": List(Value("string"))})
+    return Features(
+        {
+            "messages": Value("string"),
+            "text": Value("string"),
+            "tools": Value("string"),
+            "loc": Value("string"),
+            "problems": List(Value("string")),
+            "source": Value("int32"),
+            "unused": List(Value("string")),
+        }
+    )
 
 
 def _mapped(row: dict, columns: dict) -> dict:
@@ -73,16 +81,24 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
     keys = "messages | conversations | instruction+output | prompt+completion | text"
     for f in files:
         for loc, row, problem in read_rows(f, split):
-            record = {"messages": None, "text": None, "tools": None, "loc": loc, "problems": [], "source": source,
-                      "unused": []}
+            record = {
+                "messages": None,
+                "text": None,
+                "tools": None,
+                "loc": loc,
+                "problems": [],
+                "source": source,
+                "unused": [],
+            }
             if problem is not None:
                 record["problems"] = [f"(row): {problem}"]
                 yield record
                 continue
             row = _mapped(row, columns)
             if fmt is None:
-                record["problems"] = [f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); "
-                                      "map yours with `columns:`"]
+                record["problems"] = [
+                    f"(row): no known format: keys {sorted(row)[:8]} (expected {keys}); map yours with `columns:`"
+                ]
                 yield record
                 continue
             n = normalize(row, fmt)
@@ -90,9 +106,13 @@ def _generate(files: list[str], split: str, fmt: str | None, columns: dict, sour
             other = detect_format(row) if problems else None
             if other and other != fmt:  # e.g. one ShareGPT row in a `messages` file
                 problems.append(f"(row): this row is in {other} form but the source is {fmt}; use one form per source")
-            record.update(messages=json.dumps(n.messages, ensure_ascii=False) if n.messages else None, text=n.text,
-                          tools=json.dumps(n.tools, ensure_ascii=False) if n.tools else None, problems=problems,
-                          unused=n.unused)
+            record.update(
+                messages=json.dumps(n.messages, ensure_ascii=False) if n.messages else None,
+                text=n.text,
+                tools=json.dumps(n.tools, ensure_ascii=False) if n.tools else None,
+                problems=problems,
+                unused=n.unused,
+            )
             yield record
 
 
@@ -117,11 +137,19 @@ def read_source(spec, index: int = 0) -> SourceData:
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown format `{fmt}` for {spec.path}.", f"Use one of {', '.join(FORMATS)} or auto.")
     signature = file_signature(files)
-    kwargs = {"files": files, "split": spec.split, "fmt": fmt, "columns": dict(spec.columns), "source": index, "signature": signature}
+    kwargs = {
+        "files": files,
+        "split": spec.split,
+        "fmt": fmt,
+        "columns": dict(spec.columns),
+        "source": index,
+        "signature": signature,
+    }
     fingerprint = stable_hash("read", PIPELINE_VERSION, kwargs)
     try:
-        ds = datasets.Dataset.from_generator(_generate, features=_features(), gen_kwargs=kwargs, cache_dir=data_cache_dir(),
-                                             fingerprint=fingerprint)
+        ds = datasets.Dataset.from_generator(
+            _generate, features=_features(), gen_kwargs=kwargs, cache_dir=data_cache_dir(), fingerprint=fingerprint
+        )
     except Exception as err:  # datasets wraps what the generator raises (DatasetGenerationError): show ours as is
         cause = err
         while cause is not None and not isinstance(cause, DataError):
@@ -135,8 +163,9 @@ def read_source(spec, index: int = 0) -> SourceData:
     for i in bad[:MAX_LISTED].tolist():
         row = ds[i]
         problems += [f"{row['loc']}: {p}" for p in row["problems"]]
-    return SourceData(spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED],
-                      _unused_counts(ds))
+    return SourceData(
+        spec.path, fmt, ds, len(ds), int(len(bad)), spec.weight, problems[:MAX_LISTED], _unused_counts(ds)
+    )
 
 
 def raise_for_problems(sources: list[SourceData], what: str) -> None:
@@ -144,9 +173,15 @@ def raise_for_problems(sources: list[SourceData], what: str) -> None:
     if not total:
         return
     listed = [p for s in sources for p in s.problems][:MAX_LISTED]
-    lines = [f"{total} invalid row(s) in the {what} data" + (f" (the first {len(listed)} shown):" if total > len(listed) else ":")]
+    lines = [
+        f"{total} invalid row(s) in the {what} data"
+        + (f" (the first {len(listed)} shown):" if total > len(listed) else ":")
+    ]
     lines += [f"  {p}" for p in listed]
-    raise DataError("\n".join(lines), "Fix these rows, or set `data.skip_invalid: true` to skip them (they are counted and reported).")
+    raise DataError(
+        "\n".join(lines),
+        "Fix these rows, or set `data.skip_invalid: true` to skip them (they are counted and reported).",
+    )
 
 
 def valid_rows(sources: list[SourceData]):
@@ -158,6 +193,10 @@ def valid_rows(sources: list[SourceData]):
     for s in sources:
         counts = pc.list_value_length(s.dataset.data.column("problems")).to_numpy(zero_copy_only=False)
         good = np.flatnonzero(counts == 0)
-        parts.append(s.dataset.select(good, new_fingerprint=stable_hash(dataset_fingerprint(s.dataset), "valid")) if len(good) < len(s.dataset) else s.dataset)
+        parts.append(
+            s.dataset.select(good, new_fingerprint=stable_hash(dataset_fingerprint(s.dataset), "valid"))
+            if len(good) < len(s.dataset)
+            else s.dataset
+        )
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return merged

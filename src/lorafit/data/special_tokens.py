@@ -19,8 +19,10 @@ TEXT_END_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>")  # appended to ra
 
 # Meta's pre-tokenizer split for Llama 3 (tiktoken): the fast tokenizer is built with it, and GGUF export
 # recognises a Llama 3 tokenizer by it.
-LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def token_id(tokenizer, token: str) -> int | None:
@@ -32,7 +34,9 @@ def token_id(tokenizer, token: str) -> int | None:
 def special_token_strings(tokenizer) -> set[str]:
     """Texts the tokenizer reads as special tokens (Llama 3 has 256, most of them reserved)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {t for t in tokenizer.all_special_tokens if t} | {t.content for t in added.values() if t.special and t.content}
+    return {t for t in tokenizer.all_special_tokens if t} | {
+        t.content for t in added.values() if t.special and t.content
+    }
 
 
 def end_token_ids(tokenizer) -> list[int]:

@@ -26,25 +26,40 @@ LLAMA31_CHAT_TEMPLATE = LLAMA31_TOOLS_JINJA  # the same format in Jinja, tools i
 def resolve_template(tokenizer, setting: str = "auto") -> str:
     """`model` when the tokenizer has a chat template (or `model` is asked for), else the built-in `llama3`."""
     if setting == "llama3":
-        missing = [t for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-                   if token_id(tokenizer, t) is None]
+        missing = [
+            t
+            for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+            if token_id(tokenizer, t) is None
+        ]
         if missing:
-            raise DataError(f"`data.template: llama3` needs the Llama 3 special tokens; this tokenizer lacks {', '.join(missing)}.",
-                            "Use `template: model` (the tokenizer's own chat template) or a Llama 3 tokenizer.")
+            raise DataError(
+                f"`data.template: llama3` needs the Llama 3 special tokens; this tokenizer lacks {', '.join(missing)}.",
+                "Use `template: model` (the tokenizer's own chat template) or a Llama 3 tokenizer.",
+            )
         return "llama3"
     if setting == "model" or (setting == "auto" and tokenizer.chat_template):
         if not tokenizer.chat_template:
-            raise DataError("`data.template: model` but the tokenizer has no chat template.",
-                            "Use `template: llama3` (built-in Llama 3.1 format) or a tokenizer with a chat template.")
+            raise DataError(
+                "`data.template: model` but the tokenizer has no chat template.",
+                "Use `template: llama3` (built-in Llama 3.1 format) or a tokenizer with a chat template.",
+            )
         return "model"
     if token_id(tokenizer, "<|start_header_id|>") is not None:
         return "llama3"
-    raise DataError("the tokenizer has no chat template and is not a Llama 3 tokenizer, so chat data cannot be rendered.",
-                    "Use a chat model's tokenizer, or train on raw `text` rows.")
+    raise DataError(
+        "the tokenizer has no chat template and is not a Llama 3 tokenizer, so chat data cannot be rendered.",
+        "Use a chat model's tokenizer, or train on raw `text` rows.",
+    )
 
 
-def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False, tools: dict | None = None,
-           tools_in_user_message: bool = True) -> str:
+def render(
+    tokenizer,
+    messages: list[dict],
+    template: str,
+    add_generation_prompt: bool = False,
+    tools: dict | None = None,
+    tools_in_user_message: bool = True,
+) -> str:
     """The conversation as text, special tokens included (BOS too when the format has it).
 
     `tools` is a row's {"tools": [...], "builtin_tools": [...]} (see data/tools.py); tool conversations are
@@ -61,11 +76,14 @@ def render(tokenizer, messages: list[dict], template: str, add_generation_prompt
     if with_tools:
         messages, kwargs = model_tool_inputs(tokenizer, messages, tools, tools_in_user_message)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **kwargs)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except Exception as err:  # a template can raise anything (jinja TemplateError, its own raise_exception)
-        raise DataError(f"the tokenizer's chat template failed to render a conversation: {type(err).__name__}: {str(err)[:300]}",
-                        "Try `data.template: llama3`, or check the roles your data uses.") from None
+        raise DataError(
+            f"the tokenizer's chat template failed to render a conversation: {type(err).__name__}: {str(err)[:300]}",
+            "Try `data.template: llama3`, or check the roles your data uses.",
+        ) from None
 
 
 def render_llama31(messages: list[dict], bos: str = "<|begin_of_text|>", add_generation_prompt: bool = False) -> str:
@@ -87,8 +105,9 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
-def render_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
-                  tools_in_user_message: bool = True) -> str:
+def render_prompt(
+    tokenizer, messages: list[dict], template: str, tools: dict | None = None, tools_in_user_message: bool = True
+) -> str:
     """Text up to and including the generation prompt, exactly as in training.
 
     It already holds BOS when the format has one: encode it with `encode_prompt` (or
@@ -97,8 +116,9 @@ def render_prompt(tokenizer, messages: list[dict], template: str, tools: dict | 
     return render(tokenizer, messages, template, True, tools, tools_in_user_message)
 
 
-def encode_prompt(tokenizer, messages: list[dict], template: str, tools: dict | None = None,
-                  tools_in_user_message: bool = True) -> list[int]:
+def encode_prompt(
+    tokenizer, messages: list[dict], template: str, tools: dict | None = None, tools_in_user_message: bool = True
+) -> list[int]:
     """Token ids of `render_prompt`, with BOS exactly once (as the training examples have it)."""
     return encode_rendered(tokenizer, render_prompt(tokenizer, messages, template, tools, tools_in_user_message))
 
@@ -114,7 +134,7 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     prompt = render(tokenizer, probe[:1], template, add_generation_prompt=True)
     full = render(tokenizer, probe, template)
     if full.startswith(prompt):
-        answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
         special = {tokenizer.convert_tokens_to_ids(t) for t in special_token_strings(tokenizer)}
         ids += [i for i in answer if i in special][:1]
     for i in [tokenizer.eos_token_id] + end_token_ids(tokenizer):

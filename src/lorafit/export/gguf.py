@@ -16,14 +16,15 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.data.special_tokens import adds_bos
+from lorafit.data.special_tokens import LLAMA3_SPLIT_PATTERN, adds_bos
 from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, ModelError, RunDirError
-from lorafit.export.merge import merged_model, prepare_tokenizer
+from lorafit.export.merge import merged_model
 from lorafit.inference.generate import PROMPT_FILE
-from lorafit.models.tokenizer import load_tokenizer
+from lorafit.models.tokenizer import load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
 from lorafit.rundir import load_run_config
 from lorafit.runtime import pick_dtype
@@ -32,44 +33,74 @@ log = logging.getLogger("lorafit")
 
 OUTTYPES = ("f16", "bf16", "q8_0")
 # The Llama 3 pre-tokenizer regex (Meta's tiktoken pattern); llama.cpp calls this split "llama-bpe".
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def export_gguf(source: str | Path, out_file: str | Path, outtype: str = "f16") -> Path:
-    """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
+@dataclass
+class ExportSource:
+    """What every export writes from: the merged model, its tokenizer and the prompt format training used."""
+
+    model: object
+    tokenizer: object
+    template: str  # "model" or "llama3" (data.templates.resolve_template)
+    system_prompt: str | None
+    name: str
+    cfg: object = None  # the run's config (None for a merged model folder)
+    notes: list = field(default_factory=list)
+
+
+def load_export_source(source: str | Path) -> ExportSource:
+    """SOURCE is a run directory (merged in memory) or a folder written by `lorafit merge`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
-    out = user_path(out_file)
-    if out.exists():
-        raise RunDirError(f"{out} already exists; refusing to overwrite it.", "Choose another --out file or delete the old one.")
-    if out.suffix.lower() != ".gguf":
-        raise ConfigError(f"the GGUF output file should end in .gguf, got {out.name}.")
     src = user_path(source)
     if (src / "config.yaml").exists():
         cfg = load_run_config(src)
-        # Merge in the dtype the adapter was trained against (fp32 on CPU); the file's dtype is chosen below.
+        # Merge in the dtype the adapter was trained against (fp32 on CPU); the file's dtype is chosen later.
         dtype = pick_dtype(cfg.model.dtype) if cfg.model.quantization == "none" else torch.bfloat16
         model, tokenizer, cfg, notes = merged_model(src, dtype)
         template = resolve_template(tokenizer, cfg.data.template)
         name = Path(cfg.model.name).name + "-" + (cfg.output.name or src.name)
+        loaded = ExportSource(model, tokenizer, template, cfg.data.system_prompt, name, cfg, notes)
     elif (src / "config.json").exists():
-        notes = []
         tokenizer = load_tokenizer(str(src))
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", use_safetensors=True)  # never unpickle
         saved = src / PROMPT_FILE
-        template = json.loads(saved.read_text())["template"] if saved.exists() else resolve_template(tokenizer, "auto")
-        name = src.name
+        prompt = json.loads(saved.read_text()) if saved.exists() else {}
+        template = prompt.get("template") or resolve_template(tokenizer, "auto")
+        loaded = ExportSource(model, tokenizer, template, prompt.get("system_prompt"), src.name)
     else:
-        raise ModelError(f"{src} is neither a run directory (config.yaml) nor a model folder (config.json).",
-                         "Pass what `lorafit train` or `lorafit merge` wrote.")
-    for note in notes:
+        raise ModelError(
+            f"{src} is neither a run directory (config.yaml) nor a model folder (config.json).",
+            "Pass what `lorafit train` or `lorafit merge` wrote.",
+        )
+    for note in loaded.notes:
         log.info("%s", note)
-    prepare_tokenizer(tokenizer, template)
-    write_gguf(model, tokenizer, end_of_turn_ids(tokenizer, template), out, outtype, name)
+    prepare_tokenizer(loaded.tokenizer, loaded.template)
+    return loaded
+
+
+def check_gguf_target(out_file: str | Path, outtype: str) -> Path:
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"`--outtype` must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
+    out = user_path(out_file)
+    if out.exists():
+        raise RunDirError(
+            f"{out} already exists; refusing to overwrite it.", "Choose another --out file or delete the old one."
+        )
+    if out.suffix.lower() != ".gguf":
+        raise ConfigError(f"the GGUF output file should end in .gguf, got {out.name}.")
+    return out
+
+
+def export_gguf(
+    source: str | Path, out_file: str | Path, outtype: str = "f16", loaded: ExportSource | None = None
+) -> Path:
+    """SOURCE is a run directory (merged in memory first) or a merged model folder; writes OUT_FILE."""
+    out = check_gguf_target(out_file, outtype)
+    loaded = loaded or load_export_source(source)
+    end_ids = end_of_turn_ids(loaded.tokenizer, loaded.template)
+    write_gguf(loaded.model, loaded.tokenizer, end_ids, out, outtype, loaded.name)
     return out
 
 
@@ -78,8 +109,10 @@ def write_gguf(model, tokenizer, end_ids: list[int], out: Path, outtype: str, na
 
     config = model.config
     if config.model_type != "llama":
-        raise ModelError(f"GGUF export supports the llama architecture; this model is `{config.model_type}`.",
-                         "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.")
+        raise ModelError(
+            f"GGUF export supports the llama architecture; this model is `{config.model_type}`.",
+            "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.",
+        )
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines name our temporary file
@@ -123,30 +156,38 @@ def _write_hparams(writer, config, name: str, outtype: str) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope.get("rope_type") not in (None, "default", "llama3"):
         raise ModelError(f"GGUF export does not support RoPE scaling `{rope.get('rope_type')}`.")
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 # -- tokenizer -----------------------------------------------------------------------------------------------------
 
+
 def pre_tokenizer_name(backend: dict) -> str:
     """llama.cpp's name for how this tokenizer splits text before BPE (it picks the regex from it)."""
     if backend["model"]["type"] != "BPE":
-        raise ModelError(f"GGUF export supports byte-level BPE tokenizers; this one is {backend['model']['type']}.",
-                         "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.")
+        raise ModelError(
+            f"GGUF export supports byte-level BPE tokenizers; this one is {backend['model']['type']}.",
+            "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.",
+        )
     pre = backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT_PATTERN:
         return "llama-bpe"  # Llama 3 (tiktoken-derived)
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # GPT-2 regex after splitting digits one by one (SmolLM / SmolLM2)
-    raise ModelError(f"GGUF export does not know how llama.cpp names this tokenizer's pre-tokenizer ({kinds}).",
-                     "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.")
+    raise ModelError(
+        f"GGUF export does not know how llama.cpp names this tokenizer's pre-tokenizer ({kinds}).",
+        "Export the merged safetensors (`lorafit merge`) and convert with llama.cpp's convert_hf_to_gguf.py.",
+    )
 
 
 def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -176,14 +217,26 @@ def tokenizer_metadata(tokenizer, vocab_size: int, end_ids: list[int]) -> dict:
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     tokens, types = vocab_arrays(tokenizer, vocab_size)
-    meta = {"model": "gpt2", "pre": pre_tokenizer_name(backend), "tokens": tokens, "token_type": types,
-            "merges": [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]],
-            "add_bos_token": adds_bos(tokenizer), "add_eos_token": False, "add_space_prefix": False}
+    meta = {
+        "model": "gpt2",
+        "pre": pre_tokenizer_name(backend),
+        "tokens": tokens,
+        "token_type": types,
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]],
+        "add_bos_token": adds_bos(tokenizer),
+        "add_eos_token": False,
+        "add_space_prefix": False,
+    }
     # llama.cpp and Ollama stop on eos: make it the end-of-turn token the chat template writes.
     eos = end_ids[0] if end_ids else tokenizer.eos_token_id
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "eot_token_id": eos,
-           "eom_token_id": tokenizer.get_vocab().get("<|eom_id|>"), "unknown_token_id": tokenizer.unk_token_id,
-           "padding_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos,
+        "eot_token_id": eos,
+        "eom_token_id": tokenizer.get_vocab().get("<|eom_id|>"),
+        "unknown_token_id": tokenizer.unk_token_id,
+        "padding_token_id": tokenizer.pad_token_id,
+    }
     meta.update({k: v for k, v in ids.items() if v is not None})
     if tokenizer.chat_template:
         meta["chat_template"] = tokenizer.chat_template
@@ -196,9 +249,14 @@ def _write_tokenizer(writer, meta: dict) -> None:
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["token_type"])
     writer.add_token_merges(meta["merges"])
-    setters = {"bos_token_id": writer.add_bos_token_id, "eos_token_id": writer.add_eos_token_id,
-               "eot_token_id": writer.add_eot_token_id, "eom_token_id": writer.add_eom_token_id,
-               "unknown_token_id": writer.add_unk_token_id, "padding_token_id": writer.add_pad_token_id}
+    setters = {
+        "bos_token_id": writer.add_bos_token_id,
+        "eos_token_id": writer.add_eos_token_id,
+        "eot_token_id": writer.add_eot_token_id,
+        "eom_token_id": writer.add_eom_token_id,
+        "unknown_token_id": writer.add_unk_token_id,
+        "padding_token_id": writer.add_pad_token_id,
+    }
     for key, setter in setters.items():
         if key in meta:
             setter(meta[key])
@@ -211,12 +269,16 @@ def _write_tokenizer(writer, meta: dict) -> None:
 
 # -- tensors -------------------------------------------------------------------------------------------------------
 
+
 def permute_for_rope(weights, n_head: int, n_head_kv: int | None = None):
     """HF rotate-half rows -> llama.cpp interleaved rows, per head (convert_hf_to_gguf.py `LlamaModel.permute`)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def llama3_rope_factors(config) -> list[float] | None:
@@ -249,8 +311,11 @@ def _tensors(model, outtype: str):
 
     config = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    matrix_type = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-                   "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    matrix_type = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[outtype]
     factors = llama3_rope_factors(config)
     if factors is not None:
         yield "rope_freqs.weight", np.asarray(factors, dtype=np.float32), gguf.GGMLQuantizationType.F32

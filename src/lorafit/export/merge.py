@@ -13,11 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
-from lorafit.data.templates import LLAMA31_CHAT_TEMPLATE, end_of_turn_ids, resolve_template
+from lorafit.data.templates import end_of_turn_ids, resolve_template
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.inference.generate import PROMPT_FILE
 from lorafit.models.sources import load_base_model, resolve_model
-from lorafit.models.tokenizer import load_tokenizer
+from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
 from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
 from lorafit.runtime import DTYPE_NAMES, torch_dtype
@@ -37,8 +37,10 @@ def _torch_dtype(name: str):
 def check_empty_target(out: Path) -> None:
     """Never overwrite silently: an existing non-empty folder (or a file) is refused."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"{out} already exists and is not empty; refusing to overwrite it.",
-                          "Choose a new --out folder, or delete the old one first.")
+        raise RunDirError(
+            f"{out} already exists and is not empty; refusing to overwrite it.",
+            "Choose a new --out folder, or delete the old one first.",
+        )
 
 
 def merged_model(run_dir: str | Path, dtype):
@@ -48,35 +50,23 @@ def merged_model(run_dir: str | Path, dtype):
     path = Path(run_dir)
     cfg = load_run_config(path)
     if not is_run_dir(path):
-        raise RunDirError(f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
-                          "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.")
+        raise RunDirError(
+            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
+            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
+        )
     notes = []
     model_cfg = cfg.model
     if model_cfg.quantization != "none":
-        notes.append(f"QLoRA run (base trained in {model_cfg.quantization}): the base was reloaded in full precision "
-                     f"({str(dtype).removeprefix('torch.')}) and the adapter merged into that, not into dequantized weights.")
+        notes.append(
+            f"QLoRA run (base trained in {model_cfg.quantization}): the base was reloaded in full precision "
+            f"({str(dtype).removeprefix('torch.')}) and the adapter merged into that, not into dequantized weights."
+        )
         model_cfg = model_cfg.model_copy(update={"quantization": "none"})
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(model_cfg, dtype=dtype, device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, safe_adapter(path)).merge_and_unload()
     model.eval()
     return model, tokenizer, cfg, notes
-
-
-def prepare_tokenizer(tokenizer, template: str) -> None:
-    """The saved tokenizer must render prompts by itself: give the built-in Llama 3.1 format a Jinja template."""
-
-    if template == "llama3" and not tokenizer.chat_template:
-        tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
-
-
-def generation_config_for(model, tokenizer, end_ids: list[int]):
-    """Stop on every end-of-turn token (Llama 3.1: [128001, 128008, 128009]); pad with a non-end token."""
-    from transformers import GenerationConfig
-
-    eos = sorted(set(end_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                            do_sample=False, max_new_tokens=512)
 
 
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
@@ -91,7 +81,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     template = resolve_template(tokenizer, cfg.data.template)
     end_ids = end_of_turn_ids(tokenizer, template)
     prepare_tokenizer(tokenizer, template)
-    model.generation_config = generation_config_for(model, tokenizer, end_ids)
+    model.generation_config = generation_config_for(tokenizer, end_ids)
     model.config.eos_token_id = model.generation_config.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -101,9 +91,18 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / PROMPT_FILE).write_text(json.dumps({"template": template, "system_prompt": cfg.data.system_prompt,
-                                               "tools_in_user_message": cfg.data.tools_in_user_message,
-                                               "merged_from": str(Path(run_dir).resolve()), "notes": notes}, indent=2))
+    (tmp / PROMPT_FILE).write_text(
+        json.dumps(
+            {
+                "template": template,
+                "system_prompt": cfg.data.system_prompt,
+                "tools_in_user_message": cfg.data.tools_in_user_message,
+                "merged_from": str(Path(run_dir).resolve()),
+                "notes": notes,
+            },
+            indent=2,
+        )
+    )
     _copy_licences(cfg.model.name, tmp)
     if out.exists():
         out.rmdir()  # empty (checked above)

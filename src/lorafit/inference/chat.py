@@ -35,8 +35,15 @@ def _streamer(tokenizer, out: TextIO):
     return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def fit_history(tokenizer, history: list[dict], system: str | None, template: str, budget: int,
-                tools: dict | None = None, tools_in_user_message: bool = True) -> tuple[list[dict], list[int]]:
+def fit_history(
+    tokenizer,
+    history: list[dict],
+    system: str | None,
+    template: str,
+    budget: int,
+    tools: dict | None = None,
+    tools_in_user_message: bool = True,
+) -> tuple[list[dict], list[int]]:
     """Drop the oldest exchanges until the prompt leaves room for the answer; (kept history, prompt ids)."""
 
     while True:
@@ -47,31 +54,50 @@ def fit_history(tokenizer, history: list[dict], system: str | None, template: st
         history = history[later_user:]  # one user turn and all that answered it (calls and results too)
 
 
-def reply(loaded, history: list[dict], system: str | None, max_new_tokens: int, temperature: float, out: TextIO,
-          tools: dict | None = None) -> tuple[str, list[dict]]:
+def reply(
+    loaded,
+    history: list[dict],
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    out: TextIO,
+    tools: dict | None = None,
+) -> tuple[str, list[dict]]:
     """Stream the assistant's answer to the conversation; (answer, history actually kept)."""
     import torch
 
     model, tok = loaded.model, loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or 4096
-    history, ids = fit_history(tok, history, system, loaded.template, context - max_new_tokens, tools,
-                               loaded.tools_in_user_message)
+    history, ids = fit_history(
+        tok, history, system, loaded.template, context - max_new_tokens, tools, loaded.tools_in_user_message
+    )
     if len(ids) > context - max_new_tokens:
-        out.write(f"(the message is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it does not fit the "
-                  f"model's {context}-token context. Shorten it.)\n")
+        out.write(
+            f"(the message is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it does not fit the "
+            f"model's {context}-token context. Shorten it.)\n"
+        )
         return "", history[:-1]
     device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.end_ids, pad_token_id=tok.pad_token_id,
-                  streamer=_streamer(tok, out))
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=loaded.end_ids,
+        pad_token_id=tok.pad_token_id,
+        streamer=_streamer(tok, out),
+    )
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=0.9)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
-        generated = model.generate(input_ids=torch.tensor([ids], device=device),
-                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device), **kwargs)
+        generated = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            **kwargs,
+        )
     out.write("\n")
-    answer = tok.decode(cut_at_end(generated[0, len(ids):].tolist(), loaded.end_ids, tok.pad_token_id), skip_special_tokens=True)
+    answer = tok.decode(
+        cut_at_end(generated[0, len(ids) :].tolist(), loaded.end_ids, tok.pad_token_id), skip_special_tokens=True
+    )
     return answer.strip(), history
 
 
@@ -89,7 +115,7 @@ class Session:
             self.history, self.awaiting_result = [], False
             out.write("(conversation cleared)\n")
         elif text == "/system" or text.startswith("/system "):
-            self.system = text[len("/system"):].strip() or None
+            self.system = text[len("/system") :].strip() or None
             self.history, self.awaiting_result = [], False
             out.write(f"(system message {'set' if self.system else 'removed'}; conversation cleared)\n")
         else:
@@ -100,7 +126,9 @@ class Session:
         """Keep the answer; a tool call is printed as {"name", "arguments"} and waits for its result."""
         call, problem = parse_tool_call(answer) if self.tools else (None, None)
         if call is not None:
-            out.write(f"tool call: {json.dumps(call, ensure_ascii=False)}\n(paste the tool's result as the next line)\n")
+            out.write(
+                f"tool call: {json.dumps(call, ensure_ascii=False)}\n(paste the tool's result as the next line)\n"
+            )
             self.history = self.history + [call_message(call)]
             self.awaiting_result = True
             return
@@ -109,9 +137,16 @@ class Session:
         self.history = self.history + [{"role": "assistant", "content": answer}]
 
 
-def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-         input_stream: TextIO | None = None, output: TextIO | None = None, loaded=None,
-         tools_file: str | None = None) -> None:
+def chat(
+    target: str,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    input_stream: TextIO | None = None,
+    output: TextIO | None = None,
+    loaded=None,
+    tools_file: str | None = None,
+) -> None:
     """Read user turns from INPUT_STREAM (stdin) until /exit or end of input; stream answers to OUTPUT."""
 
     inp = input_stream or sys.stdin
@@ -142,6 +177,8 @@ def chat(target: str, system: str | None = None, max_new_tokens: int = 256, temp
         role = "tool" if session.awaiting_result else "user"
         session.awaiting_result = False
         session.history = session.history + [{"role": role, "content": text}]
-        answer, session.history = reply(loaded, session.history, session.system, max_new_tokens, temperature, out, tools)
+        answer, session.history = reply(
+            loaded, session.history, session.system, max_new_tokens, temperature, out, tools
+        )
         if session.history and session.history[-1]["role"] in ("user", "tool"):
             session.answered(answer, out)

@@ -42,8 +42,15 @@ def conversations(data_file: str, data_cfg) -> list[dict]:
         if last is not None:
             call = reference_call(messages[last])
             reference = json.dumps(call, ensure_ascii=False) if call else messages[last]["content"]
-            rows.append({"messages": messages[:last], "reference": reference, "call": call, "loc": row["loc"],
-                         "tools": json.loads(row["tools"]) if row["tools"] else None})
+            rows.append(
+                {
+                    "messages": messages[:last],
+                    "reference": reference,
+                    "call": call,
+                    "loc": row["loc"],
+                    "tools": json.loads(row["tools"]) if row["tools"] else None,
+                }
+            )
     return rows
 
 
@@ -84,7 +91,7 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     total, count = 0.0, 0
     collate = PadCollator(tokenizer.pad_token_id)
     for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
+        rows = dataset[start : start + batch_size]
         batch = collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
@@ -94,23 +101,34 @@ def validation_loss(model, tokenizer, dataset, batch_size: int = 8) -> tuple[flo
     return (total / count if count else float("nan")), count
 
 
-def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int = 128, as_json: bool = False,
-            console=None, tool_limit: int = 200) -> dict:
+def compare(
+    run_dir: str,
+    data_file: str,
+    limit: int = 10,
+    max_new_tokens: int = 128,
+    as_json: bool = False,
+    console=None,
+    tool_limit: int = 200,
+) -> dict:
     """Answers of the base and the tuned model side by side, both validation losses on DATA_FILE, and the tool-call
     accuracy of both on up to TOOL_LIMIT rows that offer tools."""
     from lorafit.data.prepare import prepare_data
 
     cfg = load_run_config(run_dir)
     if not Path(data_file).exists():
-        raise DataError(f"data file {data_file} does not exist.", "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).")
+        raise DataError(
+            f"data file {data_file} does not exist.",
+            "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).",
+        )
     rows = conversations(data_file, cfg.data)
     loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
     model = loaded.model
     base_mode = model.disable_adapter if hasattr(model, "disable_adapter") else nullcontext
 
     # The run's data settings, with this file as the only source, unpacked: one row per conversation.
-    data_cfg = cfg.data.model_copy(update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0,
-                                           "packing": False})
+    data_cfg = cfg.data.model_copy(
+        update={"train": [DataSource(path=data_file)], "validation": [], "val_fraction": 0.0, "packing": False}
+    )
     tokenized = prepare_data(data_cfg, loaded.tokenizer, seed=cfg.training.seed).train
     with base_mode():
         base_loss, tokens = validation_loss(model, loaded.tokenizer, tokenized)
@@ -120,12 +138,18 @@ def compare(run_dir: str, data_file: str, limit: int = 10, max_new_tokens: int =
     tool_rows = [r for r in rows[limit:] if r["tools"]][: max(0, tool_limit - sum(1 for r in shown if r["tools"]))]
     base_answers, tuned_answers = answer_pairs(loaded, shown + tool_rows, base_mode, max_new_tokens)
     result = {
-        "run": str(run_dir), "data": str(data_file), "rows": len(tokenized), "trained_tokens": tokens,
-        "base_loss": base_loss, "tuned_loss": tuned_loss,
+        "run": str(run_dir),
+        "data": str(data_file),
+        "rows": len(tokenized),
+        "trained_tokens": tokens,
+        "base_loss": base_loss,
+        "tuned_loss": tuned_loss,
         "base_perplexity": perplexity(base_loss),
         "tuned_perplexity": perplexity(tuned_loss),
-        "answers": [{"question": question(r["messages"]), "reference": r["reference"], "base": b, "tuned": t}
-                    for r, b, t in zip(shown, base_answers, tuned_answers)],
+        "answers": [
+            {"question": question(r["messages"]), "reference": r["reference"], "base": b, "tuned": t}
+            for r, b, t in zip(shown, base_answers, tuned_answers)
+        ],
     }
     tools = tool_scores(shown + tool_rows, base_answers, tuned_answers)
     if tools:
@@ -149,9 +173,12 @@ def print_comparison(result: dict, console=None) -> None:
         table.add_row(a["question"], a["reference"], a["base"], a["tuned"])
     console.print(table)
     change = result["tuned_loss"] - result["base_loss"]
-    console.print(f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
-                  f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
-                  f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}", markup=False)
+    console.print(
+        f"validation loss on {result['rows']} rows ({result['trained_tokens']:,} trained tokens): "
+        f"base {result['base_loss']:.4f} (ppl {_ppl(result['base_perplexity'])}) -> tuned {result['tuned_loss']:.4f} "
+        f"(ppl {_ppl(result['tuned_perplexity'])}), {change:+.4f}",
+        markup=False,
+    )
     if result.get("tool_calls"):
         console.print(tool_table(result["tool_calls"]))
 
@@ -164,9 +191,12 @@ def tool_table(tools: dict):
     for name in ("", "base", "tuned"):
         table.add_column(name)
     n, none = base["expected_calls"], base["no_call_expected"]
-    for label, key, total in (("valid call (JSON, name, arguments object)", "valid_calls", n),
-                              ("right tool", "right_tool", n), ("exact arguments", "exact_calls", n),
-                              ("no call where none expected", "no_call", none)):
+    for label, key, total in (
+        ("valid call (JSON, name, arguments object)", "valid_calls", n),
+        ("right tool", "right_tool", n),
+        ("exact arguments", "exact_calls", n),
+        ("no call where none expected", "no_call", none),
+    ):
         if total:
             table.add_row(label, f"{base[key]}/{total}", f"{tuned[key]}/{total}")
     return table

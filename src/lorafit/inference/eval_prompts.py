@@ -17,24 +17,41 @@ from lorafit.rundir import write_json
 GENERATIONS = "generations.json"
 
 
-def tuned_answers(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
-                  system_prompt: str | None = None, batch_size: int = 8) -> list[str]:
+def tuned_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    template: str,
+    max_new_tokens: int,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+) -> list[str]:
     """Greedy answers of the model as it is (adapter on), in the training chat format."""
 
     was_training = model.training
     stop = end_of_turn_ids(tokenizer, template)
     model.eval()
     try:
-        return [answer for start in range(0, len(prompts), batch_size)
-                for answer in generate_answers(model, tokenizer, [[{"role": "user", "content": p}]
-                                                                  for p in prompts[start:start + batch_size]],
-                                               template, stop, max_new_tokens, system_prompt)]
+        return [
+            answer
+            for start in range(0, len(prompts), batch_size)
+            for answer in generate_answers(
+                model,
+                tokenizer,
+                [[{"role": "user", "content": p}] for p in prompts[start : start + batch_size]],
+                template,
+                stop,
+                max_new_tokens,
+                system_prompt,
+            )
+        ]
     finally:
         model.train(was_training)
 
 
-def base_answers(peft_model, tokenizer, prompts: list[str], template: str, max_new_tokens: int,
-                 system_prompt: str | None = None) -> list[str]:
+def base_answers(
+    peft_model, tokenizer, prompts: list[str], template: str, max_new_tokens: int, system_prompt: str | None = None
+) -> list[str]:
     """The base model's answers: the same weights with the adapter switched off."""
     context = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext()
     with context:
@@ -53,7 +70,9 @@ def read_generations(run_dir: Path) -> list[dict]:
 
 
 def write_before(run_dir: Path, prompts: list[str], before: list[str]) -> None:
-    write_json(Path(run_dir) / GENERATIONS, [{"prompt": p, "before": b, "after": None} for p, b in zip(prompts, before)])
+    write_json(
+        Path(run_dir) / GENERATIONS, [{"prompt": p, "before": b, "after": None} for p, b in zip(prompts, before)]
+    )
 
 
 def write_after(run_dir: Path, prompts: list[str], after: list[str]) -> list[dict]:

@@ -11,9 +11,16 @@ def lora_config(lora_cfg):
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}[lora_cfg.init]
     targets = lora_cfg.target_modules
     return LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=targets,
-        use_rslora=lora_cfg.use_rslora, use_dora=lora_cfg.use_dora, init_lora_weights=init,
-        modules_to_save=lora_cfg.modules_to_save or None, task_type="CAUSAL_LM", bias="none",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        use_rslora=lora_cfg.use_rslora,
+        use_dora=lora_cfg.use_dora,
+        init_lora_weights=init,
+        modules_to_save=lora_cfg.modules_to_save or None,
+        task_type="CAUSAL_LM",
+        bias="none",
     )
 
 
@@ -25,8 +32,11 @@ def attach_lora(model, lora_cfg, gradient_checkpointing: bool = False):
     # Under FSDP / ZeRO-3 the k-bit preparation (all other weights up-cast to fp32) would break the one dtype
     # they shard by; the 4-bit weights are stored in the model's dtype instead (load_base_model).
     if kbit and not sharded_launch():
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

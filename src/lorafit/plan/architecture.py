@@ -18,10 +18,14 @@ KNOWN_DIR = Path(__file__).with_name("architectures")  # plan/architectures/*.js
 
 
 KNOWN = {  # Hub ids (gated, maybe unreachable) -> the architecture shipped in architectures/
-    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b", "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
-    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b", "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
-    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b", "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
-    "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama-3.1-70b", "meta-llama/Meta-Llama-3.1-70B": "llama-3.1-70b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "meta-llama/Llama-3.1-70B": "llama-3.1-70b",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "meta-llama/Meta-Llama-3.1-70B": "llama-3.1-70b",
 }
 
 
@@ -51,14 +55,21 @@ def load_architecture(model_cfg):
     path = user_path(name)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelError(f"{path} has no config.json.", "Point `model.name` at a folder written by save_pretrained.")
+            raise ModelError(
+                f"{path} has no config.json.", "Point `model.name` at a folder written by save_pretrained."
+            )
         return AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except (OSError, ValueError) as err:
-        raise ModelError(f"no architecture for `{name}`: not a known model, not a local folder, and the Hub did not answer "
-                         f"({type(err).__name__}).", f"Known without network: {', '.join(sorted(KNOWN))}, "
-                         f"{', '.join(EMBEDDED)}; or a local folder with config.json.") from None
+        raise ModelError(
+            f"no architecture for `{name}`: not a known model, not a local folder, and the Hub did not answer "
+            f"({type(err).__name__}).",
+            f"Known without network: {', '.join(sorted(KNOWN))}, "
+            f"{', '.join(EMBEDDED)}; or a local folder with config.json.",
+        ) from None
 
 
 def _embedded_gguf_config(name: str):
@@ -85,7 +96,9 @@ def meta_model(cfg):
 
     config = load_architecture(cfg.model)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, trust_remote_code=cfg.model.trust_remote_code
+        )
     lora = lora_config(cfg.lora)
     lora.init_lora_weights = True  # data-dependent inits (PiSSA, EVA) need real weights; counts do not depend on init
     return get_peft_model(model, lora), config
@@ -94,8 +107,15 @@ def meta_model(cfg):
 def architecture(config) -> Arch:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Arch(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
-                getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size)
+    return Arch(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        heads,
+        getattr(config, "num_key_value_heads", None) or heads,
+        head_dim,
+        config.vocab_size,
+    )
 
 
 def lora_table(peft_model, r: int, dora: bool) -> list[dict]:
@@ -107,8 +127,18 @@ def lora_table(peft_model, r: int, dora: bool) -> list[dict]:
         kind = name.rsplit(".", 1)[-1]
         base = module.base_layer
         d_in, d_out = base.in_features, base.out_features
-        row = rows.setdefault(kind, {"module": kind, "count": 0, "W": [d_out, d_in], "A": [r, d_in], "B": [d_out, r],
-                                     "trainable_each": r * (d_in + d_out) + (d_out if dora else 0), "frozen_each": d_in * d_out})
+        row = rows.setdefault(
+            kind,
+            {
+                "module": kind,
+                "count": 0,
+                "W": [d_out, d_in],
+                "A": [r, d_in],
+                "B": [d_out, r],
+                "trainable_each": r * (d_in + d_out) + (d_out if dora else 0),
+                "frozen_each": d_in * d_out,
+            },
+        )
         row["count"] += 1
     out = []
     for row in rows.values():
@@ -136,7 +166,12 @@ def count_parameters(cfg) -> tuple[dict, list[dict], Arch, object]:
     base = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     trainable, total = peft_model.get_nb_trainable_parameters()
     table = lora_table(peft_model, cfg.lora.r, cfg.lora.use_dora)
-    counts = {"base": base, "trainable": trainable, "total": total, "linear": linear_layer_params(peft_model),
-              "trainable_bytes": sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad),
-              "targets": [row["module"] for row in table]}
+    counts = {
+        "base": base,
+        "trainable": trainable,
+        "total": total,
+        "linear": linear_layer_params(peft_model),
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad),
+        "targets": [row["module"] for row in table],
+    }
     return counts, table, architecture(config), config

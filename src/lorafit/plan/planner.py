@@ -23,18 +23,35 @@ def build_plan(cfg, gpu: str | None = None) -> dict:
     chosen = resolve_gpu(gpu)
     counts, table, arch, config = count_parameters(cfg)
     terms = memory_terms(cfg, arch, counts)
+    cpu = memory_terms(cfg, arch, counts, device="cpu")
     nf4 = counts["linear"] * NF4_BYTES + (counts["base"] - counts["linear"]) * 4
     fits = verdicts(terms["total"])
     for k, row in enumerate(fits):
         if row["verdict"] != "fits" and (chosen is None or k == chosen):
             found = changes_to_fit(cfg, arch, counts, row["usable_gib"])
             row["changes"], row["total_after_changes"] = found if found else (None, None)
-    return {"model": cfg.model.name, "architecture": asdict(arch), "parameters": {k: v for k, v in counts.items() if k != "targets"},
-            "lora": table, "memory": terms, "base_weights_bf16": counts["base"] * 2, "base_weights_nf4": nf4,
-            "gpus": fits, "chosen_gpu": None if chosen is None else GPUS[chosen][0],
-            "settings": {"dtype": cfg.model.dtype, "quantization": cfg.model.quantization, "micro_batch_size": cfg.training.micro_batch_size,
-                         "max_length": cfg.data.max_length, "gradient_checkpointing": cfg.training.gradient_checkpointing,
-                         "loss": cfg.training.loss, "optimizer": cfg.training.optimizer, "attention": cfg.model.attn_implementation}}
+    return {
+        "model": cfg.model.name,
+        "architecture": asdict(arch),
+        "parameters": {k: v for k, v in counts.items() if k != "targets"},
+        "lora": table,
+        "memory": terms,
+        "memory_cpu": cpu,
+        "base_weights_bf16": counts["base"] * 2,
+        "base_weights_nf4": nf4,
+        "gpus": fits,
+        "chosen_gpu": None if chosen is None else GPUS[chosen][0],
+        "settings": {
+            "dtype": cfg.model.dtype,
+            "quantization": cfg.model.quantization,
+            "micro_batch_size": cfg.training.micro_batch_size,
+            "max_length": cfg.data.max_length,
+            "gradient_checkpointing": cfg.training.gradient_checkpointing,
+            "loss": cfg.training.loss,
+            "optimizer": cfg.training.optimizer,
+            "attention": cfg.model.attn_implementation,
+        },
+    }
 
 
 def plan(config_path: str, gpu: str | None = None, as_json: bool = False, overrides: list[str] | None = None) -> dict:
@@ -46,7 +63,6 @@ def plan(config_path: str, gpu: str | None = None, as_json: bool = False, overri
     else:
         print_plan(result)
     return result
-
 
 
 def suggest_for_oom(cfg, device_gib: float | None = None) -> str | None:

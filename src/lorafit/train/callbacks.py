@@ -85,7 +85,9 @@ def over_ranks(values: list[int], op: str) -> list[int]:
     import torch.distributed as dist
 
     nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()  # NCCL reduces CUDA tensors only
-    tensor = torch.tensor(values, dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    tensor = torch.tensor(
+        values, dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
+    )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return [int(v) for v in tensor.tolist()]
 
@@ -105,8 +107,11 @@ class MetricsCallback(TrainerCallback):
         """On resume: forget records past the checkpoint, so the curve continues without duplicates."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _step_of(line) <= step]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _step_of(line) <= step
+        ]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -160,9 +165,15 @@ class ProgressCallback(TrainerCallback):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                 TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=False)
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
 
@@ -245,7 +256,13 @@ class NanGuard(TrainerCallback):
         if self.bad_in_row == 1:
             self.first_bad_step = step
         reason = "loss" if loss_bad else "gradients"
-        log.warning("step %d: %s is NaN/inf; the update was skipped (%d/%d in a row)", step, reason, self.bad_in_row, self.max_bad)
+        log.warning(
+            "step %d: %s is NaN/inf; the update was skipped (%d/%d in a row)",
+            step,
+            reason,
+            self.bad_in_row,
+            self.max_bad,
+        )
         if self.bad_in_row >= self.max_bad:
             self.failed = {"step": step, "first_step": self.first_bad_step, "reason": reason}
             control.should_training_stop = True
@@ -275,8 +292,10 @@ class StopOnSignal(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.received = signum
-        log.warning("%s received: saving a checkpoint after this step, then stopping (send it again to stop now)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: saving a checkpoint after this step, then stopping (send it again to stop now)",
+            signal.Signals(signum).name,
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is not threading.main_thread():

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from lorafit.errors import TrainingError
+from lorafit.hf_compat import save_training_state
 from lorafit.rundir import write_text_atomic
 
 log = logging.getLogger("lorafit")
@@ -245,9 +246,26 @@ def save_error(err: BaseException, what: str, path: Path, previous: Path | None 
     kept = f" The previous checkpoint {previous} is intact." if previous else ""
     return TrainingError(
         f"could not write {what} to {path}: {cause}.{kept} Nothing half-written was left in its place.",
-        f"{fix}, then continue with `lorafit train CONFIG --resume`." if previous
+        f"{fix}, then continue with `lorafit train CONFIG --resume`."
+        if previous
         else f"{fix}, then run the same command again.",
     )
+
+
+def final_adapter_state(trainer) -> dict | None:
+    """The weights rank 0 saves as the final adapter, where PEFT cannot read them from rank 0's model alone (None
+    elsewhere). Every rank calls this.
+
+    - DeepSpeed ZeRO-3: each rank holds a slice of every weight, the LoRA ones too; they are gathered (a collective),
+      as the Trainer does for a checkpoint.
+    - FSDP (sharded at load, runtime.take_over_fsdp): the LoRA weights are whole on every rank, but PEFT's own
+      state_dict() walks the sharded base and waits for the other ranks; the trainable weights are the adapter."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and plugin is not None and plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if getattr(trainer, "is_distributed_loading_by_transformers", False):
+        return {name: p.detach() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return None
 
 
 class AtomicCheckpoints:
@@ -271,6 +289,12 @@ class AtomicCheckpoints:
         previous = done[-1] if done else None
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.save_only_model and self.is_distributed_loading_by_transformers:
+                # Sharded at load (FSDP): the Trainer refuses to write the optimizer state of such a model, as
+                # sharded weights' state would need a distributed save. With LoRA the optimizer sees only the
+                # adapter, whole on every rank (setup.check_training_config refuses a sharded trainable weight), so
+                # the Trainer's own writers are exact.
+                save_training_state(self, staged)
             self.accelerator.wait_for_everyone()  # other ranks write their RNG state into the same folder
             if self.args.should_save:
                 finalize_checkpoint(staged, final, self.checkpoint_extra() if self.checkpoint_extra else None)

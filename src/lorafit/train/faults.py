@@ -36,14 +36,17 @@ def nan_error(failed: dict, cfg: RunConfig, checkpoints: Path) -> TrainingError:
         f"training stopped at step {failed['step']}: {t.max_bad_steps} optimizer step(s) in a row (from step "
         f"{failed['first_step']}) had a NaN/inf {failed['reason']}; those updates were skipped. "
         f"{last_checkpoint_sentence(checkpoints)} Likely causes: " + "; ".join(causes) + ".",
-        "Fix the cause, then start again, or continue from the last checkpoint with `--resume`.")
+        "Fix the cause, then start again, or continue from the last checkpoint with `--resume`.",
+    )
 
 
 def interrupted_error(signum: int, step: int, checkpoints: Path) -> TrainingError:
     done = complete_checkpoints(checkpoints)
     where = f"checkpoint saved at {done[-1]}" if done else "no checkpoint could be saved"
-    err = TrainingError(f"training interrupted by {signal.Signals(signum).name} at step {step}; {where}.",
-                        "Continue with the same command plus --resume: `lorafit train CONFIG --resume`.")
+    err = TrainingError(
+        f"training interrupted by {signal.Signals(signum).name} at step {step}; {where}.",
+        "Continue with the same command plus --resume: `lorafit train CONFIG --resume`.",
+    )
     err.exit_code = 128 + signum  # the shell convention for "killed by this signal"
     return err
 
@@ -56,8 +59,10 @@ def oom_error(err: BaseException, cfg: RunConfig, where: str, checkpoints: Path)
         torch.cuda.empty_cache()
     advice = planner_advice(cfg) or generic_oom_advice(cfg)
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
-    return TrainingError(f"out of GPU memory during {where} ({first_line}). {last_checkpoint_sentence(checkpoints)}",
-                         "To fit this run:\n" + advice)
+    return TrainingError(
+        f"out of GPU memory during {where} ({first_line}). {last_checkpoint_sentence(checkpoints)}",
+        "To fit this run:\n" + advice,
+    )
 
 
 def planner_advice(cfg: RunConfig) -> str | None:
@@ -78,7 +83,12 @@ def generic_oom_advice(cfg: RunConfig) -> str:
     if not t.gradient_checkpointing:
         tips.append("training.gradient_checkpointing=true (recompute activations in backward)")
     if t.micro_batch_size > 1:
-        tips.append(f"training.micro_batch_size={max(1, t.micro_batch_size // 2)} "
-                    f"training.gradient_accumulation={t.gradient_accumulation * 2} (same effective batch)")
+        tips.append(
+            f"training.micro_batch_size={max(1, t.micro_batch_size // 2)} "
+            f"training.gradient_accumulation={t.gradient_accumulation * 2} (same effective batch)"
+        )
     tips.append(f"data.max_length={max(8, cfg.data.max_length // 2)} (shorter rows)")
-    return "\n".join(f"  - {tip}" for tip in tips) + "\n`lorafit plan CONFIG` estimates the memory of a config before you run it."
+    return (
+        "\n".join(f"  - {tip}" for tip in tips)
+        + "\n`lorafit plan CONFIG` estimates the memory of a config before you run it."
+    )

@@ -68,8 +68,12 @@ def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, mode: str = "ch
 
     if mode == "plain":
         logits = model(**model_inputs).logits  # (B, T, V): the baseline materialises all of it
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            targets.flatten().to(logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
     else:
         hidden = final_hidden_states(model, model_inputs)  # (B, T, H)
         keep = keep.to(hidden.device)
@@ -215,10 +219,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
             # One buffer for every chunk: fresh multi-MB allocations page-fault on CPU every time.
             low = torch.empty((chunk, vocab), dtype=mm_dtype, device=hidden.device)
-            high = low if mm_dtype == torch.float32 else torch.empty((chunk, vocab), dtype=torch.float32, device=hidden.device)
+            high = (
+                low
+                if mm_dtype == torch.float32
+                else torch.empty((chunk, vocab), dtype=torch.float32, device=hidden.device)
+            )
             for start in range(0, n, chunk):
-                h = hidden[start:start + chunk].to(mm_dtype)  # (c, H)
-                t = targets[start:start + chunk, None]  # (c, 1)
+                h = hidden[start : start + chunk].to(mm_dtype)  # (c, H)
+                t = targets[start : start + chunk, None]  # (c, 1)
                 c = h.shape[0]
                 z_low = torch.mm(h, w.t(), out=low[:c])  # (c, V) logits in the matmul dtype
                 if b is not None:
@@ -234,7 +242,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.div_(sum_exp).scatter_add_(1, t, z.new_full((c, 1), -1.0))  # softmax - onehot = d loss / d logits
                 g = z if high is low else low[:c].copy_(z)
                 if need_h:
-                    grad_h[start:start + c] = torch.mm(g, w)
+                    grad_h[start : start + c] = torch.mm(g, w)
                 if need_w:
                     grad_w.addmm_(z.t(), h.float())
                 if need_b:
@@ -262,8 +270,9 @@ def _module_cross_entropy(head, hidden, targets, chunk: int) -> torch.Tensor:
     if hidden.shape[0] == 0:
         return total + hidden.sum() * 0  # keeps the graph connected for an all-masked batch
     for start in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss, head, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False
+        )
     return total
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from lorafit.config import RunConfig, dump_config
 from lorafit.errors import RunDirError
 from lorafit.inference.eval_prompts import base_answers, read_generations, tuned_answers, write_after, write_before
+from lorafit.models.tokenizer import save_tokenizer
 from lorafit.report import summarize, summary_screen, write_report
 from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
-from lorafit.runtime import is_main_process
+from lorafit.runtime import is_main_process, sharded_launch, take_over_fsdp
 from lorafit.train import checkpoints as ckpt
 from lorafit.train import faults
 from lorafit.train.checkpoints import (
@@ -43,6 +44,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
 
     started = time.time()
     main = is_main_process()
+    take_over_fsdp()  # before anything loads: lorafit, not accelerate, shards an FSDP launch
     set_seed(cfg.training.seed)
     run_dir = _open_run_dir(cfg, resume) if main else run_dir_path(cfg.output.dir, cfg.output.name)
     say = print if main else (lambda *a: None)
@@ -55,8 +57,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         _start_message(resume, run.last, run_dir, say)
         _write_config(run_dir, cfg, resume)
     result, final_eval, after = _train_and_evaluate(run, main, say)
+    adapter_state = ckpt.final_adapter_state(run.trainer)  # ZeRO-3: a collective, every rank takes part
     if main:
-        _save_final(run.model, run.tokenizer, run_dir, run.checkpoints)
+        _save_final(run.model, run.tokenizer, run.prepared.template, run_dir, run.checkpoints, adapter_state)
         if after is not None:
             write_after(run_dir, list(cfg.eval.prompts), after)
         summary = summarize(cfg, run, result, final_eval, started)
@@ -77,11 +80,22 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
 
     cfg, trainer = run.cfg, run.trainer
     prompts, after, phase = list(cfg.eval.prompts), None, "the base model's answers to eval.prompts"
+    # A sharded model (FSDP, ZeRO-3) answers only when every rank runs it, each forward gathering the weights:
+    # then all ranks generate and rank 0 writes.
+    answer = main or sharded_launch() is not None
     try:
-        if prompts and main and not (run.last and read_generations(run.run_dir)):
+        if prompts and answer and not (run.last and read_generations(run.run_dir)):
             say(f"answering {len(prompts)} eval prompt(s) with the base model (adapter off)")
-            write_before(run.run_dir, prompts, base_answers(run.model, run.tokenizer, prompts, run.prepared.template,
-                                                            cfg.eval.max_new_tokens, cfg.data.system_prompt))
+            before = base_answers(
+                run.model,
+                run.tokenizer,
+                prompts,
+                run.prepared.template,
+                cfg.eval.max_new_tokens,
+                cfg.data.system_prompt,
+            )
+            if main:
+                write_before(run.run_dir, prompts, before)
         phase = "training"
         result = trainer.train(resume_from_checkpoint=str(run.last) if run.last else None)
         run.progress.close()
@@ -90,15 +104,23 @@ def _train_and_evaluate(run: TrainingRun, main: bool, say):
         phase = "the final evaluation"
         final_eval = _final_eval(trainer, run.prepared.validation is not None, fresh=restored is not None)
         phase = "the tuned model's answers to eval.prompts"
-        if prompts and main:
-            after = tuned_answers(run.model, run.tokenizer, prompts, run.prepared.template, cfg.eval.max_new_tokens,
-                                  cfg.data.system_prompt)
+        if prompts and answer:
+            after = tuned_answers(
+                run.model,
+                run.tokenizer,
+                prompts,
+                run.prepared.template,
+                cfg.eval.max_new_tokens,
+                cfg.data.system_prompt,
+            )
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint file
         if not run.last or phase != "training":
             raise
-        raise RunDirError(f"checkpoint {run.last} holds a file that is not plain tensors, so it was not loaded "
-                          f"({str(err).splitlines()[0][:200]}): lorafit did not write it that way, or it was altered.",
-                          f"Delete {run.last} to resume from the checkpoint before it, or start a new run.") from None
+        raise RunDirError(
+            f"checkpoint {run.last} holds a file that is not plain tensors, so it was not loaded "
+            f"({str(err).splitlines()[0][:200]}): lorafit did not write it that way, or it was altered.",
+            f"Delete {run.last} to resume from the checkpoint before it, or start a new run.",
+        ) from None
     except torch.OutOfMemoryError as err:
         if phase == "training":
             phase = f"step {trainer.state.global_step + 1}"
@@ -143,8 +165,10 @@ def _open_run_dir(cfg: RunConfig, resume: bool) -> Path:
     try:
         return create_run_dir(path, cfg.output.overwrite, resume=resume)
     except OSError as err:
-        raise RunDirError(f"cannot create the run directory {path}: {err.strerror or err}.",
-                          "Choose a writable `output.dir` (and check the disk is not full).") from None
+        raise RunDirError(
+            f"cannot create the run directory {path}: {err.strerror or err}.",
+            "Choose a writable `output.dir` (and check the disk is not full).",
+        ) from None
 
 
 def _start_message(resume: bool, last: Path | None, run_dir: Path, say) -> None:
@@ -158,18 +182,26 @@ def _write_config(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     path, text = run_dir / "config.yaml", dump_config(cfg)
     if resume and path.exists():
         old = path.read_text(encoding="utf-8")
-        changed = [line[1:].strip() for line in difflib.unified_diff(old.splitlines(), text.splitlines(), lineterm="", n=0)
-                   if line.startswith("+") and not line.startswith("+++")]
+        changed = [
+            line[1:].strip()
+            for line in difflib.unified_diff(old.splitlines(), text.splitlines(), lineterm="", n=0)
+            if line.startswith("+") and not line.startswith("+++")
+        ]
         if changed:
             log.warning("--resume with a config that differs from the run's: %s", "; ".join(changed[:8]))
     write_text_atomic(path, text)
 
 
-def _save_final(model, tokenizer, run_dir: Path, checkpoints: Path) -> None:
-    """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir)."""
+def _save_final(
+    model, tokenizer, template: str, run_dir: Path, checkpoints: Path, adapter_state: dict | None = None
+) -> None:
+    """Tokenizer first, adapter last: a run directory counts as finished once adapter/ exists (rundir.is_run_dir).
+    `adapter_state`: the weights to save where rank 0's model cannot give them (checkpoints.final_adapter_state)."""
 
-    for name, save in (("tokenizer", lambda d: tokenizer.save_pretrained(d)),
-                       ("adapter", lambda d: model.save_pretrained(d, safe_serialization=True))):
+    def save_adapter(folder):
+        model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True)
+
+    for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d, template)), ("adapter", save_adapter)):
         try:
             with atomic_dir(run_dir / name) as tmp:
                 save(tmp)

@@ -13,11 +13,12 @@ from lorafit.config import RunConfig
 from lorafit.data.collate import make_collator
 from lorafit.data.prepare import prepare_data
 from lorafit.errors import ConfigError
+from lorafit.models.attention import training_attention
 from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
 from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
-from lorafit.runtime import is_main_process, pick_attention, resolve_precision
+from lorafit.runtime import fsdp_size, is_main_process, pick_attention, resolve_precision
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.callbacks import (
     KeepBestAdapter,
@@ -90,8 +91,9 @@ def make_callbacks(cfg: RunConfig, run_dir: Path, quiet: bool) -> RunCallbacks:
     )
 
 
-def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool = False, callbacks=None,
-              say=print) -> TrainingRun:
+def build_run(
+    cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool = False, callbacks=None, say=print
+) -> TrainingRun:
     """Tokenizer, data, model with LoRA, Trainer with our callbacks; restores counters when resuming."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
@@ -104,30 +106,59 @@ def build_run(cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool =
     check_training_config(cfg, prepared.validation is not None)
     say(data_line(prepared.stats))
     model = load_base_model(cfg.model)
+    attention = training_attention(model, pick_attention(cfg.model.attn_implementation))  # no L x L masks
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
     say(describe_parameters(trainable, total))
 
     own = make_callbacks(cfg, run_dir, quiet)
-    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=pick_attention(cfg.model.attn_implementation))
+    collator = make_collator(tokenizer, packed=cfg.data.packing, attn_implementation=attention)
     with tensorboard_dir(run_dir / "tensorboard"):
-        trainer = LorafitTrainer(model=model, args=training_arguments(cfg, run_dir, prepared.validation is not None),
-                                 train_dataset=prepared.train, eval_dataset=prepared.validation, data_collator=collator,
-                                 processing_class=tokenizer, callbacks=own.all() + list(callbacks or []),
-                                 loss_mode=cfg.training.loss, pad_token_id=tokenizer.pad_token_id, tokens=own.tokens, nan_guard=own.guard,
-                                 checkpoint_dir=run_dir / "checkpoints", checkpoint_keep=cfg.training.save_total_limit)
+        trainer = LorafitTrainer(
+            model=model,
+            args=training_arguments(cfg, run_dir, prepared.validation is not None),
+            train_dataset=prepared.train,
+            eval_dataset=prepared.validation,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=own.all() + list(callbacks or []),
+            loss_mode=cfg.training.loss,
+            pad_token_id=tokenizer.pad_token_id,
+            tokens=own.tokens,
+            nan_guard=own.guard,
+            checkpoint_dir=run_dir / "checkpoints",
+            checkpoint_keep=cfg.training.save_total_limit,
+        )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
     if cfg.lora.init == "eva" and last is None:
         init_eva(model, trainer, tokenizer.pad_token_id)
+    _restore_counters(own, last, resume)
+    return TrainingRun(
+        cfg=cfg,
+        run_dir=run_dir,
+        last=last,
+        tokenizer=tokenizer,
+        prepared=prepared,
+        model=model,
+        trainable=trainable,
+        total=total,
+        trainer=trainer,
+        tokens=own.tokens,
+        progress=own.progress,
+        guard=own.guard,
+        stopper=own.stopper,
+        best=own.best,
+    )
+
+
+def _restore_counters(own: RunCallbacks, last: Path | None, resume: bool) -> None:
+    """On resume: token counts from the checkpoint's manifest; the metrics curve continues from its step."""
     if last is not None:
         manifest = ckpt.read_manifest(last)
         own.tokens.restore(manifest.get("tokens", 0), manifest.get("trained_tokens", 0))
-    if resume:  # the curve continues from the checkpoint: records of steps after it are redone
+    if resume:  # records of steps after the checkpoint are redone
         own.metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
-    return TrainingRun(cfg=cfg, run_dir=run_dir, last=last, tokenizer=tokenizer, prepared=prepared, model=model,
-                       trainable=trainable, total=total, trainer=trainer, tokens=own.tokens, progress=own.progress,
-                       guard=own.guard, stopper=own.stopper, best=own.best)
 
 
 def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
@@ -138,8 +169,15 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
     if resolve_precision(t.precision) == "fp16" and not torch.cuda.is_available():
         problems.append("`training.precision: fp16` needs a CUDA GPU; on CPU use fp32 (or bf16).")
     if t.early_stopping_patience is not None and not (has_validation and t.eval_every > 0):
-        problems.append("`training.early_stopping_patience` needs validation data (`data.validation` or "
-                        "`data.val_fraction`) and `training.eval_every` > 0.")
+        problems.append(
+            "`training.early_stopping_patience` needs validation data (`data.validation` or "
+            "`data.val_fraction`) and `training.eval_every` > 0."
+        )
+    if fsdp_size() > 1 and cfg.lora.modules_to_save:
+        problems.append(
+            "`lora.modules_to_save` cannot be trained under FSDP: its full copies would be sharded too, "
+            "and lorafit saves only whole trainable weights. Remove it, or launch plain DDP (torchrun)."
+        )
     needs = {"paged_adamw_8bit": "bitsandbytes"} if t.optimizer == "paged_adamw_8bit" else {}
     needs.update({name: name for name in t.report_to})
     for what, package in needs.items():
@@ -147,7 +185,6 @@ def check_training_config(cfg: RunConfig, has_validation: bool) -> None:
             problems.append(f"`{what}` needs the `{package}` package: pip install {package}.")
     if problems:
         raise ConfigError("\n".join(problems))
-
 
 
 def init_eva(model, trainer, pad_id: int) -> None:
@@ -171,5 +208,10 @@ def init_eva(model, trainer, pad_id: int) -> None:
         with torch.no_grad():
             return m(**{k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}, use_cache=False)
 
-    initialize_lora_eva_weights(model, dataloader=trainer.get_train_dataloader(), forward_fn=forward,
-                                prepare_model_inputs_fn=positions, show_progress_bar=False)
+    initialize_lora_eva_weights(
+        model,
+        dataloader=trainer.get_train_dataloader(),
+        forward_fn=forward,
+        prepare_model_inputs_fn=positions,
+        show_progress_bar=False,
+    )

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 from lorafit.config import RunConfig
 from lorafit.hf_compat import check_trainer
 from lorafit.metrics import perplexity
-from lorafit.runtime import resolve_precision
+from lorafit.runtime import fsdp_size, resolve_precision
 from lorafit.train.callbacks import NanGuard, TokenCounter
 from lorafit.train.checkpoints import AtomicCheckpoints, staging_dir
 from lorafit.train.loss import trainer_compute_loss
@@ -31,8 +31,17 @@ from lorafit.train.loss import trainer_compute_loss
 class LorafitTrainer(AtomicCheckpoints, Trainer):
     """Trainer plus lorafit's loss, NaN guard, perplexity and atomic checkpoints; settings come in `__init__`."""
 
-    def __init__(self, *args, loss_mode: str, pad_token_id: int, tokens: TokenCounter, nan_guard: NanGuard,
-                 checkpoint_dir: Path, checkpoint_keep: int | None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_mode: str,
+        pad_token_id: int,
+        tokens: TokenCounter,
+        nan_guard: NanGuard,
+        checkpoint_dir: Path,
+        checkpoint_keep: int | None,
+        **kwargs,
+    ):
         check_trainer()
         self.loss_mode = loss_mode  # chunked | plain | liger (loss.MODES)
         self.pad_token_id = pad_token_id  # pads are not counted as real tokens
@@ -98,6 +107,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
         save_strategy="steps" if t.save_every > 0 else "no",
         save_steps=t.save_every if t.save_every > 0 else None,
         save_total_limit=None,  # we rotate ourselves, counting complete checkpoints only
+        save_only_model=fsdp_size() > 1,  # sharded at load: checkpoints.save_training_state writes the rest
         load_best_model_at_end=False,  # callbacks.KeepBestAdapter does it without extra checkpoints
         report_to=list(t.report_to) or "none",
         remove_unused_columns=False,  # our collator needs seq_lengths; Trainer would drop it
