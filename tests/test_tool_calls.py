@@ -295,8 +295,19 @@ def test_cli_tools_options(tiny_run_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Weather in Oslo?"}) + "\n")
     out = tmp_path / "out.jsonl"
-    result = run_cli("generate", str(tiny_run_dir), "--prompts", str(prompts), "--out", str(out), "--tools", str(tools),
-                     "--max-new-tokens", "3", timeout=300)
+    result = run_cli(
+        "generate",
+        str(tiny_run_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--tools",
+        str(tools),
+        "--max-new-tokens",
+        "3",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["prompt"] == "Weather in Oslo?"
     missing = run_cli("chat", str(tiny_run_dir), "--tools", str(tmp_path / "none.json"))
