@@ -285,3 +285,30 @@ def test_compare_scores_tool_calls(tiny_run_dir, tmp_path):
     assert tools["rows"] == 4 and tools["base"]["expected_calls"] == 3 and tools["base"]["no_call_expected"] == 1
     assert result["answers"][0]["reference"] == '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
     assert 0 <= tools["tuned"]["exact_calls"] <= tools["tuned"]["valid_calls"] <= 3
+
+
+def test_cli_tools_options(tiny_run_dir, tmp_path):
+    from helpers import run_cli
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Weather in Oslo?"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli(
+        "generate",
+        str(tiny_run_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--tools",
+        str(tools),
+        "--max-new-tokens",
+        "3",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["prompt"] == "Weather in Oslo?"
+    missing = run_cli("chat", str(tiny_run_dir), "--tools", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "tools file" in missing.stderr and "Traceback" not in missing.stderr
