@@ -170,17 +170,19 @@ def counted(work: Path) -> list[dict]:
 
 
 def plan_runs() -> list[tuple]:
-    """(size, domain, seed, config label, config sections, lorafit source) in the order they run: the acceptance check
-    and the defaults first, then the old defaults, the alternatives the defaults were chosen over, packing off."""
+    """(size, domain, seed, config label, config sections, lorafit source) in the order they run, most telling
+    first (an interrupted sweep keeps what it measured): the acceptance check, the old defaults at 40, the defaults
+    at each size, packing off, then demo.yaml's old settings and the alternatives the defaults were chosen over."""
     domain, size, seed = ACCEPTANCE
     runs = [
         (size, domain, seed, "acceptance: default", {}, "new"),
         (size, domain, seed, "acceptance: configs/demo.yaml", demo_extra(), "new"),
-        (size, domain, seed, OLD_DEMO[0], OLD_DEMO[1], "new"),
+        (40, SIZES[40], 0, "before", {}, "before"),
     ]
     runs += [(n, SIZES[n], 0, "default (packing on)", {}, "new") for n in SIZES]
-    runs += [(n, SIZES[n], 0, "before", {}, "before") for n in BEFORE_SIZES]
     runs += [(n, SIZES[n], 0, "packing off", {"data": {"packing": False}}, "new") for n in PACKING_OFF_SIZES]
+    runs += [(n, SIZES[n], 0, "before", {}, "before") for n in BEFORE_SIZES if n != 40]
+    runs += [(size, domain, seed, OLD_DEMO[0], OLD_DEMO[1], "new")]
     runs += [(40, SIZES[40], 0, label, {"training": fields}, "new") for label, fields in CHOICES]
     return runs
 
