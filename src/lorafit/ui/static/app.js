@@ -68,7 +68,7 @@ async function watchRun(name) {
   const tick = async () => {
     let r;
     try { r = await api("/api/runs/" + encodeURIComponent(name)); }
-    catch (e) { $("#run-state").textContent = e.message; clearInterval(timer); return; }
+    catch (e) { $("#run-state").textContent = "waiting for the run to start: " + e.message; return; }  // keep polling
     const lv = r.live;
     $("#run-state").textContent = lv.state;
     $("#run-report").style.display = r.report ? "" : "none";
