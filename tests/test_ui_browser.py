@@ -112,16 +112,20 @@ def test_data_view_checks_and_pages(page, tmp_path, tiny_chat_model):
         assert "capital of Quillmoor" in page.inner_text("#data-examples .ex >> nth=0")
         page.click("#ex-next")
         page.wait_for_selector("#ex-range:has-text('examples 6–10 of 75')")
-        assert page.inner_text("#data-examples .ex >> nth=0 >> span.sub").endswith("train.jsonl:6 · " + page.inner_text(
-            "#data-examples .ex >> nth=0 >> span.sub").split("· ")[-1])
+        assert page.inner_text("#data-examples .ex >> nth=0 >> span.sub").split(" · ")[0].endswith("train.jsonl:6")
         shot(page, "data")
 
 
 def test_train_view_field_errors_plan_start_and_stop(page, tmp_path, tiny_chat_model):
     """A real `lorafit train` started from the form, watched live, and stopped by the button into a checkpoint."""
     runs = tmp_path / "runs"
-    config = tiny_config(tmp_path, tiny_chat_model, name="ui-run", n_train=16, training={"max_steps": 5000,
-                         "logging_steps": 1, "save_every": 1000})
+    config = tiny_config(
+        tmp_path,
+        tiny_chat_model,
+        name="ui-run",
+        n_train=16,
+        training={"max_steps": 5000, "logging_steps": 1, "save_every": 1000},
+    )
     with serving(runs, tmp_path) as (url, app):
         page.goto(url + "/#train")
         page.fill("#train-config", str(config))
@@ -161,8 +165,9 @@ def test_chat_view_base_and_tuned(page, tmp_path, tiny_run_dir):
         page.fill("#chat-max", "6")
         page.fill("#chat-input", "Tell me about Quillmoor.")
         page.click("#chat-send")
-        page.wait_for_function("!document.querySelector('#chat-send').disabled && "
-                               "document.querySelector('#chat-tuned .answer')")
+        page.wait_for_function(
+            "!document.querySelector('#chat-send').disabled && document.querySelector('#chat-tuned .answer')"
+        )
         page.wait_for_function("!document.querySelector('#chat-send').disabled")
         base, tuned = page.inner_text("#chat-base .answer"), page.inner_text("#chat-tuned .answer")
         assert base.strip() and tuned.strip()

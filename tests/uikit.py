@@ -46,8 +46,15 @@ def write_run(run: Path, steps: int = 20, model: str = "tiny", finished: bool = 
     if finished:
         (run / "adapter").mkdir(exist_ok=True)
         (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
-        summary = {"model": model, "steps": steps, "train_loss": 1.25, "eval_loss": 1.1, "tokens_per_second": 900.0,
-                   "peak_memory_bytes": 3 * 2**30, "seconds": 42.0}
+        summary = {
+            "model": model,
+            "steps": steps,
+            "train_loss": 1.25,
+            "eval_loss": 1.1,
+            "tokens_per_second": 900.0,
+            "peak_memory_bytes": 3 * 2**30,
+            "seconds": 42.0,
+        }
         (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     return run
 
@@ -55,9 +62,18 @@ def write_run(run: Path, steps: int = 20, model: str = "tiny", finished: bool = 
 def write_status(run: Path, pid: int, step: int, max_steps: int, elapsed: float = 10.0) -> None:
     """status.json as train/status.py writes it; `elapsed` seconds between the start and this update."""
     started = time.time()  # after the process was created, as in training (the UI checks that against pid reuse)
-    status = {"pid": pid, "host": socket.gethostname(), "phase": "training", "step": step, "max_steps": max_steps,
-              "first_step": 0, "started": started, "updated": started + elapsed, "memory_bytes": 2**30,
-              "memory_kind": "process RSS"}
+    status = {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "phase": "training",
+        "step": step,
+        "max_steps": max_steps,
+        "first_step": 0,
+        "started": started,
+        "updated": started + elapsed,
+        "memory_bytes": 2**30,
+        "memory_kind": "process RSS",
+    }
     (run / "status.json").write_text(json.dumps(status), encoding="utf-8")
 
 

@@ -39,7 +39,9 @@ def check_history(history) -> list[dict]:
     if not isinstance(history, list) or not history:
         raise DataError("`history` must be a non-empty list of {role, content} messages.")
     for m in history:
-        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool") and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool") and isinstance(m.get("content"), str)
+        ):
             raise DataError("every message needs a `role` (user, assistant or tool) and a string `content`.")
     if history[-1]["role"] not in ("user", "tool"):
         raise DataError("the conversation must end with a user (or tool) message to answer.")
@@ -77,7 +79,6 @@ class ChatModels:
         worker.start()
         return _drain(q)
 
-
     def _answer(self, name, side, history, system, max_new_tokens, q: queue.Queue) -> None:
         from lorafit.inference.chat import reply
         from lorafit.inference.tool_calls import parse_tool_call
@@ -102,4 +103,3 @@ def _drain(q: queue.Queue) -> Iterator[str]:
         else:
             yield json.dumps(value) + "\n"
             return
-

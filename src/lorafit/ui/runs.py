@@ -29,8 +29,10 @@ def _read_json(path: Path) -> dict:
 
 
 def is_run(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and any(
-        (path / name).exists() for name in ("config.yaml", "metrics.jsonl", STATUS_FILE)
+    return (
+        path.is_dir()
+        and not path.name.startswith(".")
+        and any((path / name).exists() for name in ("config.yaml", "metrics.jsonl", STATUS_FILE))
     )
 
 

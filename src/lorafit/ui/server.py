@@ -55,7 +55,9 @@ async def _body(request: Request) -> dict:
     return body
 
 
-def _routes(state: UiState) -> list:
+def _run_routes(state: UiState) -> list:
+    """The page, its static files, and the Runs and live views' endpoints."""
+
     async def index(request):
         return FileResponse(STATIC / "index.html")
 
@@ -73,6 +75,19 @@ def _routes(state: UiState) -> list:
     async def run_file(request):
         p = request.path_params
         return FileResponse(run_views.served_file(state.runs, p["name"], p["file"]))
+
+    return [
+        Route("/", index),
+        Route("/api/runs", runs_list),
+        Route("/api/runs/{name}", run_detail),
+        Route("/api/runs/{name}/stop", run_stop, methods=["POST"]),
+        Route("/runs/{name}/{file:path}", run_file),
+        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+    ]
+
+
+def _tool_routes(state: UiState) -> list:
+    """The Data, Train and Chat views' endpoints."""
 
     async def data_files(request):
         return JSONResponse({"files": await run_in_threadpool(candidates, state.root), "cwd": str(state.root)})
@@ -115,11 +130,6 @@ def _routes(state: UiState) -> list:
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     return [
-        Route("/", index),
-        Route("/api/runs", runs_list),
-        Route("/api/runs/{name}", run_detail),
-        Route("/api/runs/{name}/stop", run_stop, methods=["POST"]),
-        Route("/runs/{name}/{file:path}", run_file),
         Route("/api/files", data_files),
         Route("/api/data/check", data_check, methods=["POST"]),
         Route("/api/data/examples", data_examples),
@@ -128,7 +138,6 @@ def _routes(state: UiState) -> list:
         Route("/api/train/start", train_start, methods=["POST"]),
         Route("/api/chat/{name}", chat_info),
         Route("/api/chat/{name}/answer", chat_answer, methods=["POST"]),
-        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
 
 
@@ -143,7 +152,7 @@ def build_app(runs: str | Path, root: str | Path | None = None, hosts: list[str]
         return JSONResponse({"error": f"a number was expected: {err}", "hint": None}, status_code=400)
 
     app = Starlette(
-        routes=_routes(state),
+        routes=_run_routes(state) + _tool_routes(state),
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts or LOCAL_HOSTS)],
         exception_handlers={LorafitError: lorafit_error, ValueError: bad_number},
     )
