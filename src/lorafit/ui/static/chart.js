@@ -11,12 +11,13 @@ function lineChart(el, series, opts = {}) {
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R), sy = y => T + (y1 - y) / (y1 - y0) * (H - T - B);
+  const intX = pts.every(p => Number.isInteger(p[0])) && x1 - x0 >= 4;  // steps: whole numbers on the axis
   const parts = [`<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="${opts.label || "chart"}">`];
   for (let k = 0; k <= 4; k++) {
     const y = y0 + (y1 - y0) * k / 4, x = x0 + (x1 - x0) * k / 4;
     parts.push(`<line x1="${L}" x2="${W - R}" y1="${sy(y)}" y2="${sy(y)}" stroke="#eceef2"/>`,
       `<text x="${L - 6}" y="${sy(y) + 4}" font-size="11" text-anchor="end" fill="#5b6472">${fmt(y)}</text>`,
-      `<text x="${sx(x)}" y="${H - 16}" font-size="11" text-anchor="middle" fill="#5b6472">${fmt(x)}</text>`);
+      `<text x="${sx(x)}" y="${H - 16}" font-size="11" text-anchor="middle" fill="#5b6472">${fmt(intX ? Math.round(x) : x)}</text>`);
   }
   parts.push(`<text x="${(L + W) / 2}" y="${H - 2}" font-size="11" text-anchor="middle" fill="#5b6472">${opts.xlabel || "step"}</text>`);
   series.forEach((s, i) => {
@@ -25,8 +26,10 @@ function lineChart(el, series, opts = {}) {
     parts.push(`<path class="series" data-name="${esc(s.name)}" d="${d}" fill="none" stroke="${c}" stroke-width="1.8"/>`);
     if (s.points.length < 60 || s.dots) s.points.forEach(p => parts.push(
       `<circle cx="${sx(p[0])}" cy="${sy(p[1])}" r="2.5" fill="${c}"><title>${esc(s.name)} step ${p[0]}: ${fmt(p[1])}</title></circle>`));
-    parts.push(`<rect x="${L + 8 + 150 * i}" y="${T + 2}" width="10" height="10" fill="${c}"/>`,
-      `<text x="${L + 22 + 150 * i}" y="${T + 11}" font-size="11">${esc(s.name)}</text>`);
+    const lx = W - R - 150 * (series.length - i);  // legend top right, on a white box over the grid
+    parts.push(`<rect x="${lx - 4}" y="${T}" width="148" height="16" fill="#fff" opacity="0.85"/>`,
+      `<rect x="${lx}" y="${T + 3}" width="10" height="10" fill="${c}"/>`,
+      `<text x="${lx + 14}" y="${T + 12}" font-size="11">${esc(s.name)}</text>`);
   });
   el.innerHTML = parts.join("") + "</svg>";
 }
@@ -34,7 +37,7 @@ function lineChart(el, series, opts = {}) {
 function fmt(v) {
   if (v === null || v === undefined) return "–";
   const a = Math.abs(v);
-  if (a >= 1e4) return Math.round(v).toLocaleString("en");
+  if (a >= 1e4 || (Number.isInteger(v) && a >= 1)) return Math.round(v).toLocaleString("en");
   return a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(3) : v.toPrecision(3);
 }
 
