@@ -42,7 +42,7 @@ def page(chromium):
 def test_runs_view_overlay_and_report(page, tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "first", steps=20)
-    write_run(runs / "second", steps=30)
+    write_run(runs / "second", steps=30, scale=0.7)
     (runs / "first" / "report.html").write_text("<h1>report of first</h1>")
     with serving(runs, tmp_path) as (url, _):
         page.goto(url + "/#runs")

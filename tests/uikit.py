@@ -16,7 +16,7 @@ from pathlib import Path
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def write_metrics(run: Path, steps: range, with_eval: bool = True) -> None:
+def write_metrics(run: Path, steps: range, with_eval: bool = True, scale: float = 1.0) -> None:
     """Append training records (and an eval every 5 steps) as MetricsCallback writes them."""
     run.mkdir(parents=True, exist_ok=True)
     with (run / "metrics.jsonl").open("a", encoding="utf-8") as f:
@@ -25,7 +25,7 @@ def write_metrics(run: Path, steps: range, with_eval: bool = True) -> None:
                 json.dumps(
                     {
                         "step": step,
-                        "loss": 3.0 / step**0.5,
+                        "loss": scale * 3.0 / step**0.5,
                         "learning_rate": 1e-3,
                         "tokens": step * 500,
                         "trained_tokens": step * 200,
@@ -38,11 +38,11 @@ def write_metrics(run: Path, steps: range, with_eval: bool = True) -> None:
                 f.write(json.dumps({"step": step, "eval_loss": 2.5 / step**0.4}) + "\n")
 
 
-def write_run(run: Path, steps: int = 20, model: str = "tiny", finished: bool = True) -> Path:
+def write_run(run: Path, steps: int = 20, model: str = "tiny", finished: bool = True, scale: float = 1.0) -> Path:
     """A run directory as `lorafit train` leaves it: config, metrics, and (finished) summary + adapter config."""
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(f"model:\n  name: {model}\n", encoding="utf-8")
-    write_metrics(run, range(1, steps + 1))
+    write_metrics(run, range(1, steps + 1), scale=scale)
     if finished:
         (run / "adapter").mkdir(exist_ok=True)
         (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
