@@ -88,7 +88,8 @@ async function watchRun(name) {
       {name: "validation", points: r.validation.map(p => [p[0], p[1]]), dots: true},
     ], {label: "loss"});
     lineChart($("#lr-chart"), [{name: "learning rate", points: r.learning_rate}], {height: 160, label: "lr"});
-    if (!["training", "saving"].includes(lv.state)) clearInterval(timer);
+    // "incomplete": no status.json yet (a run still loading its model) or a run that died: keep watching
+    if (["finished", "stopped"].includes(lv.state)) clearInterval(timer);
   };
   await tick();
   timer = setInterval(tick, 1500);
