@@ -32,7 +32,9 @@ install: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lorafit demo
 
-# Debian's chromium renders report.html in tests/test_report.py (~110 s the first time: apt-get update + install).
+# Debian's chromium renders report.html in tests/test_report.py and runs the `lorafit ui` tests (tests/test_ui_browser.py,
+# driven by Playwright from the test extra with executable_path=/usr/bin/chromium: no browser download, no other apt
+# package). ~110 s the first time: apt-get update + install.
 test-system-deps:
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 

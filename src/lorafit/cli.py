@@ -274,6 +274,18 @@ def report(run_dir: str = typer.Argument(..., help="Run directory written by `lo
     print(write_report(run_dir))
 
 
+@app.command()
+def ui(
+    runs: str = typer.Option("runs", "--runs", help="Runs folder to list and watch (where `lorafit train` writes)."),
+    port: int = typer.Option(7860, "--port", help="Port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; only change it on a trusted network."),
+):
+    """Local web app: check data, start and watch runs live (Stop saves a checkpoint), list runs, chat base vs tuned."""
+    from lorafit.ui.server import serve
+
+    serve(runs, host=host, port=port)
+
+
 @app.command("config-reference")
 def config_reference():
     """Print every config field with its default and meaning (Markdown)."""

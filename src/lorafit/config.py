@@ -328,7 +328,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        error = ConfigError(_format_errors(err, source))
+        error.fields = {".".join(str(p) for p in e["loc"]) or "": e["msg"] for e in err.errors()}  # for `lorafit ui`
+        raise error from None
     if path is not None and cfg.output.name is None:
         try:
             cfg.output.name = Path(path).stem

@@ -37,6 +37,11 @@ th{background:#eef1f5;font-weight:600}td.k{color:#5b6472;white-space:nowrap;widt
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
 img{max-width:100%;background:#fff;border:1px solid #d9dde3;border-radius:8px}
 .gen td{width:33%}.muted{color:#8a93a1}
+table.inner{border:0;background:none}table.inner td,table.inner th{padding:2px 6px}ul{margin:0;padding-left:18px}
+.scroll{overflow-x:auto;max-width:100%}td{overflow-wrap:anywhere}
+@media (max-width:640px){main{padding:12px}td.k{white-space:normal}
+.gen tr,.gen td,.gen th{display:block;width:auto}.gen tr:first-child{display:none}
+.gen td:nth-child(2)::before{content:"base: ";color:#5b6472}.gen td:nth-child(3)::before{content:"tuned: ";color:#5b6472}}
 """
 
 
@@ -107,14 +112,28 @@ def plot_losses(metrics: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _table(rows: list[tuple[str, object]]) -> str:
+def _table(rows: list[tuple[str, object]], cls: str = "") -> str:
     body = "".join(f"<tr><td class=k>{html.escape(str(k))}</td><td>{_cell(v)}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+    return f"<table{' class=' + cls if cls else ''}>{body}</table>"
+
+
+def _records(rows: list[dict]) -> str:
+    """A list of records (data sources, histogram buckets) as one table with a header row."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<div class=scroll><table class=inner><tr>{head}</tr>{body}</table></div>"
 
 
 def _cell(value) -> str:
-    if isinstance(value, (dict, list)):
-        return f"<pre>{html.escape(json.dumps(value, indent=1, default=str))}</pre>"
+    """A value as HTML: nested dicts as tables, lists of records as tables, other lists as bullet lists."""
+    if isinstance(value, dict):
+        return _table(list(value.items()), "inner") if value else "<span class=muted>(none)</span>"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return _records(value)
+    if isinstance(value, list):
+        items = "".join(f"<li>{_cell(v)}</li>" for v in value)
+        return f"<ul>{items}</ul>" if value else "<span class=muted>(none)</span>"
     if isinstance(value, float):
         return html.escape(f"{value:,.4g}")
     if isinstance(value, int) and not isinstance(value, bool):
@@ -233,7 +252,7 @@ def build_html(run_dir: Path, png: Path | None) -> str:
 <h2>Held-out answers</h2>
 {_heldout(read_answers(run_dir))}
 <h2>Data</h2>
-{_table(list(data.items())) if data else "<p class=muted>No data statistics.</p>"}
+{_table(list(data.items()), "data") if data else "<p class=muted>No data statistics.</p>"}
 <h2>Throughput and memory</h2>
 {_table(throughput)}
 <h2>Config</h2>

@@ -31,7 +31,7 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 def data_check(target: str, model: str | None, max_length: int | None, as_json: bool) -> int:
     """Check a data file/glob/folder or a run config; print the report; return the exit code."""
     try:
-        cfg, model_name, tokenizer_name = _load_target(target, model, max_length)
+        cfg, model_name, tokenizer_name = load_target(target, model, max_length)
         report = build_report(cfg.data, model_name, tokenizer_name, cfg)
     except LorafitError as err:
         if as_json:
@@ -45,7 +45,7 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
     return 0 if report["ok"] else 2
 
 
-def _load_target(target: str, model: str | None, max_length: int | None):
+def load_target(target: str, model: str | None, max_length: int | None):
     """(run config, model name, tokenizer name): a config file's, or the defaults around a data file."""
 
     overrides = [f"data.max_length={max_length}"] if max_length else []
@@ -166,8 +166,12 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     rows = valid_rows([source])
     if not len(rows):
         return None
-    row = rows[_first_tool_row(rows)]
     encoder = Encoder(tokenizer, template, data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message)
+    return example_spans(encoder, tokenizer, rows[_first_tool_row(rows)])
+
+
+def example_spans(encoder, tokenizer, row: dict) -> dict:
+    """One valid row encoded as training encodes it: runs of text, each trained or masked (`lorafit ui` pages them)."""
     messages = json.loads(row["messages"]) if row["messages"] else None
     tools = json.loads(row["tools"]) if row["tools"] else None
     ids, labels = encoder.encode_batch([messages], [row["text"]], [tools])[0]

@@ -30,6 +30,7 @@ from lorafit.train.callbacks import (
     TokenCounter,
 )
 from lorafit.train.schedule import Schedule, add_layout, plan_schedule
+from lorafit.train.status import RunStatus
 from lorafit.train.trainer import LorafitTrainer, main_process_first, tensorboard_dir, training_arguments
 
 log = logging.getLogger("lorafit")
@@ -71,11 +72,12 @@ class RunCallbacks:
     stopper: StopOnSignal
     best: KeepBestAdapter | None
     patience: int | None  # early stopping's, when it is on
+    status: RunStatus | None = None  # status.json for `lorafit ui`
 
     def all(self) -> list:
         from transformers import EarlyStoppingCallback
 
-        own = [self.metrics, self.progress, self.guard, self.stopper]
+        own = [self.metrics, self.progress, self.guard, self.stopper] + ([self.status] if self.status else [])
         if self.best is None:
             return own
         patience = EarlyStoppingCallback(early_stopping_patience=self.patience)
@@ -93,6 +95,7 @@ def make_callbacks(cfg: RunConfig, run_dir: Path, quiet: bool) -> RunCallbacks:
         stopper=StopOnSignal(),
         best=KeepBestAdapter() if patience is not None else None,
         patience=patience,
+        status=RunStatus(run_dir, enabled=main),
     )
 
 

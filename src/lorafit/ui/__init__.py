@@ -1,0 +1,1 @@
+"""`lorafit ui`: the local web app (server.py) and what its views read and do."""
