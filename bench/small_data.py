@@ -195,6 +195,12 @@ def main() -> None:
         "--quick", action="store_true", help="Smoke test: one 20-conversation default run, no BENCHMARKS.md."
     )
     p.add_argument("--report-only", action="store_true", help="Rewrite the table from WORK's results; train nothing.")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="Only these runs, in this order: comma-separated indices into the plan (a second "
+        "process on the same --work with --resume shares the results: each skips what the other finished).",
+    )
     a = p.parse_args()
     if a.report_only:
         rows = [json.loads(line) for line in (a.work / "results.jsonl").read_text().splitlines()]
@@ -208,7 +214,11 @@ def main() -> None:
         if not a.resume:
             results.write_text("")
         counts = None if a.quick else counted(work)
-        for size, domain, seed, label, extra, source in plan_runs()[:1] if a.quick else plan_runs():
+        plan = plan_runs()
+        plan = [plan[int(i)] for i in a.runs.split(",")] if a.runs else plan
+        for size, domain, seed, label, extra, source in plan[:1] if a.quick else plan:
+            if a.resume and results.exists():  # another process may have finished runs meanwhile
+                done = [json.loads(line) for line in results.read_text().splitlines()]
             run_one(work, results, done, size, domain, seed, label, extra, source)
             if not a.quick:  # the table grows with every run, so an interrupted sweep still shows what it measured
                 write_report([json.loads(line) for line in results.read_text().splitlines()], counts)
