@@ -128,3 +128,88 @@ def test_train_form_field_errors_and_plan(client, tmp_path, tiny_chat_model, run
     assert good["plan"]["samples_per_step"] == 2 and good["plan"]["schedule_line"].startswith("schedule: 16 samples")
     taken = client.post("/api/train/validate", json={"config": str(config), "changes": {"output.name": "alpha"}}).json()
     assert not taken["ok"] and "exists" in taken["fields"]["output.name"]
+
+
+def test_chat_tools_reach_the_prompt_as_in_lorafit_chat(tmp_path, tiny_run_dir):
+    """Tools from the Chat view's box render into the prompt token for token as `lorafit chat RUN --tools FILE` does,
+    and a call with its result continues the conversation as the CLI continues it."""
+    import io
+    import shutil
+
+    from lorafit.data.templates import encode_prompt, with_system
+    from lorafit.inference.chat import chat
+    from lorafit.inference.tool_calls import call_message, read_tools_file
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run_dir, runs / "tiny")
+    client = TestClient(build_app(runs, root=ROOT), base_url="http://127.0.0.1")
+    client.get("/api/chat/tiny")
+    loaded = client.app.state.ui.chat.loaded["tiny"]
+    prompts, generate = [], loaded.model.generate
+    loaded.model.generate = lambda **kw: prompts.append(kw["input_ids"][0].tolist()) or generate(**kw)
+    tools_file = ROOT / "examples" / "tools" / "tools.json"
+    tools = read_tools_file(str(tools_file))
+    question = "When does the ferry leave Brindle on monday?"
+
+    def answer(history, tools_box):
+        body = {"side": "tuned", "history": history, "system": "Be brief.", "max_new_tokens": 2, "tools": tools_box}
+        r = client.post("/api/chat/tiny/answer", json=body)
+        assert r.status_code == 200, r.text
+        assert "error" not in json.loads(r.text.strip().splitlines()[-1])
+        return prompts[-1]
+
+    def expected(history, with_tools):
+        spec = tools if with_tools else None
+        rendered = with_system(history, "Be brief.")
+        return encode_prompt(loaded.tokenizer, rendered, loaded.template, spec, loaded.tools_in_user_message)
+
+    user = [{"role": "user", "content": question}]
+    by_path = answer(user, "examples/tools/tools.json")  # relative to the folder the UI was started in
+    assert by_path == expected(user, True) and "ferry_times" in loaded.tokenizer.decode(by_path)
+    assert answer(user, tools_file.read_text()) == by_path  # pasted JSON: the same prompt
+    assert answer(user, "") == expected(user, False) != by_path
+    cli_in = io.StringIO(question + "\n")
+    chat(
+        str(runs / "tiny"),
+        "Be brief.",
+        2,
+        input_stream=cli_in,
+        output=io.StringIO(),
+        loaded=loaded,
+        tools_file=str(tools_file),
+    )
+    assert prompts[-1] == by_path  # what `lorafit chat RUN --system "Be brief." --tools FILE` sends the model
+    call = {"name": "ferry_times", "arguments": {"island": "Brindle", "day": "monday"}}
+    turns = user + [call_message(call), {"role": "tool", "content": "09:40 and 15:10"}]
+    assert answer(turns, str(tools_file)) == expected(turns, True)
+
+
+def test_chat_tools_box_errors(client, tmp_path):
+    good = tmp_path / "tools.json"
+    good.write_text((ROOT / "examples" / "tools" / "tools.json").read_text())
+    names = client.post("/api/tools/check", json={"tools": "tools.json"}).json()["tools"]
+    assert names == ["ferry_times", "otter_census", "book_lantern_hall"]
+    assert client.post("/api/tools/check", json={"tools": ""}).json()["tools"] == []
+    (tmp_path / "broken.json").write_text('[{"name": "x",')
+    (tmp_path / "nameless.json").write_text('[{"description": "no name"}]')
+    for box, words in (
+        ("broken.json", "broken JSON"),
+        ("nameless.json", "nameless.json: `tools[0]"),
+        ("missing.json", "does not exist"),
+        ('[{"name": 3}]', "the pasted tools"),
+    ):
+        r = client.post("/api/tools/check", json={"tools": box})
+        assert r.status_code == 400 and words in r.json()["error"], (box, r.json())
+    refused = client.post("/api/chat/alpha/answer", json={"history": [{"role": "user", "content": "hi"}], "tools": "x"})
+    assert refused.status_code == 400 and "does not exist" in refused.json()["error"]
+
+
+def test_data_check_max_length_override(client, tiny_chat_model):
+    data = str(ROOT / "examples" / "train.jsonl")
+    full = client.post("/api/data/check", json={"target": data, "model": str(tiny_chat_model)}).json()
+    short = client.post("/api/data/check", json={"target": data, "model": str(tiny_chat_model), "max_length": "60"})
+    short = short.json()
+    assert full["dropped_too_long"] == 0 and short["max_length"] == 60
+    assert 0 < short["dropped_too_long"] < 75 and short["train_samples"] == 75 - short["dropped_too_long"]
+    bad = client.post("/api/data/check", json={"target": data, "max_length": "-3"})
+    assert bad.status_code == 400 and "`max_length`" in bad.json()["error"]

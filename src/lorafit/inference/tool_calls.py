@@ -85,18 +85,23 @@ def read_tools_file(path: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"tools file {p} does not exist.", "Pass a JSON file holding a list of tool schemas.")
+    return tools_from_text(p.read_text(encoding="utf-8"), str(p))
+
+
+def tools_from_text(text: str, where: str) -> dict:
+    """Tools as JSON text (a file's, or pasted in `lorafit ui`), checked as --tools checks a file; WHERE names it."""
     try:
-        value = json.loads(p.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except ValueError as err:
         raise DataError(
-            f"{p}: broken JSON ({getattr(err, 'msg', err)}).", "Write the tools as one JSON list."
+            f"{where}: broken JSON ({getattr(err, 'msg', err)}).", "Write the tools as one JSON list."
         ) from None
     row = value if isinstance(value, dict) and ("tools" in value or "builtin_tools" in value) else {"tools": value}
     spec, problems = row_tools(row)
     if problems or spec is None:
         reason = "; ".join(f"`{f}`: {r}" for f, r in problems) or "no tools in it"
         raise DataError(
-            f"{p}: {reason}.",
+            f"{where}: {reason}.",
             'Use [{"name": ..., "description": ..., "parameters": {...}}, ...] '
             '(or OpenAI\'s {"type": "function", "function": {...}} form).',
         )

@@ -2,7 +2,8 @@
 
 The model is loaded once per run with the adapter kept separate (not merged): the tuned answer is the PEFT model,
 the base answer the same model inside `disable_adapter()`. Answers come from inference/chat.py's `reply`, so the
-prompt format, system prompt and stopping rule are the ones `lorafit chat` uses.
+prompt format, system prompt and stopping rule are the ones `lorafit chat` uses; tools (a file's path or pasted
+JSON, checked as `lorafit chat --tools FILE` checks its file) are rendered into the prompt the same way too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
+from lorafit.data.tools import tool_name
 from lorafit.errors import DataError
+from lorafit.inference.tool_calls import parse_tool_call, prompt_conversation, read_tools_file, tools_from_text
+from lorafit.paths import user_path
 from lorafit.ui.runs import run_path
 
 SIDES = ("base", "tuned")
@@ -36,16 +40,49 @@ class _QueueOut:
 
 
 def check_history(history) -> list[dict]:
+    """The conversation to answer, normalised as training normalises turns (tool calls and results included)."""
     if not isinstance(history, list) or not history:
         raise DataError("`history` must be a non-empty list of {role, content} messages.")
     for m in history:
-        if not (
-            isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool") and isinstance(m.get("content"), str)
-        ):
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool")):
             raise DataError("every message needs a `role` (user, assistant or tool) and a string `content`.")
     if history[-1]["role"] not in ("user", "tool"):
         raise DataError("the conversation must end with a user (or tool) message to answer.")
-    return history
+    return prompt_conversation(history, "`history`")
+
+
+def load_tools(value, root: Path) -> dict | None:
+    """The Chat view's tools box: empty (no tools), pasted JSON, or a JSON file's path (relative to ROOT), read and
+    checked exactly as `lorafit chat --tools FILE` reads its file."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError("`tools` must be text: the path of a JSON file of tool schemas, or that JSON itself.")
+    text = value.strip()
+    if not text:
+        return None
+    if text[0] in "[{":
+        return tools_from_text(text, "the pasted tools")
+    path = user_path(text)
+    path = path if path.is_absolute() else root / path
+    try:
+        return read_tools_file(str(path))
+    except UnicodeDecodeError:
+        raise DataError(f"tools file {path} is not UTF-8 text.", "Pass a JSON file of tool schemas.") from None
+
+
+def tool_names(tools: dict | None) -> list[str]:
+    """What the page lists under the tools box (the CLI prints the same line when it starts)."""
+    if not tools:
+        return []
+    return [tool_name(t) or "?" for t in tools.get("tools") or []] + list(tools.get("builtin_tools") or [])
+
+
+def end_message(side: str, answer: str) -> dict:
+    """The stream's last line: the whole answer and, when it is a tool call, the call parsed as `lorafit chat` and
+    `lorafit generate` parse it ({"name", "arguments"}), or why a call-like answer cannot be read."""
+    call, problem = parse_tool_call(answer)
+    return {"done": True, "side": side, "answer": answer, "tool_call": call, "tool_problem": problem}
 
 
 class ChatModels:
@@ -66,31 +103,31 @@ class ChatModels:
             loaded = self._get(name)
         return {"name": name, "system": loaded.system_prompt or "", "template": loaded.template}
 
-    def stream(self, name: str, side: str, history, system: str | None, max_new_tokens: int) -> Iterator[str]:
-        """NDJSON lines: {"text": ...} as tokens arrive, then {"done": true, "answer", "tool_call"}."""
+    def stream(
+        self, name: str, side: str, history, system: str | None, max_new_tokens: int, tools: dict | None = None
+    ) -> Iterator[str]:
+        """NDJSON lines: {"text": ...} as tokens arrive, then `end_message`'s {"done": true, "answer", "tool_call"}."""
         if side not in SIDES:
             raise DataError(f"`side` must be base or tuned, got {side!r}.")
         history = check_history(history)
         run_path(self.runs, name)  # refuse an unknown run before starting a thread
         q: queue.Queue = queue.Queue()
         worker = threading.Thread(
-            target=self._answer, args=(name, side, history, system, max_new_tokens, q), daemon=True
+            target=self._answer, args=(name, side, history, system, max_new_tokens, tools, q), daemon=True
         )
         worker.start()
         return _drain(q)
 
-    def _answer(self, name, side, history, system, max_new_tokens, q: queue.Queue) -> None:
+    def _answer(self, name, side, history, system, max_new_tokens, tools, q: queue.Queue) -> None:
         from lorafit.inference.chat import reply
-        from lorafit.inference.tool_calls import parse_tool_call
 
         try:
             with self.lock:
                 loaded = self._get(name)
                 adapter_off = loaded.model.disable_adapter() if side == "base" else nullcontext()
                 with adapter_off:
-                    answer, _ = reply(loaded, history, system or None, max_new_tokens, 0.0, _QueueOut(q))
-            call, problem = parse_tool_call(answer)
-            q.put(("end", {"done": True, "side": side, "answer": answer, "tool_call": call, "tool_problem": problem}))
+                    answer, _ = reply(loaded, history, system or None, max_new_tokens, 0.0, _QueueOut(q), tools)
+            q.put(("end", end_message(side, answer)))
         except Exception as err:  # shown in the chat pane, not lost in a thread
             q.put(("end", {"done": True, "side": side, "error": f"{type(err).__name__}: {err}"}))
 

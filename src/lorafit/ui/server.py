@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from lorafit.errors import LorafitError, RunDirError
 from lorafit.ui import runs as run_views
-from lorafit.ui.chat import ChatModels
+from lorafit.ui.chat import ChatModels, load_tools, tool_names
 from lorafit.ui.data import DataViews, candidates
 from lorafit.ui.train import Launcher, config_form, validate
 
@@ -53,6 +53,15 @@ async def _body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise LorafitError("the request body must be a JSON object.")
     return body
+
+
+def _max_length(value) -> int | None:
+    """The Data view's max-length override: empty for the config's own, else a positive whole number of tokens."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+        raise LorafitError(f"`max_length` must be a whole number of tokens of at least 1, got {value!r}.")
+    return int(value)
 
 
 def _run_routes(state: UiState) -> list:
@@ -87,7 +96,7 @@ def _run_routes(state: UiState) -> list:
 
 
 def _tool_routes(state: UiState) -> list:
-    """The Data, Train and Chat views' endpoints."""
+    """The Data and Train views' endpoints."""
 
     async def data_files(request):
         return JSONResponse({"files": await run_in_threadpool(candidates, state.root), "cwd": str(state.root)})
@@ -95,7 +104,8 @@ def _tool_routes(state: UiState) -> list:
     async def data_check(request):
         body = await _body(request)
         target = str(body.get("target") or "")
-        return JSONResponse(await run_in_threadpool(state.data.check, target, body.get("model") or None))
+        max_length = _max_length(body.get("max_length"))
+        return JSONResponse(await run_in_threadpool(state.data.check, target, body.get("model") or None, max_length))
 
     async def data_examples(request):
         q = request.query_params
@@ -115,8 +125,25 @@ def _tool_routes(state: UiState) -> list:
         changes = body.get("changes") or {}
         return JSONResponse(await run_in_threadpool(state.launcher.start, str(body.get("config", "")), changes))
 
+    return [
+        Route("/api/files", data_files),
+        Route("/api/data/check", data_check, methods=["POST"]),
+        Route("/api/data/examples", data_examples),
+        Route("/api/train/form", train_form),
+        Route("/api/train/validate", train_validate, methods=["POST"]),
+        Route("/api/train/start", train_start, methods=["POST"]),
+    ]
+
+
+def _chat_routes(state: UiState) -> list:
+    """The Chat view's endpoints: the run's prompt settings, a tools box's check, and the streamed answers."""
+
     async def chat_info(request):
         return JSONResponse(await run_in_threadpool(state.chat.info, request.path_params["name"]))
+
+    async def chat_tools(request):
+        body = await _body(request)
+        return JSONResponse({"tools": tool_names(await run_in_threadpool(load_tools, body.get("tools"), state.root))})
 
     async def chat_answer(request):
         body = await _body(request)
@@ -126,16 +153,12 @@ def _tool_routes(state: UiState) -> list:
             body.get("history"),
             body.get("system"),
             max(1, min(int(body.get("max_new_tokens", 128)), 2048)),
+            await run_in_threadpool(load_tools, body.get("tools"), state.root),
         )
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     return [
-        Route("/api/files", data_files),
-        Route("/api/data/check", data_check, methods=["POST"]),
-        Route("/api/data/examples", data_examples),
-        Route("/api/train/form", train_form),
-        Route("/api/train/validate", train_validate, methods=["POST"]),
-        Route("/api/train/start", train_start, methods=["POST"]),
+        Route("/api/tools/check", chat_tools, methods=["POST"]),
         Route("/api/chat/{name}", chat_info),
         Route("/api/chat/{name}/answer", chat_answer, methods=["POST"]),
     ]
@@ -152,7 +175,7 @@ def build_app(runs: str | Path, root: str | Path | None = None, hosts: list[str]
         return JSONResponse({"error": f"a number was expected: {err}", "hint": None}, status_code=400)
 
     app = Starlette(
-        routes=_run_routes(state) + _tool_routes(state),
+        routes=_run_routes(state) + _tool_routes(state) + _chat_routes(state),
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts or LOCAL_HOSTS)],
         exception_handlers={LorafitError: lorafit_error, ValueError: bad_number},
     )

@@ -15,7 +15,8 @@ $("#data-form").onsubmit = async ev => {
   ev.preventDefault();
   $("#data-error").textContent = ""; $("#data-result").innerHTML = "Checking…"; $("#data-examples").innerHTML = "";
   try {
-    const r = await api("/api/data/check", {target: $("#data-target").value, model: $("#data-model").value});
+    const r = await api("/api/data/check", {target: $("#data-target").value, model: $("#data-model").value,
+      max_length: $("#data-max-length").value || null});
     dataTarget = r.target; dataStart = 0;
     $("#data-result").innerHTML = checkHtml(r);
     await showExamples();
@@ -124,8 +125,8 @@ $("#start-btn").onclick = async () => {
   } catch (e) { $("#start-msg").textContent = e.message; }
 };
 
-// ---- Chat: base and tuned answer the same conversation, one after the other, streamed
-let chatHistory = {base: [], tuned: []};
+// ---- Chat: base and tuned answer the same conversation, one after the other, streamed; tools as `chat --tools`
+let chatHistory = {base: [], tuned: []}, awaiting = {base: false, tuned: false}, chatTools = "";
 async function openChat(name) {
   const data = await api("/api/runs");
   const done = data.runs.filter(r => r.state === "finished");
@@ -134,39 +135,73 @@ async function openChat(name) {
   resetChat();
 }
 
-async function resetChat() {
-  chatHistory = {base: [], tuned: []};
+function clearChat() {
+  chatHistory = {base: [], tuned: []}; awaiting = {base: false, tuned: false};
   $("#chat-base").innerHTML = ""; $("#chat-tuned").innerHTML = "";
+}
+
+async function resetChat() {
+  clearChat();
   if (!$("#chat-run").value) return;
   const info = await api("/api/chat/" + encodeURIComponent($("#chat-run").value));
   $("#chat-system").value = info.system;
 }
 $("#chat-reset").onclick = resetChat;
 
+// The tools box: checked by the server as `lorafit chat --tools FILE` checks its file; new tools, new conversation.
+async function useTools() {
+  const text = $("#chat-tools").value.trim();
+  $("#chat-tools-msg").textContent = ""; $("#chat-tools-error").textContent = "";
+  try {
+    const r = await api("/api/tools/check", {tools: text});
+    if (text !== chatTools) clearChat();
+    chatTools = text;
+    $("#chat-tools-msg").textContent = r.tools.length ? "tools: " + r.tools.join(", ") : "no tools";
+    return true;
+  } catch (e) { chatTools = ""; $("#chat-tools-error").textContent = e.message; return false; }
+}
+$("#chat-tools-btn").onclick = useTools;
+
 $("#chat-form").onsubmit = async ev => {
   ev.preventDefault();
+  if ($("#chat-tools").value.trim() !== chatTools && !(await useTools())) return;
   const text = $("#chat-input").value;
   $("#chat-input").value = ""; $("#chat-send").disabled = true;
   for (const side of ["base", "tuned"]) {
-    chatHistory[side].push({role: "user", content: text});
+    const role = awaiting[side] ? "tool" : "user";  // after a call, the next line is the tool's result
+    awaiting[side] = false;
+    chatHistory[side].push({role, content: text});
     const log = $("#chat-" + side);
-    log.insertAdjacentHTML("beforeend", `<div class="user">${esc(text)}</div>`);
+    log.insertAdjacentHTML("beforeend", role === "user" ? `<div class="user">${esc(text)}</div>` :
+      `<div class="user result">tool result: ${esc(text)}</div>`);
     const out = document.createElement("div"); out.className = "answer"; log.appendChild(out);
-    const end = await streamAnswer(side, out);
-    if (end.error) out.textContent = end.error;
-    else {
-      chatHistory[side].push({role: "assistant", content: end.answer});
-      if (end.tool_call) out.insertAdjacentHTML("afterend", `<div class="call">tool call: ${esc(JSON.stringify(end.tool_call))}</div>`);
-    }
+    showEnd(side, out, await streamAnswer(side, out));
   }
   $("#chat-send").disabled = false;
 };
+
+// The end of an answer: a tool call is shown parsed ({name, arguments}) and, with tools, kept as a call turn
+function showEnd(side, out, end) {
+  if (end.error) { out.textContent = end.error; return; }
+  if (end.tool_call) {
+    out.insertAdjacentHTML("afterend", `<div class="call">tool call: <b>${esc(end.tool_call.name)}</b> ` +
+      `<code>${esc(JSON.stringify(end.tool_call.arguments))}</code></div>`);
+    if (chatTools) {
+      chatHistory[side].push({role: "assistant", content: "", tool_calls: [{type: "function", function: end.tool_call}]});
+      awaiting[side] = true;
+      return;
+    }
+  } else if (end.tool_problem && chatTools) {
+    out.insertAdjacentHTML("afterend", `<div class="warn">looks like a tool call but cannot be read: ${esc(end.tool_problem)}</div>`);
+  }
+  chatHistory[side].push({role: "assistant", content: end.answer});
+}
 
 async function streamAnswer(side, out) {
   const res = await fetch(`/api/chat/${encodeURIComponent($("#chat-run").value)}/answer`, {
     method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({side, history: chatHistory[side], system: $("#chat-system").value,
-      max_new_tokens: +$("#chat-max").value})});
+      max_new_tokens: +$("#chat-max").value, tools: chatTools})});
   if (!res.ok) return {error: (await res.json()).error};
   const reader = res.body.getReader(), dec = new TextDecoder();
   let buf = "", end = null;
