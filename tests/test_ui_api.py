@@ -211,5 +211,8 @@ def test_data_check_max_length_override(client, tiny_chat_model):
     short = short.json()
     assert full["dropped_too_long"] == 0 and short["max_length"] == 60
     assert 0 < short["dropped_too_long"] < 75 and short["train_samples"] == 75 - short["dropped_too_long"]
+    pages = [client.get("/api/data/examples", params={"target": data, "start": k, "count": 50}).json() for k in (0, 50)]
+    statuses = [e["status"] for p in pages for e in p["examples"]]
+    assert len(statuses) == 75 and statuses.count("too_long") == short["dropped_too_long"]
     bad = client.post("/api/data/check", json={"target": data, "max_length": "-3"})
     assert bad.status_code == 400 and "`max_length`" in bad.json()["error"]

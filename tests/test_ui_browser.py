@@ -116,6 +116,31 @@ def test_data_view_checks_and_pages(page, tmp_path, tiny_chat_model):
         shot(page, "data")
 
 
+def test_data_view_max_length_override(page, tmp_path, tiny_chat_model):
+    """The max_length box re-checks the data at that length: rows longer than it are dropped, as training drops them."""
+    with serving(tmp_path / "runs", tmp_path) as (url, _):
+        page.goto(url + "/#data")
+        page.fill("#data-target", str(ROOT / "examples" / "train.jsonl"))
+        page.fill("#data-model", str(tiny_chat_model))
+        page.click("#data-form button[type=submit]")
+        page.wait_for_selector("#data-verdict")
+        dropped = '.card[data-card="dropped: too long"] b'
+        assert page.inner_text(dropped) == "0" and page.inner_text("#data-max") == "max_length 2048"
+        page.fill("#data-max-length", "60")
+        page.click("#data-form button[type=submit]")
+        page.wait_for_selector("#data-max:has-text('max_length 60')")
+        cut = int(page.inner_text(dropped))
+        assert 0 < cut < 75 and page.inner_text('.card[data-card="training samples"] b') == str(75 - cut)
+        for k in range(5):  # each example says whether training keeps it at this length
+            ex = page.locator("#data-examples .ex").nth(k)
+            tokens = int(ex.locator("span.sub").inner_text().split(" · ")[1].split()[0])
+            assert ("dropped: longer than max_length" in ex.inner_text()) == (tokens > 60), ex.inner_text()
+        page.fill("#data-max-length", "20")  # nothing left: the check's refusal is shown, not a stale report
+        page.click("#data-form button[type=submit]")
+        page.wait_for_selector("#data-error:has-text('no training sample is left')")
+        assert page.locator("#data-verdict").count() == 0
+
+
 def test_train_view_field_errors_plan_start_and_stop(page, tmp_path, tiny_chat_model):
     """A real `lorafit train` started from the form, watched live, and stopped by the button into a checkpoint."""
     runs = tmp_path / "runs"
@@ -189,3 +214,71 @@ def test_report_html_reads_at_phone_width(chromium, tmp_path):
     assert page.locator("table.data td").count() > 0 and "<pre>{" not in page.content()
     shot(page, "report-phone")
     context.close()
+
+
+def test_chat_view_tools_box_and_tool_calls(page, tmp_path, tiny_run_dir):
+    """A tools file is checked (a broken one shows its error), sent with every answer, and a call the model makes is
+    shown parsed and answered by the next line as the tool's result. A tiny random model makes no real call, so the
+    call comes from `end_message` (what the server sends after a real answer) fed to the page."""
+    import json
+
+    from lorafit.ui.chat import end_message
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run_dir, runs / "tiny")
+    (tmp_path / "tools.json").write_text((ROOT / "examples" / "tools" / "tools.json").read_text())
+    (tmp_path / "broken.json").write_text('[{"name": "ferry_times",')
+    sent = []
+    with serving(runs, tmp_path) as (url, _):
+        page.goto(url + "/#chat/tiny")
+        page.wait_for_selector("#chat-run option", state="attached")
+        page.fill("#chat-tools", "broken.json")
+        page.click("#chat-tools-btn")
+        page.wait_for_selector("#chat-tools-error:has-text('broken JSON')")
+        assert str(tmp_path / "broken.json") in page.inner_text("#chat-tools-error")
+        page.fill("#chat-tools", "tools.json")
+        page.click("#chat-tools-btn")
+        page.wait_for_selector("#chat-tools-msg:has-text('ferry_times, otter_census, book_lantern_hall')")
+        assert page.inner_text("#chat-tools-error") == ""
+
+        def watch(route):  # the real model answers; the request is kept to check what the page sent
+            sent.append(route.request.post_data_json)
+            route.continue_()
+
+        page.route("**/answer", watch)
+        page.fill("#chat-max", "3")
+        page.fill("#chat-input", "When does the ferry leave Brindle?")
+        page.click("#chat-send")
+        page.wait_for_function("document.querySelectorAll('#chat-tuned .answer').length === 1")
+        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        assert [b["tools"] for b in sent] == ["tools.json", "tools.json"]
+        assert "Error" not in page.inner_text("#chat-tuned .answer")
+        page.unroute("**/answer")
+
+        call = {"name": "ferry_times", "arguments": {"island": "Brindle", "day": "monday"}}
+        text = "<tool_call>" + json.dumps(call) + "</tool_call>"  # the Hermes form SmolLM2's ChatML runs learn
+
+        def calls(route):
+            body = route.request.post_data_json
+            sent.append(body)
+            end = end_message(body["side"], text)
+            route.fulfill(
+                content_type="application/x-ndjson", body=json.dumps({"text": text}) + "\n" + json.dumps(end) + "\n"
+            )
+
+        page.route("**/answer", calls)
+        page.fill("#chat-input", "And on monday?")
+        page.click("#chat-send")
+        page.wait_for_function("document.querySelectorAll('#chat-tuned .call').length === 1")
+        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        shown = page.inner_text("#chat-tuned .call")
+        assert "ferry_times" in shown and '"island":"Brindle"' in shown
+        page.fill("#chat-input", "09:40 and 15:10")
+        page.click("#chat-send")
+        page.wait_for_function("document.querySelectorAll('#chat-base .result').length === 1")
+        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        history = sent[-1]["history"]
+        assert history[-1] == {"role": "tool", "content": "09:40 and 15:10"}
+        assert history[-2]["tool_calls"][0]["function"] == call and history[-2]["content"] == ""
+        assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant", "tool"]
+        shot(page, "chat-tools")

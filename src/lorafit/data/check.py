@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.config import DataSection, RunConfig, load_config
-from lorafit.data.encode import Encoder
+from lorafit.data.encode import Encoder, fit_length
 from lorafit.data.prepare import prepare_data, read_source
 from lorafit.data.readers import expand_source
 from lorafit.data.sources import valid_rows
@@ -170,11 +170,18 @@ def _example(source, tokenizer, template: str, data_cfg) -> dict | None:
     return example_spans(encoder, tokenizer, rows[_first_tool_row(rows)])
 
 
-def example_spans(encoder, tokenizer, row: dict) -> dict:
-    """One valid row encoded as training encodes it: runs of text, each trained or masked (`lorafit ui` pages them)."""
+def example_spans(encoder, tokenizer, row: dict, max_length: int | None = None, truncation: str = "none") -> dict:
+    """One valid row encoded as training encodes it: runs of text, each trained or masked (`lorafit ui` pages them).
+
+    With MAX_LENGTH the length policy applies as in training: `status` ok, truncated (cut text shown), too_long or
+    no_trained (dropped by training; the whole row is shown so the user sees why)."""
     messages = json.loads(row["messages"]) if row["messages"] else None
     tools = json.loads(row["tools"]) if row["tools"] else None
     ids, labels = encoder.encode_batch([messages], [row["text"]], [tools])[0]
+    status = "ok"
+    if max_length:
+        fit_ids, fit_labels, status = fit_length(ids, labels, max_length, truncation)
+        ids, labels = (fit_ids, fit_labels) if fit_ids else (ids, labels)
     spans, current, flag = [], [], None
     for i, label in zip(ids, labels):
         trained = label != IGNORE_INDEX
@@ -185,7 +192,7 @@ def example_spans(encoder, tokenizer, row: dict) -> dict:
         flag = trained
     if current:
         spans.append({"text": tokenizer.decode(current), "trained": flag})
-    return {"loc": row["loc"], "tokens": len(ids), "spans": spans}
+    return {"loc": row["loc"], "tokens": len(ids), "spans": spans, "status": status}
 
 
 def _first_tool_row(rows) -> int:

@@ -1,7 +1,8 @@
 """The Data view: `lorafit data check` on a file or config, and every valid example rendered as training sees it.
 
 The check is data/check.py's `build_report` (the same dict `lorafit data check --json` prints); the pages of
-examples are encoded by the same Encoder training uses, one row at a time, with the trained tokens marked.
+examples are encoded by the same Encoder training uses, one row at a time, with the trained tokens marked and
+training's length policy applied (max_length, truncation): a row training drops is shown with the reason.
 A target is "opened" by checking it: only opened targets can be paged through afterwards.
 """
 
@@ -29,6 +30,7 @@ class Opened:
     rows: object  # datasets.Dataset of the valid rows of every training source, in file order
     encoder: Encoder
     tokenizer: object
+    truncation: str = "none"  # with report["max_length"], what training does to a long row
 
 
 class DataViews:
@@ -53,7 +55,7 @@ class DataViews:
             encoder = Encoder(
                 tokenizer, report["template"], data_cfg.train_on, data_cfg.system_prompt, data_cfg.tools_in_user_message
             )
-            self.opened[key] = Opened(report, rows, encoder, tokenizer)
+            self.opened[key] = Opened(report, rows, encoder, tokenizer, data_cfg.truncation)
         return {"target": key, "examples": len(rows), **report}
 
     def examples(self, target: str, start: int = 0, count: int = 5) -> dict:
@@ -65,7 +67,12 @@ class DataViews:
         start = max(0, min(start, max(total - 1, 0)))
         stop = min(total, start + max(1, min(count, PAGE_MAX)))
         with self.lock:
-            items = [example_spans(opened.encoder, opened.tokenizer, opened.rows[k]) for k in range(start, stop)]
+            items = [
+                example_spans(
+                    opened.encoder, opened.tokenizer, opened.rows[k], opened.report["max_length"], opened.truncation
+                )
+                for k in range(start, stop)
+            ]
         return {"target": key, "start": start, "total": total, "examples": items}
 
 

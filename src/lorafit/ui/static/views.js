@@ -32,8 +32,8 @@ function checkHtml(r) {
     [r.dropped_no_trained_token, "dropped: nothing trained"], [r.duplicates, "exact duplicates"],
     [(100 * r.trained_fraction).toFixed(1) + "%", "tokens trained"], [r.length.p95, "p95 tokens"]];
   return `<p class="sub"><b id="data-verdict">${r.ok ? "ok: the data can train" : "cannot train as configured"}</b>` +
-    ` · tokenizer of ${esc(r.model)}, template ${esc(r.template)}, max_length ${r.max_length}</p>` +
-    `<div class="cards">${cards.map(([v, k]) => `<div class="card"><b>${v}</b><span>${k}</span></div>`).join("")}</div>` +
+    ` · tokenizer of ${esc(r.model)}, template ${esc(r.template)}, <span id="data-max">max_length ${r.max_length}</span></p>` +
+    `<div class="cards">${cards.map(([v, k]) => `<div class="card" data-card="${k}"><b>${v}</b><span>${k}</span></div>`).join("")}</div>` +
     `<h2>Sources</h2><div class="scroll"><table id="data-sources"><tr><th>path</th><th>format</th><th>rows</th>` +
     `<th>invalid</th><th>weight</th></tr>${rows}</table></div>` +
     (r.invalid_examples.length ? `<h2>Invalid rows</h2><ul id="data-invalid">${r.invalid_examples.map(p => `<li>${esc(p)}</li>`).join("")}</ul>` : "") +
@@ -43,6 +43,8 @@ function checkHtml(r) {
     r.problems.map(p => `<p class="error">cannot train: ${esc(p)}</p>`).join("");
 }
 
+const DROPPED = {too_long: " · dropped: longer than max_length", no_trained: " · dropped: no trained token",
+  truncated: " · truncated to max_length"};
 async function showExamples() {
   const r = await api(`/api/data/examples?target=${encodeURIComponent(dataTarget)}&start=${dataStart}&count=5`);
   const nav = `<div class="row"><button type="button" id="ex-prev" ${r.start ? "" : "disabled"}>Previous</button>` +
@@ -50,7 +52,7 @@ async function showExamples() {
     `<button type="button" id="ex-next" ${r.start + r.examples.length < r.total ? "" : "disabled"}>Next</button>` +
     `<span class="sub"><span class="trained">trained</span> tokens carry the loss; grey ones are masked</span></div>`;
   $("#data-examples").innerHTML = "<h2>Examples as training sees them</h2>" + nav + r.examples.map(e =>
-    `<div class="ex"><span class="sub">${esc(e.loc)} · ${e.tokens} tokens</span><pre>` +
+    `<div class="ex ${e.status}"><span class="sub">${esc(e.loc)} · ${e.tokens} tokens${DROPPED[e.status] || ""}</span><pre>` +
     e.spans.map(s => `<span class="${s.trained ? "trained" : "masked"}">${esc(s.text)}</span>`).join("") +
     "</pre></div>").join("");
   $("#ex-prev").onclick = () => { dataStart = Math.max(0, dataStart - 5); showExamples(); };
