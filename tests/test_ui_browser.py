@@ -222,16 +222,22 @@ def test_chat_view_tools_box_and_tool_calls(page, tmp_path, tiny_run_dir):
     call comes from `end_message` (what the server sends after a real answer) fed to the page."""
     import json
 
+    from lorafit.config import DataSection, dump_config, load_config
     from lorafit.ui.chat import end_message
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run_dir, runs / "tiny")
+    cfg = load_config(runs / "tiny" / "config.yaml")  # a tool-trained run: its rows offer the demo's three tools
+    cfg.data = cfg.data.model_copy(update={"train": DataSection(train=str(ROOT / "examples/tools/train.jsonl")).train})
+    (runs / "tiny" / "config.yaml").write_text(dump_config(cfg))
     (tmp_path / "tools.json").write_text((ROOT / "examples" / "tools" / "tools.json").read_text())
     (tmp_path / "broken.json").write_text('[{"name": "ferry_times",')
     sent = []
     with serving(runs, tmp_path) as (url, _):
         page.goto(url + "/#chat/tiny")
-        page.wait_for_selector("#chat-run option", state="attached")
+        page.wait_for_selector("#chat-tools-msg:has-text('(from the training data)')")
+        assert "ferry_times, otter_census, book_lantern_hall" in page.inner_text("#chat-tools-msg")
+        assert '"ferry_times"' in page.input_value("#chat-tools")
         page.fill("#chat-tools", "broken.json")
         page.click("#chat-tools-btn")
         page.wait_for_selector("#chat-tools-error:has-text('broken JSON')")

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lorafit.data.tools import tool_name
-from lorafit.errors import DataError
+from lorafit.errors import DataError, LorafitError
 from lorafit.inference.tool_calls import parse_tool_call, prompt_conversation, read_tools_file, tools_from_text
 from lorafit.paths import user_path
 from lorafit.ui.runs import run_path
@@ -78,6 +78,21 @@ def tool_names(tools: dict | None) -> list[str]:
     return [tool_name(t) or "?" for t in tools.get("tools") or []] + list(tools.get("builtin_tools") or [])
 
 
+def training_tools(cfg) -> tuple[str, int]:
+    """(the first tool row's tools as JSON text, how many different tool sets the rows offer) for a run trained on
+    rows with `tools`; ("", 0) for a run trained without tools, or whose training data is no longer there."""
+    from lorafit.data.sources import read_source, valid_rows
+
+    if cfg is None or not cfg.data.train:
+        return "", 0
+    try:
+        rows = valid_rows([read_source(s, i) for i, s in enumerate(cfg.data.train)])
+        sets = list(dict.fromkeys(t for t in rows["tools"] if t))
+    except (LorafitError, OSError, ValueError, KeyError):  # data moved or gone: the chat still works without
+        return "", 0
+    return (sets[0] if sets else ""), len(sets)
+
+
 def end_message(side: str, answer: str) -> dict:
     """The stream's last line: the whole answer and, when it is a tool call, the call parsed as `lorafit chat` and
     `lorafit generate` parse it ({"name", "arguments"}), or why a call-like answer cannot be read."""
@@ -99,9 +114,17 @@ class ChatModels:
         return self.loaded[name]
 
     def info(self, name: str) -> dict:
+        """The run's prompt settings; `tools`: what its training data offered (the page fills the tools box)."""
         with self.lock:
             loaded = self._get(name)
-        return {"name": name, "system": loaded.system_prompt or "", "template": loaded.template}
+            tools, tool_sets = training_tools(loaded.cfg)
+        return {
+            "name": name,
+            "system": loaded.system_prompt or "",
+            "template": loaded.template,
+            "tools": tools,
+            "tool_sets": tool_sets,
+        }
 
     def stream(
         self, name: str, side: str, history, system: str | None, max_new_tokens: int, tools: dict | None = None

@@ -142,11 +142,19 @@ function clearChat() {
   $("#chat-base").innerHTML = ""; $("#chat-tuned").innerHTML = "";
 }
 
+let prefilled = "";  // the tools a tool-trained run's data offered, put in the box (the user may change them)
 async function resetChat() {
   clearChat();
   if (!$("#chat-run").value) return;
   const info = await api("/api/chat/" + encodeURIComponent($("#chat-run").value));
   $("#chat-system").value = info.system;
+  const box = $("#chat-tools").value.trim();
+  if (box === "" || box === prefilled) {
+    $("#chat-tools").value = prefilled = info.tools;
+    await useTools();
+    if (info.tools) $("#chat-tools-msg").textContent += ` (from the training data` +
+      (info.tool_sets > 1 ? `: the first of its ${info.tool_sets} tool sets)` : ")");
+  }
 }
 $("#chat-reset").onclick = resetChat;
 
