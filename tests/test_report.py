@@ -188,3 +188,21 @@ def test_data_line_names_unused_columns():
     line = data_line({"train_samples": 3, "unused_columns": {"id": 3, "messages[].weight": 1}})
     assert line.endswith("not used: id, messages[].weight (see `lorafit data check`)")
     assert "not used" not in data_line({"train_samples": 3, "unused_columns": {}})
+
+
+def test_loss_chart_is_inline_svg_with_a_tooltip_per_point(tmp_path):
+    """The chart in report.html: every logged point is a hover target whose <title> gives step, tokens and loss."""
+    from lorafit.report_svg import MAX_POINTS, loss_svg
+
+    run = fake_run(tmp_path / "run")
+    text = write_report(run).read_text(encoding="utf-8")
+    doc = parse(text)
+    assert "svg" in doc.tags and "script" not in doc.tags
+    data = curves(read_metrics(run))
+    step, loss, tokens = data["train"][-1]
+    assert f"train loss {loss:.4f} at step {step} · {tokens:,} tokens" in text
+    assert text.count("<title>train loss ") == 20 and text.count("<title>validation loss ") == 4
+    long = {"train": [(s, 1 / s, 100 * s) for s in range(1, 5001)], "validation": []}
+    svg = loss_svg(long)
+    assert svg.count("<circle") == MAX_POINTS and "at step 5000 ·" in svg  # thinned, the last point kept
+    assert loss_svg({"train": [], "validation": []}) == ""

@@ -20,6 +20,8 @@ from lorafit.inference.heldout import read_answers
 from lorafit.inference.heldout import summary as heldout_summary
 from lorafit.metrics import perplexity
 from lorafit.redact import redact
+from lorafit.report_svg import CSS as SVG_CSS
+from lorafit.report_svg import loss_svg
 from lorafit.rundir import write_text_atomic
 from lorafit.runtime import resolve_precision
 
@@ -219,7 +221,9 @@ def build_html(run_dir: Path, png: Path | None) -> str:
     generations = _read_json(run_dir / "generations.json", [])
     data = summary.get("data") or {}
     image = (
-        f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        loss_svg(curves(read_metrics(run_dir)))  # hover a point for its numbers; loss.png below is the static copy
+        + '<details class=png><summary>loss.png (against step and against tokens seen)</summary><img alt="loss curves" '
+        f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"></details>'
         if png is not None and png.exists()
         else "<p class=muted>No losses were logged.</p>"
     )
@@ -240,7 +244,7 @@ def build_html(run_dir: Path, png: Path | None) -> str:
     title = f"lorafit run {run_dir.name}"
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><meta name=viewport content="width=device-width,initial-scale=1">
-<title>{html.escape(title)}</title><style>{CSS}</style></head>
+<title>{html.escape(title)}</title><style>{CSS}{SVG_CSS}</style></head>
 <body><main>
 <h1>{html.escape(title)}</h1>
 <p class=sub>{html.escape(str(summary.get("model", "")))} · {html.escape(str(run_dir.resolve()))}</p>
