@@ -126,15 +126,17 @@ def test_data_view_max_length_override(page, tmp_path, tiny_chat_model):
         page.wait_for_selector("#data-verdict")
         dropped = '.card[data-card="dropped: too long"] b'
         assert page.inner_text(dropped) == "0" and page.inner_text("#data-max") == "max_length 2048"
-        page.fill("#data-max-length", "60")
+        page.fill("#data-max-length", "55")  # row 4 of the first page has 56 tokens
         page.click("#data-form button[type=submit]")
-        page.wait_for_selector("#data-max:has-text('max_length 60')")
+        page.wait_for_selector("#data-max:has-text('max_length 55')")
         cut = int(page.inner_text(dropped))
         assert 0 < cut < 75 and page.inner_text('.card[data-card="training samples"] b') == str(75 - cut)
         for k in range(5):  # each example says whether training keeps it at this length
             ex = page.locator("#data-examples .ex").nth(k)
             tokens = int(ex.locator("span.sub").inner_text().split(" · ")[1].split()[0])
-            assert ("dropped: longer than max_length" in ex.inner_text()) == (tokens > 60), ex.inner_text()
+            assert ("dropped: longer than max_length" in ex.inner_text()) == (tokens > 55), ex.inner_text()
+        assert page.locator("#data-examples .ex.too_long").count() >= 1
+        shot(page, "data-max-length")
         page.fill("#data-max-length", "20")  # nothing left: the check's refusal is shown, not a stale report
         page.click("#data-form button[type=submit]")
         page.wait_for_selector("#data-error:has-text('no training sample is left')")
