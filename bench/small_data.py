@@ -315,9 +315,9 @@ def write_report(rows: list[dict], counts: list[dict]) -> None:
             "",
             (
                 f"Command: `PYTHONPATH=src python bench/small_data.py` ({time.strftime('%Y-%m-%d')}). "
-                f"Machine: {machine()}; every run one process with 1 torch thread, one run at a time; the machine "
-                "was shared, so time (with the 5-minute load average at the start of each run) is wall time of "
-                "`lorafit train`, model load included."
+                f"Machine: {machine()}; every run one process with 1 torch thread, at most two runs at a time "
+                "(`--runs`); the machine was shared, so time (with the 5-minute load average at the start of each "
+                "run) is wall time of `lorafit train`, model load included: compare times only within a row's load."
             ),
             (
                 f"Model {MODEL}; data from `bench/fact_data.py` (invented facts, 20 and 40 conversations = 10 facts, "
