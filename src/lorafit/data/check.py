@@ -14,6 +14,8 @@ import numpy as np
 
 from lorafit.config import DataSection, load_config
 from lorafit.data.encode import Encoder
+from lorafit.data.preference_check import build_preference_report, print_preference_report
+from lorafit.data.preference_data import looks_preference
 from lorafit.data.prepare import prepare_data, read_source
 from lorafit.data.readers import expand_source
 from lorafit.data.sources import valid_rows
@@ -29,7 +31,10 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
     """Check a data file/glob/folder or a run config; print the report; return the exit code."""
     try:
         data_cfg, model_name, tokenizer_name = _load_target(target, model, max_length)
-        report = build_report(data_cfg, model_name, tokenizer_name)
+        method = load_config(target).training.method if Path(target).suffix.lower() in CONFIG_SUFFIXES else None
+        pairs = method == "dpo" or (method is None and bool(data_cfg.train) and looks_preference(data_cfg.train[0]))
+        build = build_preference_report if pairs else build_report
+        report = build(data_cfg, model_name, tokenizer_name)
     except LorafitError as err:
         if as_json:
             print(json.dumps({"ok": False, "error": err.message, "hint": err.hint}, indent=2))
@@ -38,7 +43,7 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        print_report(report)
+        (print_preference_report if pairs else print_report)(report)
     return 0 if report["ok"] else 2
 
 

@@ -71,12 +71,17 @@ class LorafitTrainer(AtomicCheckpoints, Trainer):
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    return TrainingArguments(**training_argument_values(cfg, run_dir, has_eval))
+
+
+def training_argument_values(cfg: RunConfig, run_dir: Path, has_eval: bool) -> dict:
+    """The TrainingArguments of a run as keywords (TRL's configs for DPO extend them)."""
     t = cfg.training
     precision = resolve_precision(t.precision)
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     evaluate_steps = has_eval and t.eval_every > 0
     early = t.early_stopping_patience is not None
-    return TrainingArguments(
+    return dict(
         output_dir=str(staging_dir(run_dir / "checkpoints")),  # checkpoints are sealed and moved out (checkpoints.py)
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
