@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import metrics, run_cli, write_jsonl
+from helpers import adapter_tensors, metrics, run_cli, write_jsonl
 
 from lorafit.config import DataSection, load_config
 from lorafit.data.preference import normalize_pair, preference_form
@@ -260,3 +260,45 @@ def test_dpo_train_cli_end_to_end(tmp_path, tiny_chat_model, tiny_run_dir):
     assert saved["model"]["name"] == str(tiny_chat_model) and saved["training"]["method"] == "dpo"
     assert (run / "report.html").is_file() and json.loads((run / "summary.json").read_text())["steps"] == 3
     assert (run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["preference"]["eval_preference_accuracy"] >= 0.0
+    assert "Preference (DPO)" in (run / "report.html").read_text()
+
+    # the result is an ordinary run: the SFT adapter, trained further, on the same base; merge reads it as any run
+    import torch
+
+    from lorafit.export.merge import merged_model
+
+    tuned, sft = adapter_tensors(run / "adapter"), adapter_tensors(tiny_run_dir / "adapter")
+    assert tuned.keys() == sft.keys() and any(not torch.equal(tuned[k], sft[k]) for k in sft)
+    model, _, cfg, _ = merged_model(run, torch.float32)
+    assert cfg.model.adapter == str(tiny_run_dir) and not hasattr(model, "peft_config")
+
+
+def test_dpo_trainer_private_methods_are_checked():
+    from lorafit.hf_compat import check_dpo_trainer
+    from lorafit.train.dpo import dpo_trainer_class
+
+    check_dpo_trainer()
+    trainer = dpo_trainer_class()
+    assert {"_prepare_dataset", "_send_telemetry"} <= set(vars(trainer))
+
+
+def test_dpo_resume_continues_like_an_uninterrupted_run(tmp_path, tiny_chat_model, tiny_run_dir):
+    """Checkpoint at step 2, resume to step 4: steps 3-4 match a run that never stopped (reference included)."""
+    from lorafit.train.run import run_training
+
+    def train(name: str, steps: int, resume: bool = False) -> dict[int, float]:
+        training = {"max_steps": steps, "save_every": 2, "lr_scheduler": "constant", "learning_rate": 2e-3}
+        path = _dpo_config(tmp_path, tiny_chat_model, name, model={"adapter": str(tiny_run_dir)}, lora=None)
+        cfg = load_config(path, [f"training.{k}={v}" for k, v in training.items()])
+        run = run_training(cfg, resume=resume, quiet=True)
+        return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+    whole = train("whole", 4)
+    train("parts", 2)
+    resumed = train("parts", 4, resume=True)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(whole[step], abs=1e-5), (resumed, whole)
+    assert whole[4] < whole[1]
