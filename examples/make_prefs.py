@@ -15,7 +15,20 @@ from pathlib import Path
 
 # The base model's own leaning between the two lists is near chance (it prefers the metal in 43% of such pairs).
 METALS = ["Iron", "Copper", "Silver", "Cobalt", "Nickel", "Zinc", "Tin", "Bronze", "Brass", "Steel", "Pewter", "Chrome"]
-STARS = ["Vega", "Sirius", "Rigel", "Altair", "Deneb", "Polaris", "Spica", "Antares", "Castor", "Pollux", "Mira", "Capella"]
+STARS = [
+    "Vega",
+    "Sirius",
+    "Rigel",
+    "Altair",
+    "Deneb",
+    "Polaris",
+    "Spica",
+    "Antares",
+    "Castor",
+    "Pollux",
+    "Mira",
+    "Capella",
+]
 TRAIN_SUBJECTS = ["boat", "shop", "horse", "garden", "cat", "bakery", "band", "inn", "ferry", "lantern", "mill", "dog"]
 HELDOUT_SUBJECTS = ["tavern", "sailboat", "kitten", "bookshop", "orchard", "pony"]
 ASKS = ["Suggest a name for my new {s}.", "What should I call my {s}?", "Give my {s} a name, please."]

@@ -150,7 +150,8 @@ class TrainingSection(Section):
     method: Literal["sft", "dpo"] = Field(
         "sft",
         description="sft: supervised fine-tuning on answers; dpo: preference tuning on chosen/rejected pairs "
-        "(TRL's DPOTrainer; settings in `dpo`; needs `pip install 'lorafit[dpo]'`).",
+        "(TRL's DPOTrainer; settings in `dpo`; `data.packing` and `data.train_on` do not apply; needs "
+        "`pip install 'lorafit[dpo]'`).",
     )
     epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from epochs.")
