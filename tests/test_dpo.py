@@ -244,6 +244,7 @@ def test_dpo_train_cli_end_to_end(tmp_path, tiny_chat_model, tiny_run_dir):
         lora=None,
         data={"val_fraction": 0.25},
         training={"eval_every": 3, "save_every": 2},
+        eval={"prompts": ["Name a colour."], "max_new_tokens": 4},
     )
     done = run_cli("train", str(config), "--quiet", timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -263,6 +264,8 @@ def test_dpo_train_cli_end_to_end(tmp_path, tiny_chat_model, tiny_run_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["preference"]["eval_preference_accuracy"] >= 0.0
     assert "Preference (DPO)" in (run / "report.html").read_text()
+    generations = json.loads((run / "generations.json").read_text())
+    assert generations[0]["before"] and generations[0]["after"]  # answered with TRL's patched model, before and after
 
     # the result is an ordinary run: the SFT adapter, trained further, on the same base; merge reads it as any run
     import torch
