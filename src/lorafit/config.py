@@ -48,14 +48,20 @@ class ModelSection(Section):
         None,
         description="Tokenizer path or id if not the model's own (e.g. an `original/tokenizer.model` tiktoken file).",
     )
+    adapter: str | None = Field(
+        None,
+        description="A finished lorafit run directory (or PEFT adapter folder) whose adapter is trained further "
+        "instead of a new one; its base is the run's `model.name`, and with `training.method: dpo` the adapter "
+        "as loaded is the frozen reference model.",
+    )
 
 
 class DataSource(Section):
     path: str = Field(
         ..., description="File (.jsonl .json .csv .tsv .parquet), glob, `save_to_disk` folder, or Hub dataset id."
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row form; auto-detected from the first valid row."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"] = Field(
+        "auto", description="Row form; auto-detected from the first valid row (`preference`: chosen/rejected pairs)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the names the format expects, e.g. {question: prompt}."
@@ -146,6 +152,12 @@ class LoraSection(Section):
 
 
 class TrainingSection(Section):
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on answers; dpo: preference tuning on chosen/rejected pairs "
+        "(TRL's DPOTrainer; settings in `dpo`; `data.packing` and `data.train_on` do not apply; needs "
+        "`pip install 'lorafit[dpo]'`).",
+    )
     epochs: float = Field(
         3,
         gt=0,
@@ -157,7 +169,7 @@ class TrainingSection(Section):
         150,
         ge=0,
         description="Fewest optimizer steps when derived from epochs: small data gets "
-        "more epochs so it still learns (0 = off).",
+        "more epochs so it still learns (0 = off; supervised runs only, DPO takes its epochs).",
     )
     micro_batch_size: int = Field(
         4,
@@ -224,6 +236,22 @@ class TrainingSection(Section):
         return number
 
 
+class DpoSection(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the tuned model may move from the reference (higher = closer); IPO's tau.",
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="Preference loss: sigmoid (DPO), ipo (IPO, length-normalised) or hinge (SLiC)."
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probabilities of every pair once before training, instead of a "
+        "reference forward pass at every step.",
+    )
+
+
 class EvalSection(Section):
     prompts: list[str] = Field(
         default_factory=list,
@@ -254,6 +282,7 @@ class RunConfig(Section):
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -263,6 +292,13 @@ class RunConfig(Section):
         if self.lora.use_dora and self.model.quantization == "8bit":
             problems.append(
                 "`lora.use_dora` with `model.quantization: 8bit` is not supported by PEFT; use 4bit or no quantization."
+            )
+        if self.training.method == "sft" and self.dpo != DpoSection():
+            problems.append("`dpo` settings are only used with `training.method: dpo`; set it, or remove them.")
+        if self.model.adapter and self.lora != LoraSection():
+            problems.append(
+                "`lora` settings cannot change an existing adapter (`model.adapter`): it keeps its own rank, "
+                "targets and scaling; remove the `lora` section."
             )
         if problems:
             raise ValueError(" ".join(problems))
@@ -321,7 +357,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = parse_yaml(p.read_text(encoding="utf-8", errors="replace"), source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(
-                f"{source}: the config must be a mapping of sections (model, data, lora, training, eval, output), got {type(raw).__name__}."
+                f"{source}: the config must be a mapping of sections (model, data, lora, training, dpo, eval, output), got {type(raw).__name__}."
             )
         _resolve_paths(raw, p.parent)
     raw = apply_overrides(raw, overrides or [])
@@ -349,7 +385,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     if isinstance(model, dict):
         from lorafit.models.sources import EMBEDDED
 
-        for key in ("name", "tokenizer"):
+        for key in ("name", "tokenizer", "adapter"):
             if isinstance(model.get(key), str) and model[key] not in EMBEDDED:
                 model[key] = _absolute(model[key], base)
     data = raw.get("data")

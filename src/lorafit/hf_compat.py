@@ -64,3 +64,26 @@ def dataset_fingerprint(dataset) -> str:
 def compiled_inner(model):
     """The module torch.compile wrapped, or None."""
     return getattr(model, "_orig_mod", None)
+
+
+# TRL's DPOTrainer: `_prepare_dataset(dataset, processing_class, args, dataset_name)` tokenizes the rows itself;
+# lorafit hands it pairs already tokenized with its own templates (data/preference_data.py), so train/dpo.py makes it
+# return them as they are. `_send_telemetry()` pings the Hub on every trainer start; lorafit sends nothing.
+DPO_PREPARE_PARAMETERS = ["self", "dataset", "processing_class", "args", "dataset_name"]
+
+
+def check_dpo_trainer() -> None:
+    """Raise if TRL's DPOTrainer no longer has the private methods train/dpo.py overrides."""
+    from trl import DPOTrainer
+
+    wanted = {"_prepare_dataset": DPO_PREPARE_PARAMETERS, "_send_telemetry": ["self"]}
+    for name, parameters in wanted.items():
+        method = getattr(DPOTrainer, name, None)
+        found = list(inspect.signature(method).parameters) if method is not None else None
+        if found != parameters:
+            import trl
+
+            raise RuntimeError(
+                f"trl {trl.__version__}: DPOTrainer.{name} has parameters {found}, lorafit needs {parameters}; "
+                "install trl>=1.16,<2."
+            )

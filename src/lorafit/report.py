@@ -163,7 +163,9 @@ def _cards(summary: dict) -> str:
         (_fmt(summary.get("steps"), ","), "optimizer steps"),
         (_fmt(summary.get("train_loss"), ".4f"), "mean train loss"),
         (_fmt(summary.get("eval_loss"), ".4f"), "final validation loss"),
-        (_fmt(summary.get("eval_perplexity"), ".2f"), "validation perplexity"),
+        (_fmt(summary.get("eval_perplexity"), ".2f"), "validation perplexity")
+        if "preference" not in summary
+        else (_fmt(summary["preference"].get("eval_preference_accuracy"), ".1%"), "validation preference accuracy"),
         (_fmt(summary.get("tokens_per_second"), ",.0f"), "tokens / second"),
         (_fmt(summary.get("tokens"), ","), "tokens seen"),
         (_fmt(peak / 2**30 if peak else None, ".2f", " GiB"), f"peak memory ({summary.get('memory_kind', 'process')})"),
@@ -214,6 +216,14 @@ def _heldout(rows: list[dict]) -> str:
     )
 
 
+def _preference(summary: dict) -> str:
+    """DPO runs: preference accuracy, reward margin and the rewards of each side (train: last step; validation)."""
+    pref = summary.get("preference")
+    if not isinstance(pref, dict):
+        return ""
+    return f"<h2>Preference (DPO)</h2>{_table(list(pref.items()))}"
+
+
 def build_html(run_dir: Path, png: Path | None) -> str:
     run_dir = Path(run_dir)
     summary = _read_json(run_dir / "summary.json", {})
@@ -255,6 +265,7 @@ def build_html(run_dir: Path, png: Path | None) -> str:
 {_generations(generations if isinstance(generations, list) else [])}
 <h2>Held-out answers</h2>
 {_heldout(read_answers(run_dir))}
+{_preference(summary)}
 <h2>Data</h2>
 {_table(list(data.items()), "data") if data else "<p class=muted>No data statistics.</p>"}
 <h2>Throughput and memory</h2>
@@ -305,14 +316,17 @@ def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
     peak, kind = _peak_memory()
     eval_loss = final_eval.get("eval_loss")
     trainer, tokens = s.trainer, s.tokens
+    dpo = cfg.training.method == "dpo"
     return {
+        "method": cfg.training.method,
+        **({"preference": preference_summary(trainer.state.log_history, final_eval)} if dpo else {}),
         "model": cfg.model.name,
         "parameters": {"trainable": s.trainable, "total": s.total},
         "data": s.prepared.stats,
         "template": s.prepared.template,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
-        "eval_perplexity": perplexity(eval_loss),
+        "eval_perplexity": None if dpo else perplexity(eval_loss),  # a DPO loss is no language-model loss
         "steps": trainer.state.global_step,
         "schedule": s.schedule.as_dict() if getattr(s, "schedule", None) else None,
         "heldout": heldout_summary(read_answers(s.run_dir)),
@@ -325,6 +339,26 @@ def summarize(cfg, s, result, final_eval: dict, started: float) -> dict:
         "precision": resolve_precision(cfg.training.precision),
         "seconds": round(time.time() - started, 1),
     }
+
+
+PREFERENCE_KEYS = {  # TRL's log names -> summary.json's
+    "rewards/accuracies": "preference_accuracy",
+    "rewards/margins": "reward_margin",
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+}
+
+
+def preference_summary(log_history: list[dict], final_eval: dict) -> dict:
+    """DPO's last logged train values and the final validation values: preference accuracy, margin, rewards."""
+    out = {}
+    last = next((r for r in reversed(log_history) if "rewards/accuracies" in r and "loss" in r), {})
+    for key, name in PREFERENCE_KEYS.items():
+        if key in last:
+            out[f"train_{name}"] = last[key]
+        if f"eval_{key}" in final_eval:
+            out[f"eval_{name}"] = final_eval[f"eval_{key}"]
+    return out
 
 
 def data_line(stats: dict) -> str:
@@ -361,7 +395,9 @@ def summary_screen(run_dir: Path, s: dict) -> str:
         "",
         f"run directory   {run_dir}",
         f"adapter         {run_dir / 'adapter'}  (PEFT format)",
-        f"steps           {s['steps']}{_epochs_part(s.get('schedule'))}   train loss {s['train_loss']:.4f}" + eval_part,
+        f"steps           {s['steps']}{_epochs_part(s.get('schedule'))}   train loss {s['train_loss']:.4f}"
+        + eval_part
+        + _preference_part(s),
         f"tokens          {s['tokens']:,} seen, {s['trained_tokens']:,} trained   {s['tokens_per_second']:,.0f} tokens/s",
         f"peak memory     {s['peak_memory_bytes'] / 2**30:.2f} GiB ({s['memory_kind']})   time {s['seconds']:.0f} s",
         *_heldout_lines(s.get("heldout")),
@@ -392,3 +428,8 @@ def _heldout_lines(heldout: dict | None) -> list[str]:
             "answers in report.html"
         ]
     return [f"held-out        {heldout['answered']} validation questions answered before and after: see report.html"]
+
+
+def _preference_part(s: dict) -> str:
+    accuracy = (s.get("preference") or {}).get("eval_preference_accuracy")
+    return f"   eval preference accuracy {accuracy:.1%}" if accuracy is not None else ""

@@ -15,6 +15,8 @@ import numpy as np
 
 from lorafit.config import DataSection, RunConfig, load_config
 from lorafit.data.encode import Encoder, fit_length
+from lorafit.data.preference_check import build_preference_report, print_preference_report
+from lorafit.data.preference_data import looks_preference
 from lorafit.data.prepare import prepare_data, read_source
 from lorafit.data.readers import expand_source
 from lorafit.data.sources import valid_rows
@@ -32,7 +34,14 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
     """Check a data file/glob/folder or a run config; print the report; return the exit code."""
     try:
         cfg, model_name, tokenizer_name = load_target(target, model, max_length)
-        report = build_report(cfg.data, model_name, tokenizer_name, cfg)
+        data_cfg = cfg.data
+        method = cfg.training.method if Path(target).suffix.lower() in CONFIG_SUFFIXES else None
+        pairs = method == "dpo" or (method is None and bool(data_cfg.train) and looks_preference(data_cfg.train[0]))
+        report = (
+            build_preference_report(data_cfg, model_name, tokenizer_name)
+            if pairs
+            else build_report(data_cfg, model_name, tokenizer_name, cfg)
+        )
     except LorafitError as err:
         if as_json:
             print(json.dumps({"ok": False, "error": err.message, "hint": err.hint}, indent=2))
@@ -41,7 +50,7 @@ def data_check(target: str, model: str | None, max_length: int | None, as_json: 
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        print_report(report)
+        (print_preference_report if pairs else print_report)(report)
     return 0 if report["ok"] else 2
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from lorafit.config import DataSource
 from lorafit.data.collate import PadCollator
+from lorafit.data.preference_data import looks_preference
 from lorafit.errors import DataError
 from lorafit.inference.generate import generate_batch, load_for_inference
+from lorafit.inference.preference_compare import compare_preferences
 from lorafit.inference.tool_calls import ToolScore, reference_call
 from lorafit.keyfacts import accuracy, is_correct
 from lorafit.metrics import perplexity
@@ -154,6 +156,8 @@ def compare(
             f"data file {data_file} does not exist.",
             "Pass a chat file like the training data (JSONL, JSON, CSV, Parquet).",
         )
+    if looks_preference(DataSource(path=data_file)):  # chosen/rejected pairs: preference accuracy, base vs tuned
+        return compare_preferences(run_dir, data_file, cfg, as_json, console)
     rows = conversations(data_file, cfg.data)
     loaded = load_for_inference(run_dir, merge=False)  # keep the adapter separate so it can be switched off
     model = loaded.model

@@ -96,6 +96,15 @@ class MetricsCallback(TrainerCallback):
     """One JSON object per log event (training steps and evaluations), appended as they happen."""
 
     KEYS = ("loss", "learning_rate", "grad_norm")
+    # DPO's (TRL's names -> ours): the implicit rewards beta * log(policy / reference) of each side, their margin,
+    # and the share of pairs where chosen out-scores rejected. Other TRL diagnostics (logps/, logits/) keep their
+    # names with `_` for `/`.
+    PREFERENCE = {
+        "rewards/chosen": "rewards_chosen",
+        "rewards/rejected": "rewards_rejected",
+        "rewards/margins": "reward_margin",
+        "rewards/accuracies": "preference_accuracy",
+    }
 
     def __init__(self, path: Path, tokens: TokenCounter, enabled: bool = True):
         self.path = Path(path)
@@ -122,7 +131,16 @@ class MetricsCallback(TrainerCallback):
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         for key, value in logs.items():
-            if key in self.KEYS or (key.startswith("eval_") and not key.endswith(("_runtime", "_per_second"))):
+            plain = key.removeprefix("eval_")
+            if plain in self.PREFERENCE:
+                key = key[: len(key) - len(plain)] + self.PREFERENCE[plain]
+            elif key.startswith("eval_"):
+                key = key.replace("/", "_")
+            if (
+                key in self.KEYS
+                or key.endswith(tuple(self.PREFERENCE.values()))
+                or (key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")))
+            ):
                 # NaN/inf are not JSON: a bad step is logged as null (and named by the NaN guard's warning)
                 record[key] = value if not isinstance(value, float) or math.isfinite(value) else None
         if "loss" in logs:
@@ -183,7 +201,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            self.last.update({k: v for k, v in logs.items() if k in ("loss", "learning_rate", "eval_loss")})
+            shown = ("loss", "learning_rate", "eval_loss", "rewards/accuracies", "rewards/margins")
+            self.last.update({k: v for k, v in logs.items() if k in shown})
         if self.progress is not None:
             self.progress.update(self.task, info=self._info())
         elif self.mode == "lines" and logs and state.is_world_process_zero and ("loss" in logs or "eval_loss" in logs):
@@ -202,6 +221,8 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"loss {self.last['loss']:.4f}")
         if "eval_loss" in self.last:
             parts.append(f"eval {self.last['eval_loss']:.4f}")
+        if "rewards/accuracies" in self.last:  # DPO: preference accuracy and reward margin of the last steps
+            parts.append(f"acc {self.last['rewards/accuracies']:.2f}  margin {self.last['rewards/margins']:.3f}")
         if "learning_rate" in self.last:
             parts.append(f"lr {self.last['learning_rate']:.2e}")
         parts.append(f"{self.tokens.per_second():,.0f} tok/s")

@@ -28,6 +28,7 @@ from lorafit.train.checkpoints import (
     is_write_failure,
     save_error,
 )
+from lorafit.train.dpo import build_dpo_run
 from lorafit.train.setup import TrainingRun, build_run
 
 log = logging.getLogger("lorafit")
@@ -53,7 +54,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
         for leftover in ckpt.clear_temporaries(run_dir):
             log.warning("removed %s: a save was interrupted there", leftover)
         ckpt.clear_staging(run_dir / "checkpoints")
-    run = build_run(cfg, run_dir, resume, quiet, callbacks, say)
+    build = build_dpo_run if cfg.training.method == "dpo" else build_run
+    run = build(cfg, run_dir, resume, quiet, callbacks, say)
     if main:
         _start_message(resume, run.last, run_dir, say)
         _write_config(run_dir, cfg, resume)
@@ -226,7 +228,8 @@ def _save_final(
     `adapter_state`: the weights to save where rank 0's model cannot give them (checkpoints.final_adapter_state)."""
 
     def save_adapter(folder):
-        model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True)
+        # only the trained adapter: DPO's frozen reference copy (train/dpo.py) is not part of the result
+        model.save_pretrained(folder, state_dict=adapter_state, safe_serialization=True, selected_adapters=["default"])
 
     for name, save in (("tokenizer", lambda d: save_tokenizer(tokenizer, d, template)), ("adapter", save_adapter)):
         try:

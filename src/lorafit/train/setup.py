@@ -12,10 +12,12 @@ from pathlib import Path
 
 from lorafit.config import RunConfig
 from lorafit.data.collate import make_collator
+from lorafit.data.preference_data import looks_preference
 from lorafit.data.prepare import prepare_data
 from lorafit.errors import ConfigError
+from lorafit.models.adapter import add_adapter, resolve_adapter_base
 from lorafit.models.attention import training_attention
-from lorafit.models.lora import attach_lora, count_parameters, describe_parameters
+from lorafit.models.lora import count_parameters, describe_parameters
 from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
@@ -106,6 +108,7 @@ def build_run(
     from transformers import set_seed
 
     last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
+    adapter = starting_adapter(cfg)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.tokenizer, cfg.model.trust_remote_code, cfg.model.revision)
     # Data first: bad rows stop the run before minutes are spent loading weights.
     with main_process_first(cfg, run_dir):
@@ -117,7 +120,7 @@ def build_run(
     schedule = plan_schedule(cfg.training, len(prepared.train), hidden_size=getattr(model.config, "hidden_size", None))
     attention = training_attention(model, pick_attention(cfg.model.attn_implementation))  # no L x L masks
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
-    model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
+    model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
     _say_plan(say, describe_parameters(trainable, total), schedule)
     own = make_callbacks(cfg, run_dir, quiet)
@@ -128,7 +131,7 @@ def build_run(
     trainer = _make_trainer(cfg, run_dir, model, tokenizer, prepared, collator, args, own, callbacks)
     if cfg.lora.init == "eva" and last is None:
         init_eva(model, trainer, tokenizer.pad_token_id)
-    _restore_counters(own, last, resume)
+    restore_counters(own, last, resume)
     return TrainingRun(
         cfg=cfg,
         run_dir=run_dir,
@@ -179,13 +182,25 @@ def _say_plan(say, parameters: str, schedule: Schedule) -> None:
         log.warning("warning: %s", warning)
 
 
-def _restore_counters(own: RunCallbacks, last: Path | None, resume: bool) -> None:
+def restore_counters(own: RunCallbacks, last: Path | None, resume: bool) -> None:
     """On resume: token counts from the checkpoint's manifest; the metrics curve continues from its step."""
     if last is not None:
         manifest = ckpt.read_manifest(last)
         own.tokens.restore(manifest.get("tokens", 0), manifest.get("trained_tokens", 0))
     if resume:  # records of steps after the checkpoint are redone
         own.metrics.truncate_after(ckpt.checkpoint_step(last) if last is not None else 0)
+
+
+def starting_adapter(cfg: RunConfig) -> Path | None:
+    """The adapter `model.adapter` continues (cfg.model.name becomes its run's base), None for a new one. Preference
+    pairs are refused: supervised training on them would train one side and drop the other."""
+    for source in cfg.data.train:
+        if looks_preference(source):
+            raise ConfigError(
+                f"{source.path} holds preference pairs (`chosen` / `rejected`), and `training.method` is sft.",
+                "Set `training.method: dpo` to tune on the pairs, or train on conversations.",
+            )
+    return resolve_adapter_base(cfg)
 
 
 def check_training_config(cfg: RunConfig, has_validation: bool) -> None:

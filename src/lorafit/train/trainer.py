@@ -74,13 +74,18 @@ class LorafitTrainer(AtomicCheckpoints, Trainer):
 def training_arguments(
     cfg: RunConfig, run_dir: Path, has_eval: bool, schedule: Schedule | None = None
 ) -> TrainingArguments:
-    """`schedule` (train/schedule.py): the optimizer steps and the learning rate the run takes."""
+    return TrainingArguments(**training_argument_values(cfg, run_dir, has_eval, schedule))
+
+
+def training_argument_values(cfg: RunConfig, run_dir: Path, has_eval: bool, schedule: Schedule | None = None) -> dict:
+    """The TrainingArguments of a run as keywords (TRL's configs for DPO extend them). `schedule`
+    (train/schedule.py): the optimizer steps and the learning rate the run takes."""
     t = cfg.training
     precision = resolve_precision(t.precision)
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     evaluate_steps = has_eval and t.eval_every > 0
     early = t.early_stopping_patience is not None
-    return TrainingArguments(
+    return dict(
         output_dir=str(staging_dir(run_dir / "checkpoints")),  # checkpoints are sealed and moved out (checkpoints.py)
         num_train_epochs=t.epochs,
         max_steps=schedule.steps if schedule else t.max_steps,
