@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorafit.config_yaml import MAX_CONFIG_BYTES, parse_yaml
+from lorafit.config_yaml import MAX_CONFIG_BYTES, parse_yaml, resolve_paths
 from lorafit.errors import ConfigError
 from lorafit.redact import redact
 
@@ -359,7 +359,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(
                 f"{source}: the config must be a mapping of sections (model, data, lora, training, dpo, eval, output), got {type(raw).__name__}."
             )
-        _resolve_paths(raw, p.parent)
+        resolve_paths(raw, p.parent)
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = RunConfig.model_validate(raw)
@@ -378,46 +378,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def _resolve_paths(raw: dict, base: Path) -> None:
-    """Local paths in a config are relative to the config file, unless they exist relative to the cwd. Both are
-    made absolute, so the saved config.yaml and the reports name exactly the files a run used."""
-    model = raw.get("model")
-    if isinstance(model, dict):
-        from lorafit.models.sources import EMBEDDED
-
-        for key in ("name", "tokenizer", "adapter"):
-            if isinstance(model.get(key), str) and model[key] not in EMBEDDED:
-                model[key] = _absolute(model[key], base)
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("train", "validation"):
-        sources = data.get(key)
-        if isinstance(sources, (str, dict)):
-            sources = [sources]
-        if not isinstance(sources, list):
-            continue
-        fixed = []
-        for s in sources:
-            path = s if isinstance(s, str) else s.get("path") if isinstance(s, dict) else None
-            if isinstance(path, str):
-                path = _absolute(path, base)
-                s = path if isinstance(s, str) else {**s, "path": path}
-            fixed.append(s)
-        data[key] = fixed
-
-
-def _absolute(path: str, base: Path) -> str:
-    """An existing local path, absolute (cwd first, then the config's folder); anything else (Hub id, glob) unchanged."""
-    p = Path(path)  # `~` is left to the reader, which expands it
-    if p.is_absolute() or not path.strip():
-        return path
-    for candidate in (p, base / p):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return path
-
-
 def dump_config(cfg: RunConfig) -> str:
-
     return redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # config.yaml never holds a token

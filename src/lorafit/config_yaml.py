@@ -3,6 +3,7 @@ hostile or broken file is a clear ConfigError, never a hang or a crash."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -89,3 +90,43 @@ def parse_yaml(text: str, source: str) -> Any:
         Exception
     ) as e:  # PyYAML's constructors also raise these: `!!int ''` (IndexError), 5000-digit ints (ValueError)
         raise ConfigError(f"{source}: invalid YAML value ({type(e).__name__}: {str(e).split(':')[0][:120]}).") from None
+
+
+def resolve_paths(raw: dict, base: Path) -> None:
+    """Local paths in a config are relative to the config file, unless they exist relative to the cwd. Both are
+    made absolute, so the saved config.yaml and the reports name exactly the files a run used."""
+    model = raw.get("model")
+    if isinstance(model, dict):
+        from lorafit.models.sources import EMBEDDED
+
+        for key in ("name", "tokenizer", "adapter"):
+            if isinstance(model.get(key), str) and model[key] not in EMBEDDED:
+                model[key] = _absolute(model[key], base)
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation"):
+        sources = data.get(key)
+        if isinstance(sources, (str, dict)):
+            sources = [sources]
+        if not isinstance(sources, list):
+            continue
+        fixed = []
+        for s in sources:
+            path = s if isinstance(s, str) else s.get("path") if isinstance(s, dict) else None
+            if isinstance(path, str):
+                path = _absolute(path, base)
+                s = path if isinstance(s, str) else {**s, "path": path}
+            fixed.append(s)
+        data[key] = fixed
+
+
+def _absolute(path: str, base: Path) -> str:
+    """An existing local path, absolute (cwd first, then the config's folder); anything else (Hub id, glob) unchanged."""
+    p = Path(path)  # `~` is left to the reader, which expands it
+    if p.is_absolute() or not path.strip():
+        return path
+    for candidate in (p, base / p):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return path

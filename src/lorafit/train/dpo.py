@@ -107,6 +107,13 @@ def freeze_reference(model) -> int:
     return count
 
 
+def dpo_schedule(cfg: RunConfig, pairs: int, model):
+    """The small-data step floor was measured for supervised runs (bench/small_data.py), not for pairs: DPO runs
+    take their epochs (or max_steps). `learning_rate: auto` scales with the width as for SFT."""
+    no_floor = cfg.training.model_copy(update={"min_steps": 0})
+    return plan_schedule(no_floor, pairs, hidden_size=getattr(model.config, "hidden_size", None))
+
+
 def build_dpo_run(
     cfg: RunConfig, run_dir: Path, resume: bool = False, quiet: bool = False, callbacks=None, say=print
 ) -> TrainingRun:
@@ -125,10 +132,7 @@ def build_dpo_run(
     if adapter is not None:
         say(f"continuing the adapter {adapter}; the reference model is that adapter, frozen")
     model = load_base_model(cfg.model)
-    # The small-data step floor was measured for supervised runs (bench/small_data.py), not for pairs: DPO runs
-    # take their epochs (or max_steps). `learning_rate: auto` scales with the width as for SFT.
-    no_floor = cfg.training.model_copy(update={"min_steps": 0})
-    schedule = plan_schedule(no_floor, len(prepared.train), hidden_size=getattr(model.config, "hidden_size", None))
+    schedule = dpo_schedule(cfg, len(prepared.train), model)
     say(schedule.line())
     set_seed(cfg.training.seed)
     model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing)

@@ -17,7 +17,8 @@ from lorafit.errors import RunDirError
 from lorafit.inference import heldout as held
 from lorafit.inference.eval_prompts import base_answers, read_generations, tuned_answers, write_after, write_before
 from lorafit.models.tokenizer import save_tokenizer
-from lorafit.report import summarize, summary_screen, write_report
+from lorafit.report import summarize, write_report
+from lorafit.report_screen import summary_screen
 from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
 from lorafit.runtime import is_main_process, sharded_launch, take_over_fsdp
 from lorafit.train import checkpoints as ckpt
