@@ -44,7 +44,7 @@ test: $(VENV)/.installed-test test-system-deps
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
 	LORAFIT_CACHE=.cache/test-cache $(PY) -c "from lorafit.models.sources import resolve_model; resolve_model('smollm2-135m-instruct')"
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q -rs --durations=15
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup -q -rs --durations=15
 
 bench: install
 	$(PIP) install -q -e ".[bench]"

@@ -91,3 +91,14 @@ def tiny_gguf(tiny_run_dir, tmp_path_factory) -> Path:
     from lorafit.export.gguf import export_gguf
 
     return export_gguf(tiny_run_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", outtype="f16")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`: every test that serves the shared demo run on one worker (the others would wait on
+    its file lock while it trains), and the two other real-model demos together on another, so the three longest
+    trainings never queue behind each other on one worker."""
+    for item in items:
+        if "served" in getattr(item, "fixturenames", ()) or item.name == "test_the_real_demo_meets_its_documented_bar":
+            item.add_marker(pytest.mark.xdist_group("served-demo"))
+        elif item.name in ("test_tool_demo_meets_its_bar", "test_dpo_demo_meets_its_bar"):
+            item.add_marker(pytest.mark.xdist_group("other-demos"))

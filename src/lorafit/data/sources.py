@@ -23,7 +23,7 @@ from lorafit.hf_compat import dataset_fingerprint
 from lorafit.paths import data_cache_dir
 
 MAX_LISTED = 20  # problems listed in an error; the total is always given
-PIPELINE_VERSION = "6"  # bump when the stored output changes, so old caches are not reused
+PIPELINE_VERSION = "7"  # bump when the stored output changes, so old caches are not reused
 
 
 @dataclass
