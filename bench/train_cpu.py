@@ -315,6 +315,8 @@ def run_child(variant: str, work: Path, rows_per_step: int, batch: int, data: Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode == -9:  # the kernel's out-of-memory killer: a result to report, not a broken benchmark
+        return {"failed": "killed by the out-of-memory killer"}
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{variant} run failed (exit {proc.returncode})")
@@ -389,6 +391,9 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
             lorafit_batch = (a.batch if a.model == TOY else a.micro_batch) if variant == "lorafit" else rows_per_step
             r = run_child(variant, work, lorafit_batch, a.batch, data, a.model)
             results[variant].append(r)
+            if "failed" in r:
+                print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['failed']}", flush=True)
+                continue
             print(
                 f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
                 f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
@@ -414,10 +419,12 @@ def _lengths(work: Path, data: Path, model: str, micro_batch: int) -> tuple[floa
 def report(results: dict, a, rows_per_step: int, share: float) -> None:
     from _report import machine, table, write_section
 
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in results.items()}
+    ok = {v: [r for r in rs if "failed" not in r] for v, rs in results.items()}
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in ok.items() if rs}
 
     def pair_ratios(v: str, key: str) -> list[float]:
-        return [lf[key] / t[key] for lf, t in zip(results["lorafit"], results[v])]
+        pairs = zip(results["lorafit"], results[v])
+        return [lf[key] / t[key] for lf, t in pairs if "failed" not in lf and "failed" not in t]
 
     names = {
         "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
@@ -426,6 +433,10 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
     }
     rows = []
     for v in VARIANTS:
+        if v not in med:  # every repeat failed (e.g. out of memory): say so in the table
+            failed = results[v][0]["failed"]
+            rows.append([f"{names[v]}: {failed} (all {len(results[v])} runs)"] + ["—"] * 11)
+            continue
         m = med[v]
         ratios = []
         for key in ("tokens_per_cpu_second", "tokens_per_second", "peak_rss_mb"):
@@ -460,7 +471,7 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         "steps",
         "s to first step",
     ]
-    lf = results["lorafit"][0]
+    lf = ok["lorafit"][0]
     if a.model == TOY:
         section = "train_cpu"
         title = f"## Training throughput on CPU, toy model (LM head {share:.0%} of the FLOPs): lorafit vs TRL"
