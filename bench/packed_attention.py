@@ -184,6 +184,7 @@ def prepared(work: Path, max_length: int, samples: int = 200):
     from _alpaca import make_alpaca_like
 
     from lorafit.config import RunConfig
+    from lorafit.data.packing import best_fit_decreasing
     from lorafit.data.prepare import prepare_data
     from lorafit.models.tokenizer import load_tokenizer
 
@@ -198,7 +199,10 @@ def prepared(work: Path, max_length: int, samples: int = 200):
         }
     )
     tokenizer = load_tokenizer(cfg.model.name)
-    return cfg, tokenizer, prepare_data(cfg.data, tokenizer, seed=0).train
+    samples = prepare_data(cfg.data, tokenizer, seed=0).train
+    # The rows packing makes of these samples (the collator packs each micro-batch the same way, best fit decreasing)
+    bins = best_fit_decreasing([len(ids) for ids in samples["input_ids"]], max_length)
+    return cfg, tokenizer, samples, bins
 
 
 def child_step(name: str, work: Path, max_length: int, rows: int) -> dict:
@@ -209,12 +213,14 @@ def child_step(name: str, work: Path, max_length: int, rows: int) -> dict:
     from lorafit.train.loss import causal_lm_loss
 
     kernel = name.split("_")[1]
-    cfg, tokenizer, train = prepared(work, max_length)
+    cfg, tokenizer, samples, bins = prepared(work, max_length)
     cfg.model.attn_implementation = kernel
     model = load_base_model(cfg.model)
     attention = training_attention(model, kernel) if name.startswith("lorafit") else kernel
     model = attach_lora(model, cfg.lora, gradient_checkpointing=False).train()
-    batch = make_collator(tokenizer, packed=True, attn_implementation=attention)([train[i] for i in range(rows)])
+    features = [samples[j] for members in bins[:rows] for j in members]  # the samples of the first `rows` rows
+    collate = make_collator(tokenizer, packed=True, attn_implementation=attention, max_length=max_length)
+    batch = collate(features)
     batch.pop("seq_lengths", None)
     times, saved = [], 0
     for _ in range(2):  # the first step pays one-time costs; the second is timed
@@ -269,8 +275,9 @@ def main() -> None:
         a.rows, a.step_rows, a.max_length, a.repeats = 2, 2, 128, 1
     with tempfile.TemporaryDirectory(prefix="lorafit-attn-") as tmp:
         work = Path(tmp)
-        _, _, train = prepared(work, a.max_length)
-        rows = [list(train[i]["seq_lengths"]) for i in range(a.rows)]
+        _, _, samples, bins = prepared(work, a.max_length)
+        lengths = [len(ids) for ids in samples["input_ids"]]
+        rows = [[lengths[j] for j in members] for members in bins[: a.rows]]
         ops, steps = {n: [] for n in OPS}, {n: [] for n in STEPS}
         for rep in range(a.repeats):
             for name in OPS if rep % 2 == 0 else OPS[::-1]:
