@@ -92,17 +92,22 @@ def safe_adapter(run_dir: str | Path) -> str:
     return str(adapter)
 
 
+def require_finished(path: Path) -> None:
+    """A run directory whose adapter was saved (a run interrupted before the end has none)."""
+    if not is_run_dir(path):
+        raise RunDirError(
+            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
+            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
+        )
+
+
 def load_tuned(run_dir: str | Path, dtype=None, merge: bool = False):
     """(model, tokenizer, cfg) of a finished run: the base model with the adapter on top (merged if asked)."""
     from peft import PeftModel
 
     path = Path(run_dir)
     cfg = load_run_config(path)
-    if not is_run_dir(path):
-        raise RunDirError(
-            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
-            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
-        )
+    require_finished(path)
     tokenizer = load_tokenizer(cfg.model.name, tokenizer_name=str(path / "tokenizer"))
     base = load_base_model(cfg.model, dtype=dtype)
     model = PeftModel.from_pretrained(base, safe_adapter(path))

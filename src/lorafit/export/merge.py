@@ -19,7 +19,7 @@ from lorafit.inference.generate import PROMPT_FILE
 from lorafit.models.sources import load_base_model, resolve_model
 from lorafit.models.tokenizer import generation_config_for, load_tokenizer, prepare_tokenizer
 from lorafit.paths import user_path
-from lorafit.rundir import is_run_dir, load_run_config, safe_adapter
+from lorafit.rundir import load_run_config, require_finished, safe_adapter
 from lorafit.runtime import DTYPE_NAMES, torch_dtype
 
 log = logging.getLogger("lorafit")
@@ -49,11 +49,7 @@ def merged_model(run_dir: str | Path, dtype):
 
     path = Path(run_dir)
     cfg = load_run_config(path)
-    if not is_run_dir(path):
-        raise RunDirError(
-            f"{path} has no complete adapter (adapter/adapter_config.json is missing).",
-            "The run may have been interrupted: resume it with `lorafit train CONFIG --resume`.",
-        )
+    require_finished(path)
     notes = []
     model_cfg = cfg.model
     if model_cfg.quantization != "none":

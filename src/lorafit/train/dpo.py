@@ -26,7 +26,7 @@ from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.schedule import plan_schedule
-from lorafit.train.setup import TrainingRun, check_training_config, make_callbacks, restore_counters
+from lorafit.train.setup import TrainingRun, check_training_config, make_callbacks, restore_counters, training_run
 from lorafit.train.trainer import main_process_first, tensorboard_dir, training_argument_values
 
 REFERENCE = "ref"  # the name TRL gives the frozen copy of the adapter
@@ -156,20 +156,4 @@ def build_dpo_run(
     total -= reference  # the reference copy is bookkeeping, not part of the model
     say(describe_parameters(trainable, total))
     restore_counters(own, last, resume)
-    return TrainingRun(
-        cfg=cfg,
-        run_dir=run_dir,
-        last=last,
-        tokenizer=tokenizer,
-        prepared=prepared,
-        model=model,
-        trainable=trainable,
-        total=total,
-        trainer=trainer,
-        tokens=own.tokens,
-        progress=own.progress,
-        guard=own.guard,
-        stopper=own.stopper,
-        best=own.best,
-        schedule=schedule,
-    )
+    return training_run(cfg, run_dir, last, tokenizer, prepared, model, (trainable, total), trainer, own, schedule)

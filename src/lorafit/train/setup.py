@@ -132,6 +132,11 @@ def build_run(
     if cfg.lora.init == "eva" and last is None:
         init_eva(model, trainer, tokenizer.pad_token_id)
     restore_counters(own, last, resume)
+    return training_run(cfg, run_dir, last, tokenizer, prepared, model, (trainable, total), trainer, own, schedule)
+
+
+def training_run(cfg, run_dir, last, tokenizer, prepared, model, counts, trainer, own, schedule) -> TrainingRun:
+    """The TrainingRun of a built run (SFT here, DPO in train/dpo.py); `counts` = (trainable, total) parameters."""
     return TrainingRun(
         cfg=cfg,
         run_dir=run_dir,
@@ -139,8 +144,8 @@ def build_run(
         tokenizer=tokenizer,
         prepared=prepared,
         model=model,
-        trainable=trainable,
-        total=total,
+        trainable=counts[0],
+        total=counts[1],
         trainer=trainer,
         tokens=own.tokens,
         progress=own.progress,
