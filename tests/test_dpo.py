@@ -282,6 +282,22 @@ def test_dpo_train_cli_end_to_end(tmp_path, tiny_chat_model, tiny_run_dir):
     result = compare(str(run), str(tmp_path / "prefs.jsonl"), as_json=True)
     assert result["pairs"] == 8 and {"accuracy", "mean_margin"} <= set(result["base"]) == set(result["tuned"])
 
+    # export and chat read a DPO run as any run: a GGUF with the chat template, and answers in the chat format
+    from gguf import GGUFReader
+
+    from lorafit.export.gguf import export_gguf
+    from lorafit.inference.chat import reply
+    from lorafit.inference.generate import load_for_inference
+
+    gguf = export_gguf(run, tmp_path / "dpo.gguf", "f16")
+    assert "tokenizer.chat_template" in GGUFReader(str(gguf)).fields
+    import io
+
+    loaded = load_for_inference(str(run))
+    shown = io.StringIO()
+    answer, kept = reply(loaded, [{"role": "user", "content": "Name a colour."}], None, 4, 0.0, shown)
+    assert loaded.kind == "run" and answer and answer.strip() in shown.getvalue() and len(kept) == 1  # streamed
+
 
 def test_dpo_trainer_private_methods_are_checked():
     from lorafit.hf_compat import check_dpo_trainer
