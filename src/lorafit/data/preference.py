@@ -95,10 +95,15 @@ def _text(value, key: str) -> tuple[str | None, list[Problem]]:
     return value, []
 
 
-def _prompt(value, key: str) -> tuple[list[dict] | None, list[Problem]]:
+def _present(value, key: str) -> tuple[object, list[Problem]]:
+    """The field's value parsed (a JSON string read as JSON), or why it cannot be used (missing, broken JSON)."""
     if value is None:
         return None, [(key, "missing")]
-    value, problems = _parse(value, key)
+    return _parse(value, key)
+
+
+def _prompt(value, key: str) -> tuple[list[dict] | None, list[Problem]]:
+    value, problems = _present(value, key)
     if problems:
         return None, problems
     if isinstance(value, str):
@@ -133,9 +138,7 @@ def _prompt_order(turns: list[dict], key: str) -> list[Problem]:
 
 def _answer(value, key: str) -> tuple[str | None, list[Problem]]:
     """One assistant answer: a string, a `{role/from, content/value}` turn, or a list holding exactly that turn."""
-    if value is None:
-        return None, [(key, "missing")]
-    value, problems = _parse(value, key)
+    value, problems = _present(value, key)
     if problems:
         return None, problems
     if isinstance(value, str):
