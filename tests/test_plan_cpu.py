@@ -63,12 +63,13 @@ def test_plan_holds_the_measured_peak_of_a_cpu_run(tmp_path, smollm2_dir, max_le
     assert abs(cpu["total"] - measured) <= 0.15 * measured, (cpu["total"] / 2**20, measured / 2**20)
 
 
-def _saved_per_token_layer(dropout: float, kernel: str, samples: int) -> float:
+def _saved_per_token_layer(dropout: float, kernel: str, samples: int, fused: bool = True) -> float:
     """d²(bytes autograd saves) / d(layers) d(tokens) for one flat row of `samples` equal samples, fp32 on CPU."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorafit.models.attention import training_attention
+    from lorafit.models.lora_dropout import fuse_lora_dropout
 
     saved = {}
     for layers in (2, 3):
@@ -86,6 +87,8 @@ def _saved_per_token_layer(dropout: float, kernel: str, samples: int) -> float:
         )
         assert training_attention(model, kernel) == f"lorafit_{kernel}"
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL)).train()
+        if fused:  # as lorafit trains (models/adapter.add_adapter)
+            assert fuse_lora_dropout(model) == (7 * layers if dropout else 0)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for tokens in (32, 64):
             seen = {}
@@ -102,11 +105,14 @@ def _saved_per_token_layer(dropout: float, kernel: str, samples: int) -> float:
     return ((saved[3, 64] - saved[2, 64]) - (saved[3, 32] - saved[2, 32])) / 32
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.05], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize(
+    "dropout,fused", [(0.0, True), (0.05, True), (0.05, False)], ids=["no-dropout", "dropout", "peft-dropout"]
+)
 @pytest.mark.parametrize("samples", [1, 2], ids=["one-sample", "packed"])
-def test_cpu_activation_formula_equals_what_autograd_saves(dropout, samples):
-    """CPU training as lorafit runs it: fp32, per-sample sdpa (k/v repeated to every head), the float dropout masks
-    of PyTorch's CPU dropout, and for packed rows the concatenated attention output o_proj reads."""
+def test_cpu_activation_formula_equals_what_autograd_saves(dropout, fused, samples):
+    """CPU training as lorafit runs it: fp32, per-sample sdpa (k/v repeated to every head), lorafit's LoRA dropout
+    (a bool mask per LoRA layer, the input shared) or PEFT's own (a dropped copy and PyTorch's float mask on CPU, as
+    DoRA keeps), and for packed rows the concatenated attention output o_proj reads."""
     from lorafit.plan.architecture import Arch
     from lorafit.plan.memory import activation_bytes_per_token_layer
 
@@ -120,5 +126,6 @@ def test_cpu_activation_formula_equals_what_autograd_saves(dropout, samples):
         kv_expanded=True,
         mask_bytes=4,
         attn_out_shared=samples == 1,
+        fused_dropout=fused,
     )
-    assert formula == _saved_per_token_layer(dropout, "sdpa", samples)
+    assert formula == _saved_per_token_layer(dropout, "sdpa", samples, fused)

@@ -12,6 +12,7 @@ import yaml
 
 from lorafit.errors import ConfigError
 from lorafit.models.lora import attach_lora
+from lorafit.models.lora_dropout import fuse_lora_dropout
 from lorafit.models.sources import EMBEDDED
 from lorafit.paths import user_path
 
@@ -78,5 +79,8 @@ def load_trainable_adapter(model, folder: Path, gradient_checkpointing: bool = F
 def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False):
     """The adapter to train: the existing one of `folder` (`model.adapter`), else a new LoRA adapter."""
     if folder is not None:
-        return load_trainable_adapter(model, folder, gradient_checkpointing)
-    return attach_lora(model, lora_cfg, gradient_checkpointing)
+        model = load_trainable_adapter(model, folder, gradient_checkpointing)
+    else:
+        model = attach_lora(model, lora_cfg, gradient_checkpointing)
+    fuse_lora_dropout(model)  # the same dropout, without a dropped copy of every LoRA input kept for backward
+    return model

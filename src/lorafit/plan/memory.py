@@ -97,6 +97,7 @@ def activation_bytes_per_token_layer(
     eager_seq: int = 0,
     mask_bytes: int = 1,
     attn_out_shared: bool = True,
+    fused_dropout: bool = True,
 ) -> int:
     """Bytes autograd keeps per token in one LoRA-wrapped Llama decoder layer until the backward pass.
 
@@ -107,6 +108,8 @@ def activation_bytes_per_token_layer(
     a LoRA dropout mask (CUDA's fused dropout keeps a bool; on CPU PyTorch keeps the float scale mask, `act` bytes).
     attn_out_shared: the tensor o_proj reads is the one attention saved (one sample per row); per-sample attention
     over packed samples concatenates the outputs into a new tensor instead.
+    fused_dropout: lorafit's LoRA dropout (models/lora_dropout.py: lora_A keeps its input and a bool mask, not a
+    dropped copy); False: PEFT's own (DoRA), a dropped copy and a `mask_bytes` mask per LoRA layer.
     Frozen base matmuls save nothing (no weight gradient is needed); what is saved is listed below.
     """
     h, hq, kv = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim
@@ -117,13 +120,15 @@ def activation_bytes_per_token_layer(
         total += a.heads * eager_seq * (4 + act)  # eager attention keeps the fp32 softmax and its cast
     total += 3 * a.intermediate * residual  # gate output (SiLU input), SiLU output and up output (their product)
     d_in = {"attn_in": h, "attn_out": hq, "mlp_in": h, "mlp_mid": a.intermediate}
-    if act == 4 and dropout == 0:
+    if act == 4 and (dropout == 0 or fused_dropout):
         # fp32 end to end: modules reading the same tensor share the one saved copy of it, and o_proj reads
         # the attention output that attention already saved (a transposed view of the same storage)
         total += sum(4 * d_in[g] for g in {GROUPS[t] for t in targets} - ({"attn_out"} if attn_out_shared else set()))
     else:
-        # mixed precision: each LoRA A casts its input separately; dropout keeps its own output and its mask
-        total += sum((act + (mask_bytes if dropout > 0 else 0)) * d_in[GROUPS[t]] for t in targets)
+        # mixed precision: each LoRA A casts its input separately; PEFT's dropout keeps its own output
+        total += sum(act * d_in[GROUPS[t]] for t in targets)
+    if dropout > 0:  # each LoRA layer's dropout mask
+        total += sum((1 if fused_dropout else mask_bytes) * d_in[GROUPS[t]] for t in targets)
     total += len(targets) * act * r  # LoRA B's input (A's output)
     return total
 
@@ -172,6 +177,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
         attention["eager_seq"],
         attention["mask_bytes"] or act,
         attention["attn_out_shared"],
+        fused_dropout=not lora.use_dora,  # models/lora_dropout.py leaves DoRA's dropout to PEFT
     )
     final_norm = 4 * arch.hidden + 4
     full = tokens * (arch.layers * layer + final_norm)
