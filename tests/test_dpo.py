@@ -178,6 +178,25 @@ def test_reference_is_the_sft_adapter_not_the_bare_base(tmp_path, tiny_chat_mode
     assert _first_loss(run.trainer)[0] == pytest.approx(LN2, abs=1e-5)
 
 
+def test_lora_dropout_of_the_sft_adapter_is_off_for_dpo(tmp_path, tiny_chat_model, tiny_run_dir):
+    """An SFT adapter trained with LoRA dropout: DPO switches dropout off (TRL's disable_dropout), so policy and
+    reference agree at step 0 (ln 2). lorafit's fused dropout (models/lora_dropout.py) would hide it from TRL."""
+    import shutil
+
+    from lorafit.models.lora_dropout import DroppedInputLinear
+    from lorafit.train.dpo import build_dpo_run
+
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny_run_dir, sft)
+    adapter_config = sft / "adapter" / "adapter_config.json"
+    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "lora_dropout": 0.3}))
+    cfg = load_config(_dpo_config(tmp_path, tiny_chat_model, "dropout", model={"adapter": str(sft)}, lora=None))
+    run = build_dpo_run(cfg, tmp_path / "runs" / "dropout", say=lambda *a: None)
+    assert not any(isinstance(m, DroppedInputLinear) for m in run.model.modules())
+    losses = [_first_loss(run.trainer)[0] for _ in range(2)]
+    assert losses == pytest.approx([LN2, LN2], abs=1e-5)
+
+
 def test_config_validates_dpo_settings(tmp_path, tiny_chat_model, tiny_run_dir):
     with pytest.raises(ConfigError, match="only used with `training.method: dpo`"):
         load_config(_dpo_config(tmp_path, tiny_chat_model, "a", training={"method": "sft"}))

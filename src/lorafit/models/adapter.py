@@ -76,11 +76,16 @@ def load_trainable_adapter(model, folder: Path, gradient_checkpointing: bool = F
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
 
 
-def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False):
-    """The adapter to train: the existing one of `folder` (`model.adapter`), else a new LoRA adapter."""
+def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False, fuse_dropout=True):
+    """The adapter to train: the existing one of `folder` (`model.adapter`), else a new LoRA adapter.
+
+    fuse_dropout: lorafit's LoRA dropout (models/lora_dropout.py), the same dropout without a dropped copy of every
+    LoRA input kept for backward. Off where a trainer switches dropout off by finding torch's Dropout modules (DPO).
+    """
     if folder is not None:
         model = load_trainable_adapter(model, folder, gradient_checkpointing)
     else:
         model = attach_lora(model, lora_cfg, gradient_checkpointing)
-    fuse_lora_dropout(model)  # the same dropout, without a dropped copy of every LoRA input kept for backward
+    if fuse_dropout:
+        fuse_lora_dropout(model)
     return model

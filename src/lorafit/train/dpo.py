@@ -135,7 +135,8 @@ def build_dpo_run(
     schedule = dpo_schedule(cfg, len(prepared.train), model)
     say(schedule.line())
     set_seed(cfg.training.seed)
-    model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing)
+    # TRL's disable_dropout finds torch Dropout modules: PEFT's own dropout, so that it can switch it off
+    model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing, fuse_dropout=False)
     own = make_callbacks(cfg, run_dir, quiet)
     with tensorboard_dir(run_dir / "tensorboard"):
         trainer = dpo_trainer_class()(
