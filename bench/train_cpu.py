@@ -55,7 +55,7 @@ MODEL = dict(
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_LENGTH = 1024
 LEARNING_RATE = 2e-4
-VARIANTS = ("lorafit", "trl", "trl_packing")
+VARIANTS = ("lorafit", "lorafit_peft_dropout", "trl", "trl_packing")
 PAD = 128_004  # <|finetune_right_pad_id|>
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -282,7 +282,11 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
     import warnings
 
     warnings.filterwarnings("ignore")
-    if variant == "lorafit":
+    if variant.startswith("lorafit"):
+        if variant == "lorafit_peft_dropout":  # lorafit before models/lora_dropout.py: PEFT's own LoRA dropout
+            import lorafit.models.adapter
+
+            lorafit.models.adapter.fuse_lora_dropout = lambda model: 0
         out = child_lorafit(work, rows_per_step, data, model_name)  # for lorafit: samples per micro-batch
     else:
         out = child_trl(
@@ -385,10 +389,11 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
     )
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rep in range(a.repeats):
-        order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]  # rotate who goes first
+        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]  # rotate who goes first
         for variant in order:
             # lorafit counts its micro-batch in samples: TRL's batch on the toy, its defaults on the real model
-            lorafit_batch = (a.batch if a.model == TOY else a.micro_batch) if variant == "lorafit" else rows_per_step
+            own = a.batch if a.model == TOY else a.micro_batch
+            lorafit_batch = own if variant.startswith("lorafit") else rows_per_step
             r = run_child(variant, work, lorafit_batch, a.batch, data, a.model)
             results[variant].append(r)
             if "failed" in r:
@@ -428,6 +433,7 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
 
     names = {
         "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
+        "lorafit_peft_dropout": "lorafit with PEFT's LoRA dropout (before models/lora_dropout.py)",
         "trl": "TRL SFTTrainer (defaults)",
         "trl_packing": "TRL SFTTrainer (packing=True)",
     }

@@ -127,3 +127,26 @@ def test_lorafit_attaches_the_fused_dropout_when_it_adds_an_adapter():
     model = add_adapter(tiny_llama(3), None, LoraSection(r=4, alpha=8, dropout=0.05, target_modules="all-linear"))
     fused = [m for m in model.modules() if isinstance(m, DroppedInputLinear)]
     assert len(fused) == 3 * 7 and all(m.p == 0.05 for m in fused)
+
+
+def test_gradient_checkpointing_recomputes_the_same_mask():
+    """Checkpointing reruns each layer's forward in the backward pass; the mask drawn there must be the one the first
+    forward used (torch's checkpoint restores the RNG state), or the gradients would not match an unchecked run."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_dropout=0.3, target_modules=ALL, init_lora_weights="gaussian")
+        )
+        assert fuse_lora_dropout(model) == 2 * 7
+        model.train()
+        torch.manual_seed(5)
+        ids = torch.randint(0, 128, (2, 11))
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 7
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
