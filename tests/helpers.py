@@ -142,27 +142,36 @@ def chat_template(tokenizer, template: str | None):
         tokenizer.chat_template = old
 
 
-def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
-    """A random Llama (hidden 64, 2 layers) sized to the tokenizer, saved with it as a model folder."""
+def tiny_llama_model(seed: int = 0, **overrides):
+    """A random Llama in memory: hidden 64, 2 layers, 4 heads over 2 KV heads (fields overridable)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """A random Llama (hidden 64, 2 layers) sized to the tokenizer, saved with it as a model folder."""
+    cfg = dict(
+        vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = tiny_llama_model(seed, **cfg)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_llama_model
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafit.config import LoraSection
 from lorafit.models import lora_dropout
@@ -16,17 +16,8 @@ from lorafit.models.lora_dropout import DroppedInputLinear, fuse_lora_dropout, k
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=layers,
-    )
-    return LlamaForCausalLM(config)
+def tiny_llama(layers: int = 2):
+    return tiny_llama_model(vocab_size=128, intermediate_size=96, num_hidden_layers=layers)
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["input-grad", "no-input-grad"])

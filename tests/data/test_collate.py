@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_llama_model
 
 from lorafit.data.collate import (
     BlockMaskCollator,
@@ -18,20 +19,8 @@ LENGTHS = [[7, 5, 3], [9, 4]]  # two packed rows of different widths, so padding
 
 
 def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).eval().to(torch.float32)
+    model = tiny_llama_model(vocab_size=101, max_position_embeddings=128, attn_implementation=attn)
+    return model.eval().to(torch.float32)
 
 
 def samples():
