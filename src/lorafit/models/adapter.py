@@ -76,7 +76,7 @@ def load_trainable_adapter(model, folder: Path, gradient_checkpointing: bool = F
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
 
 
-def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False, fuse_dropout=True):
+def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False, fuse_dropout: bool = True):
     """The adapter to train: the existing one of `folder` (`model.adapter`), else a new LoRA adapter.
 
     fuse_dropout: lorafit's LoRA dropout (models/lora_dropout.py), the same dropout without a dropped copy of every
