@@ -11,7 +11,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from lorafit.config import LoraSection
 from lorafit.models import lora_dropout
 from lorafit.models.adapter import add_adapter
-from lorafit.models.lora import enable_checkpointing
 from lorafit.models.lora_dropout import DroppedInputLinear, fuse_lora_dropout, keep_mask
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -128,7 +127,8 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
     for checkpointing in (False, True):
         model = tiny_llama()
         if checkpointing:
-            enable_checkpointing(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         model = get_peft_model(
             model, LoraConfig(r=4, lora_dropout=0.3, target_modules=ALL, init_lora_weights="gaussian")
         )
