@@ -55,7 +55,7 @@ MODEL = dict(
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_LENGTH = 1024
 LEARNING_RATE = 2e-4
-VARIANTS = ("lorafit", "lorafit_peft_dropout", "trl", "trl_packing")
+VARIANTS = ("lorafit", "lorafit_peft_lora", "trl", "trl_packing")
 PAD = 128_004  # <|finetune_right_pad_id|>
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -283,10 +283,11 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
 
     warnings.filterwarnings("ignore")
     if variant.startswith("lorafit"):
-        if variant == "lorafit_peft_dropout":  # lorafit before models/lora_dropout.py: PEFT's own LoRA dropout
+        if variant == "lorafit_peft_lora":  # lorafit before models/lora_dropout.py and lora_linear.py
             import lorafit.models.adapter
 
             lorafit.models.adapter.fuse_lora_dropout = lambda model: 0
+            lorafit.models.adapter.fuse_lora_linears = lambda model: 0
         out = child_lorafit(work, rows_per_step, data, model_name)  # for lorafit: samples per micro-batch
     else:
         out = child_trl(
@@ -433,7 +434,7 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
 
     names = {
         "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
-        "lorafit_peft_dropout": "lorafit with PEFT's LoRA dropout (before models/lora_dropout.py)",
+        "lorafit_peft_lora": "lorafit with PEFT's LoRA forward and dropout (before models/lora_dropout.py, lora_linear.py)",
         "trl": "TRL SFTTrainer (defaults)",
         "trl_packing": "TRL SFTTrainer (packing=True)",
     }

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from lorafit.config import LoraSection
 from lorafit.models import lora_dropout
 from lorafit.models.adapter import add_adapter
+from lorafit.models.lora import enable_checkpointing
 from lorafit.models.lora_dropout import DroppedInputLinear, fuse_lora_dropout, keep_mask
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -127,8 +128,7 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
     for checkpointing in (False, True):
         model = tiny_llama()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            enable_checkpointing(model)
         model = get_peft_model(
             model, LoraConfig(r=4, lora_dropout=0.3, target_modules=ALL, init_lora_weights="gaussian")
         )

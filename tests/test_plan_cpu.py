@@ -70,6 +70,7 @@ def _saved_per_token_layer(dropout: float, kernel: str, samples: int, fused: boo
 
     from lorafit.models.attention import training_attention
     from lorafit.models.lora_dropout import fuse_lora_dropout
+    from lorafit.models.lora_linear import fuse_lora_linears
 
     saved = {}
     for layers in (2, 3):
@@ -89,6 +90,7 @@ def _saved_per_token_layer(dropout: float, kernel: str, samples: int, fused: boo
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL)).train()
         if fused:  # as lorafit trains (models/adapter.add_adapter)
             assert fuse_lora_dropout(model) == (7 * layers if dropout else 0)
+            assert fuse_lora_linears(model) == 7 * layers
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for tokens in (32, 64):
             seen = {}

@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 
 from lorafit.errors import ConfigError
-from lorafit.models.lora import attach_lora
+from lorafit.models.lora import attach_lora, enable_checkpointing
 from lorafit.models.lora_dropout import fuse_lora_dropout
+from lorafit.models.lora_linear import fuse_lora_linears
 from lorafit.models.sources import EMBEDDED
 from lorafit.paths import user_path
 
@@ -71,21 +72,22 @@ def load_trainable_adapter(model, folder: Path, gradient_checkpointing: bool = F
     from peft import PeftModel
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
 
 
-def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False, fuse_dropout: bool = True):
+def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bool = False, fused: bool = True):
     """The adapter to train: the existing one of `folder` (`model.adapter`), else a new LoRA adapter.
 
-    fuse_dropout: lorafit's LoRA dropout (models/lora_dropout.py), the same dropout without a dropped copy of every
-    LoRA input kept for backward. Off where a trainer switches dropout off by finding torch's Dropout modules (DPO).
+    fused: lorafit's LoRA dropout (models/lora_dropout.py), the same dropout without a dropped copy of every LoRA
+    input kept for backward, and the LoRA layer's training forward and backward as one function
+    (models/lora_linear.py). Off where a trainer switches dropout off by finding torch's Dropout modules (DPO).
     """
     if folder is not None:
         model = load_trainable_adapter(model, folder, gradient_checkpointing)
     else:
         model = attach_lora(model, lora_cfg, gradient_checkpointing)
-    if fuse_dropout:
+    if fused:
         fuse_lora_dropout(model)
+        fuse_lora_linears(model)
     return model

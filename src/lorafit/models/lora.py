@@ -38,9 +38,19 @@ def attach_lora(model, lora_cfg, gradient_checkpointing: bool = False):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return get_peft_model(model, lora_config(lora_cfg))
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, under the name this transformers has (newer releases renamed
+    `gradient_checkpointing_enable`, and the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def count_parameters(model) -> tuple[int, int]:

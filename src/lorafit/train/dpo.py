@@ -136,7 +136,7 @@ def build_dpo_run(
     say(schedule.line())
     set_seed(cfg.training.seed)
     # TRL's disable_dropout finds torch Dropout modules: PEFT's own dropout, so that it can switch it off
-    model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing, fuse_dropout=False)
+    model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing, fused=False)
     own = make_callbacks(cfg, run_dir, quiet)
     with tensorboard_dir(run_dir / "tensorboard"):
         trainer = dpo_trainer_class()(

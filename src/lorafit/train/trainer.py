@@ -124,7 +124,6 @@ def training_argument_values(cfg: RunConfig, run_dir: Path, has_eval: bool, sche
         remove_unused_columns=False,  # our collator needs seq_lengths; Trainer would drop it
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own progress display
-        gradient_checkpointing=False,  # enabled on the model before PEFT wraps it (models.lora.attach_lora)
         ddp_find_unused_parameters=False,
     )
 
