@@ -69,10 +69,12 @@ FRAGMENTATION = 0.05  # caching-allocator slack on top of the peak PyTorch alloc
 # CPU training (`lorafit train` on a machine without CUDA): resident memory of the process. The runtime is Python,
 # torch, transformers, PEFT, datasets and the tokenizer before any weight is loaded (484 MiB measured). PyTorch's CPU
 # tensors come from glibc malloc, which keeps the holes that a step's short-lived tensors leave between the saved
-# activations instead of returning them: resident memory peaks 0.5-0.8x the activations above the live tensors
-# (measured with the embedded model at 512 and 1024 tokens per micro-batch; tests/test_plan_cpu.py holds the total).
+# activations instead of returning them: resident memory peaks 0.40-0.45x the activations above the live tensors
+# with lorafit's fused LoRA layer (models/lora_linear.py, fewer short-lived full-width tensors) and 0.5-0.8x with
+# PEFT's forward, which DoRA keeps (measured with the embedded model at 512 and 1024 tokens per micro-batch;
+# tests/test_plan_cpu.py holds the total).
 CPU_RUNTIME_BYTES = 0.47 * GiB
-CPU_HEAP_RETENTION = 0.65
+CPU_HEAP_RETENTION = {"fused": 0.43, "peft": 0.65}
 
 
 GROUPS = {
@@ -188,7 +190,8 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     loss = _loss_bytes(cfg, arch, tokens, act, residual, quantized and mixed, CHUNK_ELEMENTS)
     allocated = base_weights + lora_bytes + activations + backward_working + loss
     if device == "cpu":
-        overhead = CPU_RUNTIME_BYTES + CPU_HEAP_RETENTION * activations
+        retention = CPU_HEAP_RETENTION["peft" if lora.use_dora else "fused"]
+        overhead = CPU_RUNTIME_BYTES + retention * activations
     else:
         overhead = CONTEXT_BYTES + FRAGMENTATION * allocated
     return {
