@@ -129,7 +129,7 @@ def test_tool_demo_flow_on_a_tiny_model(tmp_path, tiny_chat_model, capsys):
     assert run_tool_demo(config, str(ROOT / "examples" / "tools" / "heldout.jsonl"), ["eval.max_new_tokens=4"]) == 0
     results = json.loads((tmp_path / "runs" / "demo_tools" / "demo_results.json").read_text())
     assert results["base"]["expected_calls"] == results["tuned"]["expected_calls"] == 10
-    first = {"name": "ferry_times", "arguments": {"island": "Osk", "day": "Wednesday"}}
+    first = {"name": "ferry_times", "arguments": {"island": "Pellmoor", "day": "Friday"}}
     assert results["answers"][0]["expected"] == first
     assert "exact calls" in capsys.readouterr().out
 
