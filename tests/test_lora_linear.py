@@ -94,6 +94,20 @@ def test_peft_forward_where_the_fused_one_does_not_apply(monkeypatch):
     assert not calls
 
 
+def test_a_trainable_base_bias_keeps_peft_s_forward(monkeypatch):
+    """An adapter trained with PEFT's bias='all' (a Qwen-like base with biases) trains the base biases too: the fused
+    function returns no bias gradient, so such a layer must keep PEFT's forward, and the biases must get gradients."""
+    calls = count_calls(monkeypatch)
+    base = tiny_llama_model(vocab_size=128, intermediate_size=96, attention_bias=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, bias="all")).train()
+    assert fuse_lora_linears(model) == 2 * 7  # the class is set; the forward decides per call
+    ids = torch.randint(0, 128, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    biases = [p for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.bias")]
+    assert len(biases) == 2 and all(b.grad is not None and b.grad.abs().sum() > 0 for b in biases)
+    assert len(calls) == 2 * 3  # gate, up and down have no bias: fused; q, k, v and o: PEFT's
+
+
 def test_gradient_checkpointing_recomputes_the_same_mask():
     grads = []
     for checkpointing in (False, True):

@@ -16,7 +16,7 @@ PEFT's forward with lorafit's dropout): 1.12x in total, 1.03x median per micro-b
 peak RSS of `bench/train_cpu.py --model smollm2-135m-instruct` went from 3,832 to 3,102 MB.
 
 Only where nothing else needs PEFT's modules to run: plain LoRA (no DoRA or other variant, no LoRA bias) on a
-plain `nn.Linear`, one active adapter, not merged, no autocast (its casts are PEFT's business), and no FSDP or
+plain `nn.Linear` whose weight and bias are frozen (PEFT's bias='all' trains the bias), one active adapter, not merged, no autocast (its casts are PEFT's business), and no FSDP or
 ZeRO-3 (their hooks gather a module's weights when the module is called; here lora_A and lora_B are not called).
 Anywhere else, and for inference, the layer is PEFT's own; the weights and the saved adapter are unchanged.
 """
@@ -84,6 +84,8 @@ def _lora_linear_class():
                 return None
             base, lora_a, lora_b = self.get_base_layer(), self.lora_A[name], self.lora_B[name]
             if lora_b.bias is not None or base.weight.requires_grad:
+                return None
+            if base.bias is not None and base.bias.requires_grad:  # PEFT's bias='all' or 'lora_only'
                 return None
             if not x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
                 return None
