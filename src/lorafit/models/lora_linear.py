@@ -16,8 +16,9 @@ PEFT's forward with lorafit's dropout): 1.12x in total, 1.03x median per micro-b
 peak RSS of `bench/train_cpu.py --model smollm2-135m-instruct` went from 3,832 to 3,102 MB.
 
 Only where nothing else needs PEFT's modules to run: plain LoRA (no DoRA or other variant, no LoRA bias) on a
-plain `nn.Linear` whose weight and bias are frozen (PEFT's bias='all' trains the bias), one active adapter, not merged, no autocast (its casts are PEFT's business), and no FSDP or
-ZeRO-3 (their hooks gather a module's weights when the module is called; here lora_A and lora_B are not called).
+plain `nn.Linear` whose weight and bias are frozen (PEFT's bias='all' trains the bias), one active adapter, not
+merged, no autocast (its casts are PEFT's business), and no FSDP or ZeRO-3 (their hooks gather a module's weights
+when the module is called; here lora_A and lora_B are not called).
 Anywhere else, and for inference, the layer is PEFT's own; the weights and the saved adapter are unchanged.
 """
 
@@ -33,7 +34,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         flat = x.reshape(-1, x.shape[-1])
         keep = keep_mask(flat, p) if p > 0 else None
-        ctx.keep_scale = 1.0 / (1.0 - p)  # applied to rank-r products, never at full width
+        ctx.keep_scale = 1.0 / (1.0 - p)  # applied to rank-r products, never at full width (1 without dropout)
         low = (flat * kept(keep, flat.dtype) if keep is not None else flat) @ lora_a.T  # (N, r); the dropped copy
         if keep is not None:  # is freed here and rebuilt in backward from x and the mask
             low.mul_(ctx.keep_scale)
@@ -48,7 +49,7 @@ class LoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         factors = kept(keep, flat.dtype) if keep is not None else None
         # (N, r): the gradient of the masked input's product with A^T, LoRA's scaling and 1 / (1 - p) included
-        g_low = (g @ lora_b).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
+        g_low = (g @ lora_b).mul_(ctx.scaling * ctx.keep_scale)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g_low @ lora_a
@@ -83,9 +84,8 @@ def _lora_linear_class():
             if name not in self.lora_A or name in (getattr(self, "lora_variant", None) or {}):
                 return None
             base, lora_a, lora_b = self.get_base_layer(), self.lora_A[name], self.lora_B[name]
-            if lora_b.bias is not None or base.weight.requires_grad:
-                return None
-            if base.bias is not None and base.bias.requires_grad:  # PEFT's bias='all' or 'lora_only'
+            # a trained base weight or bias (PEFT's bias='all') would get no gradient from the fused function
+            if lora_b.bias is not None or any(param.requires_grad for param in base.parameters()):
                 return None
             if not x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
                 return None

@@ -167,6 +167,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     attention = attention_facts(cfg, device)
 
     base_weights, lora_bytes = _weight_bytes(cfg, counts, weight_bytes, mixed)
+    fused = not lora.use_dora  # models/lora_dropout.py and lora_linear.py leave DoRA layers to PEFT
 
     layer = activation_bytes_per_token_layer(
         arch,
@@ -179,7 +180,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
         attention["eager_seq"],
         attention["mask_bytes"] or act,
         attention["attn_out_shared"],
-        fused_dropout=not lora.use_dora,  # models/lora_dropout.py leaves DoRA's dropout to PEFT
+        fused_dropout=fused,
     )
     final_norm = 4 * arch.hidden + 4
     full = tokens * (arch.layers * layer + final_norm)
@@ -190,8 +191,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     loss = _loss_bytes(cfg, arch, tokens, act, residual, quantized and mixed, CHUNK_ELEMENTS)
     allocated = base_weights + lora_bytes + activations + backward_working + loss
     if device == "cpu":
-        retention = CPU_HEAP_RETENTION["peft" if lora.use_dora else "fused"]
-        overhead = CPU_RUNTIME_BYTES + retention * activations
+        overhead = CPU_RUNTIME_BYTES + CPU_HEAP_RETENTION["fused" if fused else "peft"] * activations
     else:
         overhead = CONTEXT_BYTES + FRAGMENTATION * allocated
     return {
