@@ -283,11 +283,12 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
 
     warnings.filterwarnings("ignore")
     if variant.startswith("lorafit"):
-        if variant == "lorafit_peft_lora":  # lorafit before models/lora_dropout.py and lora_linear.py
+        if variant == "lorafit_peft_lora":  # lorafit before models/lora_dropout.py, lora_linear.py, rms_norm.py
             import lorafit.models.adapter
 
             lorafit.models.adapter.fuse_lora_dropout = lambda model: 0
             lorafit.models.adapter.fuse_lora_linears = lambda model: 0
+            lorafit.models.adapter.fuse_rms_norms = lambda model: 0
         out = child_lorafit(work, rows_per_step, data, model_name)  # for lorafit: samples per micro-batch
     else:
         out = child_trl(
@@ -434,7 +435,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
 
     names = {
         "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
-        "lorafit_peft_lora": "lorafit with PEFT's LoRA forward and dropout (before models/lora_dropout.py, lora_linear.py)",
+        "lorafit_peft_lora": "lorafit with PEFT's LoRA forward and dropout and transformers' RMSNorm "
+        "(before models/lora_dropout.py, lora_linear.py, rms_norm.py)",
         "trl": "TRL SFTTrainer (defaults)",
         "trl_packing": "TRL SFTTrainer (packing=True)",
     }

@@ -14,6 +14,7 @@ from lorafit.errors import ConfigError
 from lorafit.models.lora import attach_lora, enable_checkpointing
 from lorafit.models.lora_dropout import fuse_lora_dropout
 from lorafit.models.lora_linear import fuse_lora_linears
+from lorafit.models.rms_norm import fuse_rms_norms
 from lorafit.models.sources import EMBEDDED
 from lorafit.paths import user_path
 
@@ -81,7 +82,8 @@ def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bo
 
     fused: lorafit's LoRA dropout (models/lora_dropout.py), the same dropout without a dropped copy of every LoRA
     input kept for backward, and the LoRA layer's training forward and backward as one function
-    (models/lora_linear.py). Off where a trainer switches dropout off by finding torch's Dropout modules (DPO).
+    (models/lora_linear.py), and RMSNorm's fp32 training forward and backward as one function (models/rms_norm.py).
+    Off where a trainer switches dropout off by finding torch's Dropout modules (DPO).
     """
     if folder is not None:
         model = load_trainable_adapter(model, folder, gradient_checkpointing)
@@ -90,4 +92,5 @@ def add_adapter(model, folder: Path | None, lora_cfg, gradient_checkpointing: bo
     if fused:
         fuse_lora_dropout(model)
         fuse_lora_linears(model)
+        fuse_rms_norms(model)
     return model

@@ -110,7 +110,7 @@ def activation_bytes_per_token_layer(
     a LoRA dropout mask (CUDA's fused dropout keeps a bool; on CPU PyTorch keeps the float scale mask, `act` bytes).
     attn_out_shared: the tensor o_proj reads is the one attention saved (one sample per row); per-sample attention
     over packed samples concatenates the outputs into a new tensor instead.
-    fused_dropout: lorafit's LoRA dropout (models/lora_dropout.py: lora_A keeps its input and a bool mask, not a
+    fused_dropout: lorafit's LoRA dropout (models/lora_dropout.py: lora_A keeps its input and a one-byte mask, not a
     dropped copy); False: PEFT's own (DoRA), a dropped copy and a `mask_bytes` mask per LoRA layer.
     Frozen base matmuls save nothing (no weight gradient is needed); what is saved is listed below.
     """
