@@ -61,6 +61,28 @@ def test_q8_0_gguf_agrees_on_the_stated_fraction(served):
     assert served.q8_0.stat().st_size < 0.6 * served.f16.stat().st_size
 
 
+def test_a_q8_0_gguf_loads_without_amx_buffers_where_the_cpu_has_amx(tiny_run_dir, tmp_path, monkeypatch):
+    """llama.cpp's AMX matmul crashes the process on q8_0 weights (`load_llama`'s doc; every q8_0 test here did on a
+    Sapphire Rapids VM): where AMX is found, the model loads without extra buffers and answers, and
+    llama-cpp-python's default is restored afterwards."""
+    import llama_cpp.llama_cpp as low
+
+    from lorafit.export import llamacpp
+    from lorafit.export.gguf import export_gguf
+
+    q8 = export_gguf(tiny_run_dir, tmp_path / "tiny-q8_0.gguf", outtype="q8_0")
+    default = low.llama_model_default_params
+    monkeypatch.setattr(llamacpp, "has_amx", lambda: True)
+    model = LlamaCppModel(q8, n_ctx=128)
+    try:
+        assert model.llm.model_params.use_extra_bufts is False
+        answer = model.complete(model.prompt_ids([{"role": "user", "content": "Hi"}]), max_tokens=4)
+        assert answer.tokens + (answer.finish_reason == "stop") >= 1
+    finally:
+        model.close()
+    assert low.llama_model_default_params is default and default().use_extra_bufts is True
+
+
 def test_llama_cpp_pythons_own_chat_completion_uses_the_embedded_template(served):
     """A plain `Llama(...).create_chat_completion` (template and eos from the file) gives the same answers."""
     from llama_cpp import Llama

@@ -9,6 +9,7 @@ greedily; `finish_reason` is "stop" only when llama.cpp itself saw an end-of-gen
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ class LlamaCppModel:
             ) from None
         threads = int(os.environ.get("LORAFIT_LLAMACPP_THREADS", "0")) or os.cpu_count() or 1
         try:
-            self.llm = Llama(
+            self.llm = load_llama(
+                Llama,
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_threads=threads,
@@ -101,3 +103,42 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def load_llama(llama_class, **kwargs):
+    """`llama_class(**kwargs)`, without llama.cpp's extra weight buffers on a CPU with AMX.
+
+    On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp repacks q4_0, q4_1 and q8_0 weights into an AMX
+    buffer, and its AMX matmul then crashes the process with a segmentation fault on the first forward (seen on this
+    project's Xeon VMs with llama-cpp-python 0.3.36: every q8_0 export; reported upstream as ggml-org/llama.cpp#20824,
+    open). Without extra buffers (`use_extra_bufts`) the same weights run through llama.cpp's plain CPU kernels, with
+    the same results. llama-cpp-python's `Llama` has no argument for it: it starts from
+    `llama_model_default_params()`, so that function is swapped while the model loads (under a lock).
+    """
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+    if not has_amx() or all(field[0] != "use_extra_bufts" for field in low.llama_model_params._fields_):
+        return llama_class(**kwargs)
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with _PARAMS_LOCK:
+        low.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_class(**kwargs)
+        finally:
+            low.llama_model_default_params = default
+
+
+def has_amx() -> bool:
+    """Whether the llama.cpp build found AMX on this CPU (and would use its AMX buffers)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
