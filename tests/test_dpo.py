@@ -367,7 +367,7 @@ def test_precomputed_reference_is_the_same_reference(tmp_path, tiny_chat_model, 
 
 @pytest.mark.slow
 def test_dpo_demo_meets_its_bar(tmp_path):
-    """The README's claim (configs/dpo_demo.yaml, embedded SmolLM2 on the CPU, ~10 minutes): on the held-out pairs
+    """The README's claim (configs/dpo_demo.yaml, embedded SmolLM2 on the CPU, ~5 minutes): on the held-out pairs
     the base model is near chance and the DPO-tuned one prefers the chosen answer in at least 90% of them."""
     from helpers import ROOT
 
