@@ -30,7 +30,6 @@ class LlamaCppModel:
 
     def __init__(self, path: str | Path, n_ctx: int = 2048, logits_all: bool = False):
         try:
-            from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError:
             raise ModelError(
@@ -40,7 +39,6 @@ class LlamaCppModel:
         threads = int(os.environ.get("LORAFIT_LLAMACPP_THREADS", "0")) or os.cpu_count() or 1
         try:
             self.llm = load_llama(
-                Llama,
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_threads=threads,
@@ -108,8 +106,8 @@ class LlamaCppModel:
 _PARAMS_LOCK = threading.Lock()
 
 
-def load_llama(llama_class, **kwargs):
-    """`llama_class(**kwargs)`, without llama.cpp's extra weight buffers on a CPU with AMX.
+def load_llama(**kwargs):
+    """llama-cpp-python's `Llama(**kwargs)`, without llama.cpp's extra weight buffers on a CPU with AMX.
 
     On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp repacks q4_0, q4_1 and q8_0 weights into an AMX
     buffer, and its AMX matmul then crashes the process with a segmentation fault on the first forward (seen on this
@@ -119,10 +117,11 @@ def load_llama(llama_class, **kwargs):
     `llama_model_default_params()`, so that function is swapped while the model loads (under a lock).
     """
     import llama_cpp.llama_cpp as low
+    from llama_cpp import Llama
 
     default = low.llama_model_default_params
-    if not has_amx() or all(field[0] != "use_extra_bufts" for field in low.llama_model_params._fields_):
-        return llama_class(**kwargs)
+    if not (has_amx() and hasattr(default(), "use_extra_bufts")):  # older builds have no such setting
+        return Llama(**kwargs)
 
     def without_extra_buffers():
         params = default()
@@ -132,7 +131,7 @@ def load_llama(llama_class, **kwargs):
     with _PARAMS_LOCK:
         low.llama_model_default_params = without_extra_buffers
         try:
-            return llama_class(**kwargs)
+            return Llama(**kwargs)
         finally:
             low.llama_model_default_params = default
 
