@@ -260,6 +260,21 @@ def test_precision_per_device(tmp_path, tiny_chat_model):
     assert math.isfinite(out.training_loss)
 
 
+def test_adamw_is_torchs_fused_kernel(tmp_path, tiny_chat_model):
+    """training.optimizer adamw_torch: torch's AdamW with its fused kernel (trainer.optimizer_name), on the LoRA
+    weights alone, with the configured weight decay."""
+    cfg = load_config(tiny_config(tmp_path, tiny_chat_model, training={"max_steps": 2, "weight_decay": 0.01}))
+    s = quiet_session(cfg, tmp_path / "run")
+    s.trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    optimizer = s.trainer.optimizer.optimizer if hasattr(s.trainer.optimizer, "optimizer") else s.trainer.optimizer
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+    trained = {id(p) for p in s.model.parameters() if p.requires_grad}
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trained
+    assert max(group["weight_decay"] for group in optimizer.param_groups) == 0.01
+    out = s.trainer.train()
+    assert math.isfinite(out.training_loss)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_schedules_warm_up_then_decay(tmp_path, tiny_chat_model, schedule):
     cfg = load_config(

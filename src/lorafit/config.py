@@ -193,7 +193,7 @@ class TrainingSection(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
-        "adamw_torch", description="paged_adamw_8bit needs bitsandbytes."
+        "adamw_torch", description="adamw_torch: torch's AdamW, its fused kernel; paged_adamw_8bit needs bitsandbytes."
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(

@@ -93,6 +93,24 @@ def take_over_fsdp() -> int:
     return size
 
 
+def deepspeed_collectives_over_gloo() -> bool:
+    """A DeepSpeed launch on CPU: its collectives go through torch's gloo, as lorafit's DDP and FSDP do on CPU, not
+    through DeepSpeed's shared-memory op. DeepSpeed compiles that op (C++ with OpenMP) in the first CPU launch on each
+    machine: ~2 minutes of every process's start here, and it needs a C++ compiler.
+    What it speeds up is the all-reduce of LoRA's few gradients, which gloo does in milliseconds. Returns whether
+    this process is such a launch (DeepSpeed then never builds the op)."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return False
+    import importlib
+
+    # the module by name: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm re-exports it)
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None  # its TorchBackend calls this module function; None means no op
+    return True
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -3,6 +3,7 @@ with a message naming the step and the likely causes, and the last good checkpoi
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -86,8 +87,12 @@ def test_consecutive_bad_gradients_stop_the_run(tmp_path, tiny_chat_model):
 
     s = _session(tmp_path, tiny_chat_model, max_bad_steps=2)
     s.trainer.add_callback(Poison(s.model, {2, 3, 4, 5, 6}, "grads"))
+    seen, observe = [], s.guard.observe_grad_norm
+    s.guard.observe_grad_norm = lambda norm: (seen.append(float(norm)), observe(norm))
     s.trainer.train()
     assert s.guard.failed == {"step": 3, "first_step": 2, "reason": "gradients"}
+    # judged by the Trainer's own gradient norm (callbacks.GuardedGradNorm), not by a pass over every gradient
+    assert len(seen) == 3 and math.isfinite(seen[0]) and not any(map(math.isfinite, seen[1:]))
     assert s.trainer.state.global_step == 3
     message = nan_error(s.guard.failed, s.cfg, s.checkpoints).message
     assert "step 3" in message and "gradients" in message
@@ -101,3 +106,21 @@ def test_the_message_names_fp16_overflow_when_training_in_fp16(tmp_path, tiny_ch
     assert isinstance(err, TrainingError) and err.exit_code == 1
     assert "fp16 overflow" in err.message and "max_grad_norm=0" in err.message and "step 9" in err.message
     assert "No checkpoint had been written" in err.message
+
+
+def test_a_non_finite_gradient_norm_alone_skips_the_step():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from lorafit.train.callbacks import NanGuard
+
+    guard, model = NanGuard(max_bad=3), torch.nn.Linear(2, 2)
+    model.weight.grad = torch.ones(2, 2)  # finite: only the norm the Trainer computed says otherwise
+    args, state = SimpleNamespace(fp16=False), SimpleNamespace(global_step=0)
+    guard.observe_grad_norm(torch.tensor(float("nan")))
+    guard.on_pre_optimizer_step(args, state, TrainerControl(), model=model)
+    assert guard.bad_in_row == 1 and model.weight.grad is None
+    model.weight.grad = torch.ones(2, 2)
+    guard.on_pre_optimizer_step(args, state, TrainerControl(), model=model)  # no norm: every gradient is checked
+    assert guard.bad_in_row == 0 and model.weight.grad is not None

@@ -243,6 +243,12 @@ class NanGuard(TrainerCallback):
     A skipped step leaves the weights and optimizer state untouched (grads are dropped, and torch optimizers
     skip parameters without a gradient), so one bad batch does not poison the run. With fp16 the grad scaler
     already skips overflowing steps and lowers its scale, so only the loss is checked there.
+
+    The gradients are judged by the norm the Trainer computes anyway (for clipping and the log), which
+    `GuardedGradNorm` hands over: the norm is NaN/inf exactly when a gradient is (or when finite gradients are so
+    large that their squares overflow, a step clipping would zero anyway). Where no norm came (DeepSpeed keeps the
+    gradients and the norm inside its engine), every gradient is checked, as before; that check took ~3% of a CPU
+    step of the embedded model (400+ LoRA tensors, five small ops each).
     """
 
     def __init__(self, max_bad: int):
@@ -251,6 +257,10 @@ class NanGuard(TrainerCallback):
         self.first_bad_step: int | None = None
         self.failed: dict | None = None  # {"step", "first_step", "reason"} once training was stopped
         self._loss_bad = None  # tensor flag over this step's micro-batches (no device sync per micro-step)
+        self._grad_norm = None  # this step's gradient norm, from GuardedGradNorm
+
+    def observe_grad_norm(self, norm) -> None:
+        self._grad_norm = norm
 
     def observe_loss(self, loss) -> None:
         import torch
@@ -263,9 +273,14 @@ class NanGuard(TrainerCallback):
 
         loss_bad = bool(self._loss_bad) if self._loss_bad is not None else False
         self._loss_bad = None
+        norm, self._grad_norm = self._grad_norm, None
         params = [p for p in model.parameters() if p.grad is not None] if model is not None else []
         grads_bad = False
-        if params and not args.fp16:
+        if args.fp16:
+            pass
+        elif norm is not None:
+            grads_bad = not math.isfinite(float(norm))
+        elif params:
             grads_bad = not bool(torch.stack([p.grad.detach().isfinite().all() for p in params]).all())
         step = state.global_step + 1  # the step being taken
         if not (loss_bad or grads_bad):
@@ -293,6 +308,16 @@ class NanGuard(TrainerCallback):
             control.should_save = False
         if self.failed is not None:
             control.should_evaluate = False
+
+
+class GuardedGradNorm:
+    """Trainer mixin: hands the gradient norm the Trainer computed to its `nan_guard` (NanGuard's doc says why)."""
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if not getattr(self, "is_deepspeed_enabled", False):  # DeepSpeed's norm is the previous step's
+            self.nan_guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
 
 class StopOnSignal(TrainerCallback):

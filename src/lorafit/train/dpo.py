@@ -25,6 +25,7 @@ from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
 from lorafit.train import checkpoints as ckpt
+from lorafit.train.callbacks import GuardedGradNorm
 from lorafit.train.schedule import plan_schedule
 from lorafit.train.setup import TrainingRun, check_training_config, make_callbacks, restore_counters, training_run
 from lorafit.train.trainer import main_process_first, tensorboard_dir, training_argument_values
@@ -66,7 +67,7 @@ def dpo_trainer_class():
     an optional dependency)."""
     from trl import DPOTrainer
 
-    class LorafitDPOTrainer(ckpt.AtomicCheckpoints, DPOTrainer):
+    class LorafitDPOTrainer(ckpt.AtomicCheckpoints, GuardedGradNorm, DPOTrainer):
         def __init__(self, *args, tokens, nan_guard, checkpoint_dir, checkpoint_keep, **kwargs):
             check_dpo_trainer()
             self.tokens, self.nan_guard = tokens, nan_guard

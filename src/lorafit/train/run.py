@@ -20,7 +20,7 @@ from lorafit.models.tokenizer import save_tokenizer
 from lorafit.report import summarize, write_report
 from lorafit.report_screen import summary_screen
 from lorafit.rundir import create_run_dir, run_dir_path, write_json, write_text_atomic
-from lorafit.runtime import is_main_process, sharded_launch, take_over_fsdp
+from lorafit.runtime import deepspeed_collectives_over_gloo, is_main_process, sharded_launch, take_over_fsdp
 from lorafit.train import checkpoints as ckpt
 from lorafit.train import faults
 from lorafit.train.checkpoints import (
@@ -48,6 +48,7 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, call
     started = time.time()
     main = is_main_process()
     take_over_fsdp()  # before anything loads: lorafit, not accelerate, shards an FSDP launch
+    deepspeed_collectives_over_gloo()  # before the Trainer starts DeepSpeed's communication backend
     set_seed(cfg.training.seed)
     run_dir = _open_run_dir(cfg, resume) if main else run_dir_path(cfg.output.dir, cfg.output.name)
     say = print if main else (lambda *a: None)
