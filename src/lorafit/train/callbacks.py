@@ -246,9 +246,9 @@ class NanGuard(TrainerCallback):
 
     The gradients are judged by the norm the Trainer computes anyway (for clipping and the log), which
     `GuardedGradNorm` hands over: the norm is NaN/inf exactly when a gradient is (or when finite gradients are so
-    large that their squares overflow, a step clipping would zero anyway). Where no norm came (DeepSpeed keeps the
-    gradients and the norm inside its engine), every gradient is checked, as before; that check took ~3% of a CPU
-    step of the embedded model (400+ LoRA tensors, five small ops each).
+    large that their squares overflow: no usable step either). Where no norm came (DeepSpeed keeps the gradients
+    inside its engine, which steps within accelerate's backward), every gradient is checked, as before; that check
+    took ~3% of a CPU step of the embedded model (400+ LoRA tensors, five small ops each).
     """
 
     def __init__(self, max_bad: int):
@@ -315,7 +315,7 @@ class GuardedGradNorm:
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if not getattr(self, "is_deepspeed_enabled", False):  # DeepSpeed's norm is the previous step's
+        if not getattr(self, "is_deepspeed_enabled", False):  # DeepSpeed steps inside backward (accelerate)
             self.nan_guard.observe_grad_norm(grad_norm)
         return grad_norm
 
