@@ -35,8 +35,8 @@ def start(tree: Path, work: Path, name: str, threads: int) -> subprocess.Popen:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
     )
-    log = open(work / f"{name}.log", "w")
-    return subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(work / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(process: subprocess.Popen, work: Path, name: str) -> dict:

@@ -5,6 +5,7 @@ Resolved here once and passed down, so no stage imports the training orchestrato
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -55,12 +56,16 @@ def default_device_map():
 LORAFIT_FSDP = "LORAFIT_FSDP"  # set by take_over_fsdp: lorafit, not accelerate, shards this process's model
 
 
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def sharded_launch() -> str | None:
     """`FSDP` or `DeepSpeed ZeRO-3` when accelerate launched one (they shard the weights), else None."""
     env = os.environ
     if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or env.get(LORAFIT_FSDP) == "1":
         return "FSDP"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not _deepspeed_launch():
         return None
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
     config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -101,10 +106,8 @@ def deepspeed_collectives_over_gloo() -> bool:
     this process is such a launch (DeepSpeed then never builds the op)."""
     import torch
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+    if not _deepspeed_launch() or torch.cuda.is_available():
         return False
-    import importlib
-
     # the module by name: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm re-exports it)
     backend = importlib.import_module("deepspeed.comm.torch")
     backend.build_shm_op = lambda: None  # its TorchBackend calls this module function; None means no op

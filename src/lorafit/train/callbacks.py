@@ -268,25 +268,26 @@ class NanGuard(TrainerCallback):
         flag = ~torch.isfinite(loss.detach()).all()
         self._loss_bad = flag if self._loss_bad is None else (self._loss_bad | flag)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def _grads_bad(self, args, model) -> bool:
         import torch
 
+        norm, self._grad_norm = self._grad_norm, None
+        if args.fp16 or model is None:  # fp16: the grad scaler skips overflowing steps itself
+            return False
+        if norm is not None:
+            return not math.isfinite(float(norm))
+        grads = [p.grad.detach().isfinite().all() for p in model.parameters() if p.grad is not None]
+        return bool(grads) and not bool(torch.stack(grads).all())
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         loss_bad = bool(self._loss_bad) if self._loss_bad is not None else False
         self._loss_bad = None
-        norm, self._grad_norm = self._grad_norm, None
-        params = [p for p in model.parameters() if p.grad is not None] if model is not None else []
-        grads_bad = False
-        if args.fp16:
-            pass
-        elif norm is not None:
-            grads_bad = not math.isfinite(float(norm))
-        elif params:
-            grads_bad = not bool(torch.stack([p.grad.detach().isfinite().all() for p in params]).all())
+        grads_bad = self._grads_bad(args, model)
         step = state.global_step + 1  # the step being taken
         if not (loss_bad or grads_bad):
             self.bad_in_row = 0
             return
-        for p in params:
+        for p in model.parameters() if model is not None else ():
             p.grad = None
         self.bad_in_row += 1
         if self.bad_in_row == 1:
