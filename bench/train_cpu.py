@@ -16,9 +16,12 @@ max_length 1024; the chat template's format, loss on the answers only.
 
 TRL gets exactly lorafit's tokens and labels (pre-tokenized `input_ids`/`labels`), so both train the same
 tokens on the same targets. TRL runs at its defaults except two that would otherwise measure something
-else: fp32 instead of its bf16 default (this CPU has no bf16 matrix unit; lorafit is fp32 on CPU too) and
+else: fp32 instead of its bf16 default (on a CPU, transformers refuses bf16 unless told use_cpu=True) and
 no gradient checkpointing (TRL's default is on; lorafit's is off). TRL with packing=True gets about as many
 tokens per forward pass as lorafit's micro-batch (its default, 8 rows of 1024, would measure memory, not method).
+On a CPU with a bf16 matrix unit (Intel AMX) lorafit's defaults keep the frozen linear layers in bf16
+(models/frozen.py), so two more runs are timed there: lorafit fp32 throughout, and TRL with its bf16 default
+made to run (use_cpu=True: bf16 autocast of every matmul).
 
 Each run is a fresh subprocess (clean peak RSS). Real tokens/s = non-padding tokens trained / seconds from
 the first training step to the end of the last one (model loading and data preparation excluded).
@@ -34,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +60,9 @@ MODEL = dict(
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_LENGTH = 1024
 LEARNING_RATE = 2e-4
-VARIANTS = ("lorafit", "lorafit_peft_lora", "trl", "trl_packing")
+VARIANTS = ("lorafit", "lorafit_fp32", "lorafit_peft_lora", "trl", "trl_bf16", "trl_packing")
+# trl_bf16: TRL's own bf16 default, which on a CPU runs only with use_cpu=True (autocast); worth timing only where
+# the CPU has a bf16 matrix unit (elsewhere bf16 matmuls crawl), as lorafit_fp32 is only there a different run
 PAD = 128_004  # <|finetune_right_pad_id|>
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -171,7 +178,7 @@ def clock_callback():
     return Clock()
 
 
-def child_lorafit(work: Path, samples_per_step: int, data: Path, model_name: str) -> dict:
+def child_lorafit(work: Path, samples_per_step: int, data: Path, model_name: str, variant: str = "lorafit") -> dict:
     import lorafit.train.loss
     from lorafit.train.run import run_training
 
@@ -188,7 +195,9 @@ def child_lorafit(work: Path, samples_per_step: int, data: Path, model_name: str
 
     lorafit.train.loss.causal_lm_loss = counting_loss  # train.py looks it up at call time
     clock = clock_callback()
-    cfg = lorafit_config(work, samples_per_step, "lorafit", data, model_name)
+    cfg = lorafit_config(work, samples_per_step, variant, data, model_name)  # a folder per variant: runs overlap
+    if variant == "lorafit_fp32":
+        cfg.model.frozen_dtype = "same"
     run_dir = run_training(cfg, quiet=True, callbacks=[clock])
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -206,7 +215,7 @@ def child_lorafit(work: Path, samples_per_step: int, data: Path, model_name: str
     }
 
 
-def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str) -> dict:
+def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str, bf16: bool = False) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -223,7 +232,7 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     clock = clock_callback()
     args = SFTConfig(
-        output_dir=str(work / "runs" / "trl"),
+        output_dir=str(work / "runs" / ("trl_bf16" if bf16 else "trl_packing" if packing else "trl")),
         max_length=MAX_LENGTH,
         packing=packing,
         num_train_epochs=1,
@@ -231,7 +240,8 @@ def child_trl(work: Path, packing: bool, batch: int, data: Path, model_name: str
         learning_rate=LEARNING_RATE,
         logging_steps=1,
         seed=0,
-        bf16=False,
+        bf16=bf16,
+        use_cpu=bf16,  # transformers refuses bf16 on a machine without a GPU unless told to train on the CPU
         gradient_checkpointing=False,
         save_strategy="no",
         report_to="none",
@@ -289,11 +299,10 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
             lorafit.models.adapter.fuse_lora_dropout = lambda model: 0
             lorafit.models.adapter.fuse_lora_linears = lambda model: 0
             lorafit.models.adapter.fuse_rms_norms = lambda model: 0
-        out = child_lorafit(work, rows_per_step, data, model_name)  # for lorafit: samples per micro-batch
+        out = child_lorafit(work, rows_per_step, data, model_name, variant)  # for lorafit: samples per micro-batch
     else:
-        out = child_trl(
-            work, variant == "trl_packing", rows_per_step if variant == "trl_packing" else batch, data, model_name
-        )
+        packing = variant == "trl_packing"
+        out = child_trl(work, packing, rows_per_step if packing else batch, data, model_name, variant == "trl_bf16")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["tokens_per_second"] = out["real_tokens"] / out["seconds"]
     out["tokens_per_cpu_second"] = out["real_tokens"] / out["cpu_seconds"]
@@ -344,6 +353,13 @@ def main() -> None:
     p.add_argument(
         "--micro-batch", type=int, default=0, help="Real model: lorafit's micro_batch_size (default: lorafit's own)."
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"Comma-separated runs (default: all of {', '.join(VARIANTS)} that apply; lorafit_fp32 and trl_bf16 only "
+        "on a CPU with a bf16 matrix unit).",
+    )
+    p.add_argument("--parallel", type=int, default=1, help="Runs at a time (one per core, with --threads 1).")
     p.add_argument("--quick", action="store_true", help="Smoke test: 24 samples, 1 repeat, BENCHMARKS.md untouched.")
     p.add_argument("--work", type=Path, default=None, help="Working folder (default: a temporary one).")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -389,18 +405,33 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
         f"{rows_per_step} row(s) of {MAX_LENGTH} per step; lorafit ~{tokens_per_forward:.0f} tokens per forward",
         flush=True,
     )
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = chosen_variants(a)
+    results: dict[str, list[dict]] = {v: [{}] * a.repeats for v in variants}
+    runs = []
     for rep in range(a.repeats):
-        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]  # rotate who goes first
-        for variant in order:
-            # lorafit counts its micro-batch in samples: TRL's batch on the toy, its defaults on the real model
-            own = a.batch if a.model == TOY else a.micro_batch
-            lorafit_batch = own if variant.startswith("lorafit") else rows_per_step
+        runs += [(rep, v) for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]]  # rotated
+
+    slots, gather = threading.BoundedSemaphore(a.parallel), threading.Lock()
+
+    def one(run: tuple[int, str]) -> None:
+        rep, variant = run
+        # lorafit counts its micro-batch in samples: TRL's batch on the toy, its defaults on the real model
+        own = a.batch if a.model == TOY else a.micro_batch
+        lorafit_batch = own if variant.startswith("lorafit") else rows_per_step
+        # TRL's unpacked default on the real model peaks at ~21 GB: it runs alone, whatever --parallel says
+        need = a.parallel if variant == "trl" and a.model != TOY else 1
+        with gather:  # one run gathers its slots at a time, so a run that needs them all gets them
+            for _ in range(need):
+                slots.acquire()
+        try:
             r = run_child(variant, work, lorafit_batch, a.batch, data, a.model)
-            results[variant].append(r)
-            if "failed" in r:
-                print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['failed']}", flush=True)
-                continue
+        finally:
+            for _ in range(need):
+                slots.release()
+        results[variant][rep] = r
+        if "failed" in r:
+            print(f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['failed']}", flush=True)
+        else:
             print(
                 f"repeat {rep + 1}/{a.repeats} {variant:12s} {r['tokens_per_second']:8.1f} real tok/s  "
                 f"{r['tokens_per_cpu_second']:8.1f} per CPU-s  "
@@ -409,7 +440,22 @@ def benchmark(work: Path, a) -> tuple[dict, int]:
                 f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+
+    with ThreadPoolExecutor(max_workers=a.parallel) as pool:  # threads only wait on the child processes
+        list(pool.map(one, runs))
     return results, rows_per_step
+
+
+def chosen_variants(a) -> list[str]:
+    if a.variants:
+        unknown = set(a.variants.split(",")) - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        return [v for v in VARIANTS if v in a.variants.split(",")]
+    from lorafit.runtime import cpu_bf16_matrix_unit
+
+    bf16_unit = a.model != TOY and cpu_bf16_matrix_unit()  # the toy pins fp32 weights: no bf16 layers to time
+    return [v for v in VARIANTS if bf16_unit or v not in ("lorafit_fp32", "trl_bf16")]
 
 
 def _lengths(work: Path, data: Path, model: str, micro_batch: int) -> tuple[float, float]:
@@ -437,11 +483,13 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
         "lorafit": "lorafit (defaults)" if a.model != TOY else "lorafit (packing, chunked loss)",
         "lorafit_peft_lora": "lorafit with PEFT's LoRA forward and dropout and transformers' RMSNorm "
         "(before models/lora_dropout.py, lora_linear.py, rms_norm.py)",
-        "trl": "TRL SFTTrainer (defaults)",
+        "lorafit_fp32": "lorafit fp32 throughout (`model.frozen_dtype: same`, as on a CPU without AMX)",
+        "trl": "TRL SFTTrainer (defaults but fp32)",
+        "trl_bf16": "TRL SFTTrainer (defaults: bf16 autocast, with use_cpu=True)",
         "trl_packing": "TRL SFTTrainer (packing=True)",
     }
     rows = []
-    for v in VARIANTS:
+    for v in results:
         if v not in med:  # every repeat failed (e.g. out of memory): say so in the table
             failed = results[v][0]["failed"]
             rows.append([f"{names[v]}: {failed} (all {len(results[v])} runs)"] + ["—"] * 11)
@@ -495,7 +543,8 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
     else:
         title, section = f"## Training throughput on CPU, real model ({a.model}): lorafit vs TRL", "train_cpu_real"
         model = (
-            f"Model: the embedded {a.model}'s real weights (fp32; LM head {share:.0%} of the matmul FLOPs per "
+            f"Model: the embedded {a.model}'s real weights (fp32{FROZEN_NOTE if 'lorafit_fp32' in results else ''}; "
+            f"LM head {share:.0%} of the matmul FLOPs per "
             f"token); {a.samples} Alpaca-like samples of real English sentences (bench/_alpaca.py), 1 epoch, "
             f"max_length {MAX_LENGTH}, LoRA r=16 alpha 32 dropout 0.05 all-linear. lorafit at its defaults"
             f"{' but the micro-batch' if a.micro_batch else ''} "
@@ -510,15 +559,19 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
             "",
             f"`PYTHONPATH=src python bench/train_cpu.py{'' if a.model == TOY else ' --model ' + a.model} --samples "
             f"{a.samples} --repeats {a.repeats}{f' --threads {a.threads}' if a.threads else ''}"
-            f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}` (medians of {a.repeats} "
-            f"alternating repeats; {time.strftime('%Y-%m-%d')})",
+            f"{f' --micro-batch {a.micro_batch}' if a.micro_batch else ''}"
+            f"{f' --variants {a.variants}' if a.variants else ''}{f' --parallel {a.parallel}' if a.parallel > 1 else ''}"
+            f"` (medians of {a.repeats} "
+            f"alternating repeats{f', {a.parallel} runs at a time' if a.parallel > 1 else ''}; "
+            f"{time.strftime('%Y-%m-%d')})",
             "",
             f"Machine: {machine()}, {threads}; load average {os.getloadavg()[1]:.1f} over the last 5 min (other jobs "
             f"share it). Wall time swings with other jobs; CPU time (user + sys of the training process, first step to "
             f"last) much less, so the headline ratio is on CPU time (on an idle machine the two ratios coincide). Peak RSS "
             f"is the training process's (model, data and training). TRL {_version('trl')}, transformers "
             f"{_version('transformers')}, peft {_version('peft')}.",
-            model + " TRL: defaults but fp32 and no gradient checkpointing (as lorafit on CPU).",
+            model + " TRL: defaults but no gradient checkpointing (lorafit has none) and fp32 unless the row "
+            "says bf16.",
             "",
             table(headers, rows),
         ]
@@ -526,6 +579,9 @@ def report(results: dict, a, rows_per_step: int, share: float) -> None:
     print("\n" + body)
     if not a.quick:
         print(f"\nwrote {write_section(section, body)}")
+
+
+FROZEN_NOTE = ", but lorafit's defaults keep the frozen linear layers in bf16 on this CPU's AMX unit"
 
 
 def _version(name: str) -> str:

@@ -35,6 +35,12 @@ class ModelSection(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights/compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU."
     )
+    frozen_dtype: Literal["auto", "bf16", "same"] = Field(
+        "auto",
+        description="The frozen base's linear layers (weights and their matmuls); LoRA weights, activations and the "
+        "optimizer stay in `dtype`. auto = bf16 on a CPU with a bf16 matrix unit (Intel AMX: ~4x its fp32 matmul "
+        "rate) when `dtype` is auto and it and `training.precision` resolve to fp32, else same; same = `dtype`.",
+    )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the base in 4-bit NF4 (double quant) or 8-bit via bitsandbytes."
     )

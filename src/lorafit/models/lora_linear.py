@@ -38,7 +38,7 @@ class LoraLinearFunction(torch.autograd.Function):
         low = (flat * kept(keep, flat.dtype) if keep is not None else flat) @ lora_a.T  # (N, r); the dropped copy
         if keep is not None:  # is freed here and rebuilt in backward from x and the mask
             low.mul_(ctx.keep_scale)
-        out = torch.nn.functional.linear(flat, weight, bias).addmm_(low, lora_b.T, alpha=scaling)
+        out = _base(flat, weight, bias).addmm_(low, lora_b.T, alpha=scaling)
         ctx.save_for_backward(flat, keep, low, weight, lora_a, lora_b)
         ctx.scaling, ctx.shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -52,15 +52,27 @@ class LoraLinearFunction(torch.autograd.Function):
         g_low = (g @ lora_b).mul_(ctx.scaling * ctx.keep_scale)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g_low @ lora_a
-            if factors is not None:
-                grad_x.mul_(factors)
-            grad_x = grad_x.addmm_(g, weight).view(ctx.shape)
+            if weight.dtype != g.dtype:  # a bf16 base (models/frozen.py): its matmul in bf16, the sum in fp32
+                base = (g.to(weight.dtype) @ weight).to(g.dtype)  # (torch's mixed-dtype add_ is ~2x a cast + add_)
+                grad_x = base.addmm_(g_low, lora_a) if factors is None else base.add_((g_low @ lora_a).mul_(factors))
+            else:
+                grad_x = g_low @ lora_a
+                if factors is not None:
+                    grad_x.mul_(factors)
+                grad_x.addmm_(g, weight)
+            grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
             grad_a = g_low.T @ (flat * factors if factors is not None else flat)
         if ctx.needs_input_grad[4]:
             grad_b = (g.T @ low).mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _base(flat, weight, bias):
+    """x W^T + b in the weight's dtype (a bf16 base of models/frozen.py), the result in the input's."""
+    if weight.dtype == flat.dtype:
+        return torch.nn.functional.linear(flat, weight, bias)
+    return torch.nn.functional.linear(flat.to(weight.dtype), weight, bias).to(flat.dtype)
 
 
 def _lora_linear_class():
@@ -87,7 +99,7 @@ def _lora_linear_class():
             # a trained base weight or bias (PEFT's bias='all') would get no gradient from the fused function
             if lora_b.bias is not None or any(param.requires_grad for param in base.parameters()):
                 return None
-            if not x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
+            if not x.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
                 return None
             p = _dropout_p(lora_a, self.lora_dropout[name])
             if p is None:

@@ -173,5 +173,6 @@ def count_parameters(cfg) -> tuple[dict, list[dict], Arch, object]:
         "linear": linear_layer_params(peft_model),
         "trainable_bytes": sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad),
         "targets": [row["module"] for row in table],
+        "tied_head": bool(getattr(config.get_text_config(), "tie_word_embeddings", False)),
     }
     return counts, table, architecture(config), config

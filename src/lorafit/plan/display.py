@@ -129,7 +129,9 @@ def _print_cpu(p: dict, console) -> None:
     c = p["memory_cpu"]
     console.print(
         f"\nOn a CPU (`lorafit train` without a GPU): {_gib(c['total'])} GiB peak resident memory: weights "
-        f"{_gib(c['base_weights'] + c['lora_weights_grads_optimizer'])}, activations {_gib(c['activations'])} "
+        f"{_gib(c['base_weights'] + c['lora_weights_grads_optimizer'])}"
+        + (" (frozen linear layers in bf16)" if c.get("frozen_linears") else "")
+        + f", activations {_gib(c['activations'])} "
         f"({c['activation_bytes_per_token_layer']:,} B/token/layer, {_kernel(p['settings']['attention'], c)}), "
         f"backward {_gib(c['backward_working'])}, loss {_gib(c['logits_and_loss'])}, Python/torch runtime and "
         f"allocator {_gib(c['framework_overhead'])}.",

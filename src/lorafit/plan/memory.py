@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lorafit.errors import ConfigError
 from lorafit.plan.architecture import Arch
+from lorafit.runtime import pick_frozen_dtype
 
 # (size class, cards, GiB usable by PyTorch: nvidia-smi's total minus ECC/driver reservations)
 GiB = 1024**3
@@ -165,9 +166,10 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     residual = 4 if quantized or not mixed else 2  # QLoRA: prepare_model_for_kbit_training upcasts embeddings to fp32
     tokens = t.micro_batch_size * cfg.data.max_length
     attention = attention_facts(cfg, device)
-
-    base_weights, lora_bytes = _weight_bytes(cfg, counts, weight_bytes, mixed)
     fused = not lora.use_dora  # models/lora_dropout.py and lora_linear.py leave DoRA layers to PEFT
+    frozen_bf16 = _frozen_bf16(cfg, device)
+    base_weights, lora_bytes = _weight_bytes(cfg, counts, weight_bytes, mixed)
+    base_weights -= _bf16_savings(counts, arch, fused) if frozen_bf16 else 0
 
     layer = activation_bytes_per_token_layer(
         arch,
@@ -188,7 +190,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     checkpointed = tokens * (arch.layers * residual * arch.hidden + layer + final_norm)
     activations = checkpointed if t.gradient_checkpointing else full
     backward_working = tokens * layer  # gradients flowing through the layer being differentiated
-    loss = _loss_bytes(cfg, arch, tokens, act, residual, quantized and mixed, CHUNK_ELEMENTS)
+    loss = _loss_bytes(cfg, arch, tokens, 2 if frozen_bf16 else act, residual, quantized and mixed, CHUNK_ELEMENTS)
     allocated = base_weights + lora_bytes + activations + backward_working + loss
     if device == "cpu":
         overhead = CPU_RUNTIME_BYTES + CPU_HEAP_RETENTION["fused" if fused else "peft"] * activations
@@ -197,6 +199,7 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
     return {
         "device": device,
         "attention": attention["kernel"],
+        "frozen_linears": "bf16" if frozen_bf16 else None,
         "tokens_per_micro_batch": tokens,
         "base_weights": base_weights,
         "lora_weights_grads_optimizer": lora_bytes,
@@ -209,6 +212,22 @@ def memory_terms(cfg, arch: Arch, counts: dict, device: str = "cuda") -> dict:
         "framework_overhead": overhead,
         "total": allocated + overhead,
     }
+
+
+def _frozen_bf16(cfg, device: str) -> bool:
+    """Whether training keeps the frozen linear layers in bf16 over fp32 weights (`model.frozen_dtype`): on the CPU
+    as runtime decides it on this machine, on a GPU only where asked for over fp32 weights and precision."""
+    m, t = cfg.model, cfg.training
+    if device == "cpu":
+        return pick_frozen_dtype(m, t.precision) is not None
+    return m.frozen_dtype == "bf16" and m.dtype == t.precision == "fp32" and m.quantization == "none"
+
+
+def _bf16_savings(counts: dict, arch: Arch, fused: bool) -> int:
+    """Bytes models/frozen.py saves over fp32: decoder linears in bf16 (DoRA's stay fp32), the LM head in bf16, or a
+    bf16 copy of it beside the fp32 embeddings it is tied to (a cost)."""
+    head = arch.vocab * arch.hidden
+    return (counts["linear"] if fused else 0) * 2 + (-head if counts.get("tied_head") else head) * 2
 
 
 def _weight_bytes(cfg, counts: dict, weight_bytes: int, mixed: bool) -> tuple[float, float]:
@@ -229,6 +248,7 @@ def _weight_bytes(cfg, counts: dict, weight_bytes: int, mixed: bool) -> tuple[fl
 
 
 def _loss_bytes(cfg, arch: Arch, tokens: int, act: int, residual: int, head_cast: bool, chunk: int) -> int:
+    """act: bytes of the head's matmul dtype."""
     head_copy = arch.vocab * arch.hidden * 2 if head_cast else 0  # the fp32 LM head cast for the matmul (QLoRA)
     if cfg.training.loss == "plain":
         # bf16 logits, their fp32 copy and log-softmax in the forward; at the start of backward the saved

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.hf_compat import compiled_inner
+from lorafit.models.frozen import CastLinear
 
 log = logging.getLogger("lorafit")
 
@@ -160,7 +161,8 @@ def output_head(model):
 
 def _is_plain_linear(module) -> bool:
     # bitsandbytes' Linear4bit subclasses nn.Linear with another forward: only the exact forward is safe to bypass
-    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+    # (or models/frozen.py's cast: the chunked kernels multiply in the weight's dtype and return fp32, as it does)
+    return isinstance(module, torch.nn.Linear) and type(module).forward in (torch.nn.Linear.forward, CastLinear.forward)
 
 
 def _full(param):

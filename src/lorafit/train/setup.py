@@ -17,11 +17,12 @@ from lorafit.data.prepare import prepare_data
 from lorafit.errors import ConfigError
 from lorafit.models.adapter import add_adapter, resolve_adapter_base
 from lorafit.models.attention import training_attention
+from lorafit.models.frozen import store_frozen_linears
 from lorafit.models.lora import count_parameters, describe_parameters
 from lorafit.models.sources import load_base_model
 from lorafit.models.tokenizer import load_tokenizer
 from lorafit.report import data_line
-from lorafit.runtime import fsdp_size, is_main_process, pick_attention, resolve_precision
+from lorafit.runtime import fsdp_size, is_main_process, pick_attention, pick_frozen_dtype, resolve_precision
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.callbacks import (
     KeepBestAdapter,
@@ -122,7 +123,7 @@ def build_run(
     set_seed(cfg.training.seed)  # the LoRA init depends on the seed alone, not on what ran before
     model = add_adapter(model, adapter, cfg.lora, cfg.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    _say_plan(say, describe_parameters(trainable, total), schedule)
+    _say_plan(say, describe_parameters(trainable, total) + _store_frozen(cfg, model), schedule)
     own = make_callbacks(cfg, run_dir, quiet)
     collator = make_collator(
         tokenizer, packed=cfg.data.packing, max_length=cfg.data.max_length, attn_implementation=attention
@@ -177,6 +178,16 @@ def _make_trainer(cfg, run_dir: Path, model, tokenizer, prepared, collator, args
         )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressCallback shows the same, readably
     return trainer
+
+
+def _store_frozen(cfg: RunConfig, model) -> str:
+    """Keeps the frozen linear layers in bf16 where `model.frozen_dtype` resolves to it (models/frozen.py), called
+    after the parameters are counted (a tied head gets its own copy); returns the note for the parameters line."""
+    dtype = pick_frozen_dtype(cfg.model, cfg.training.precision)
+    if dtype is None or not store_frozen_linears(model, dtype):
+        return ""
+    unit = "" if cfg.model.frozen_dtype == "bf16" else " on this CPU's bf16 matrix unit"
+    return f"; frozen linear layers in bf16{unit}, LoRA and activations fp32"
 
 
 def _say_plan(say, parameters: str, schedule: Schedule) -> None:
