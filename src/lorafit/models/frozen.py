@@ -15,6 +15,8 @@ adapter saved is unchanged: only frozen weights are touched.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,7 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
         for param in model.parameters():
             if not param.requires_grad and param.dtype != dtype:
                 param.data = param.data.clone()
+        gc.collect()  # now, not at the collector's next full pass: loader objects in reference cycles hold the map
     return count
 
 
