@@ -37,7 +37,9 @@ def test_plan_holds_the_measured_peak_of_a_cpu_run(tmp_path, smollm2_dir, max_le
     """The embedded model, default training settings (fp32, per-sample attention, chunked loss, dropout 0.05), one
     full row of max_length tokens per micro-batch: the plan's CPU total is within 15% of the run's peak RSS."""
     config = {
-        "model": {"name": "smollm2-135m-instruct"},
+        # fp32 throughout: with bf16 frozen layers (AMX CPUs) the 512-token peak measured 2,156 MB alone but 2,981 MB
+        # twice in the full suite, not yet explained; that mode's plan is checked by hand (BENCHMARKS.md, #15 note)
+        "model": {"name": "smollm2-135m-instruct", "frozen_dtype": "same"},
         "data": {
             "train": str(write_jsonl(tmp_path / "train.jsonl", long_rows(4))),
             "max_length": max_length,
