@@ -26,7 +26,14 @@ class CastLinear(torch.nn.Linear):
     the input's (autograd casts the gradient back the same way)."""
 
     def forward(self, x):
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return cast_linear(x, self.weight, self.bias)
+
+
+def cast_linear(x, weight, bias=None):
+    """x W^T + b in the weight's dtype, the result in the input's (plain `linear` where the two agree)."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 def store_frozen_linears(model, dtype: torch.dtype) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.models.frozen import cast_linear
 from lorafit.models.lora_dropout import DroppedInputLinear, keep_mask, kept
 
 
@@ -38,7 +39,7 @@ class LoraLinearFunction(torch.autograd.Function):
         low = (flat * kept(keep, flat.dtype) if keep is not None else flat) @ lora_a.T  # (N, r); the dropped copy
         if keep is not None:  # is freed here and rebuilt in backward from x and the mask
             low.mul_(ctx.keep_scale)
-        out = _base(flat, weight, bias).addmm_(low, lora_b.T, alpha=scaling)
+        out = cast_linear(flat, weight, bias).addmm_(low, lora_b.T, alpha=scaling)
         ctx.save_for_backward(flat, keep, low, weight, lora_a, lora_b)
         ctx.scaling, ctx.shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -66,13 +67,6 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = (g.T @ low).mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None, None
-
-
-def _base(flat, weight, bias):
-    """x W^T + b in the weight's dtype (a bf16 base of models/frozen.py), the result in the input's."""
-    if weight.dtype == flat.dtype:
-        return torch.nn.functional.linear(flat, weight, bias)
-    return torch.nn.functional.linear(flat.to(weight.dtype), weight, bias).to(flat.dtype)
 
 
 def _lora_linear_class():
