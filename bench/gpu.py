@@ -293,9 +293,9 @@ def measure(variant: str, work: Path, tiny: bool, steps: int, warmup: int) -> di
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        import resource
+        from lorafit.runtime import peak_rss_bytes
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
     return {
         "variant": variant,
         "tokens": tokens,

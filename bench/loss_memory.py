@@ -12,7 +12,7 @@ trained (the worst case for lorafit: on real SFT data it also skips the prompt t
 GPU: bf16, 8 x 2048 tokens, hidden 4096: peak `torch.cuda.max_memory_allocated` above the inputs.
 CPU: fp32 (no fast bf16 on most CPUs); 1 x 2048 tokens and hidden 1024 so it fits a small machine next to
 other work (the logits' share of memory is the same per token: V x 4 bytes); each variant runs in its own
-process and its peak is ru_maxrss minus the RSS just before the loss (inputs already allocated).
+process and its peak is its own peak RSS (VmHWM) minus the RSS just before the loss (inputs already allocated).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -107,6 +106,7 @@ def cpu_child(variant: str, repeats: int) -> None:
     import transformers.loss.loss_utils  # noqa: F401 - imports are not the loss's memory
 
     import lorafit.train.loss  # noqa: F401
+    from lorafit.runtime import peak_rss_bytes
 
     h, w, labels = inputs("cpu", **SHAPES["cpu"], dtype=torch.float32)
     before = psutil.Process().memory_info().rss
@@ -114,7 +114,7 @@ def cpu_child(variant: str, repeats: int) -> None:
     for _ in range(repeats):
         seconds, loss = run_once(variant, h, w, labels)
         times.append(seconds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_rss_bytes() - before
     torch.save(h.grad, os.environ["LOSS_BENCH_GRAD"])
     print("RESULT " + json.dumps({"seconds": times, "peak_bytes": peak, "loss": loss}), flush=True)
 
@@ -197,7 +197,7 @@ def report(res: dict, device: str, a) -> None:
                 ""
                 if device == "cuda"
                 else " CPU shape scaled down from 8 x 2048 x 4096 (logit memory per token is "
-                "unchanged); peak = ru_maxrss minus RSS before the loss, one process per run."
+                "unchanged); peak = peak RSS (VmHWM) minus RSS before the loss, one process per run."
             ),
             "",
             table(["loss", "peak extra memory GiB", "time ms (median)", "loss value"], rows),

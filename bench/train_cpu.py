@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -303,7 +302,9 @@ def child(variant: str, work: Path, rows_per_step: int, batch: int, data: Path, 
     else:
         packing = variant == "trl_packing"
         out = child_trl(work, packing, rows_per_step if packing else batch, data, model_name, variant == "trl_bf16")
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    from lorafit.runtime import peak_rss_bytes  # this child's own peak, not its parent's (see there)
+
+    out["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
     out["tokens_per_second"] = out["real_tokens"] / out["seconds"]
     out["tokens_per_cpu_second"] = out["real_tokens"] / out["cpu_seconds"]
     print("RESULT " + json.dumps(out), flush=True)

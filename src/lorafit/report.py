@@ -299,9 +299,9 @@ def _peak_memory() -> tuple[int, str]:
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated()), "GPU"
-    import resource
+    from lorafit.runtime import peak_rss_bytes
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process RSS"
+    return peak_rss_bytes(), "process RSS"
 
 
 def _device_name() -> str:

@@ -32,6 +32,24 @@ def pick_dtype(setting: str):
     return torch_dtype(setting)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which starts afresh at exec. Not ru_maxrss: Linux keeps
+    the parent's peak across fork and exec there, so a run started from a big Python process (a notebook kernel, a
+    pytest worker) would report that process's peak as its own (2,701 MB for a 2,156 MB run under pytest)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS counts bytes, Linux KiB
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def cpu_bf16_matrix_unit() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX, Sapphire Rapids and later): ~4x its fp32
     matmul rate (one core here: 372-384 vs 85-100 GFLOP/s at the embedded model's shapes). Without it bf16 matmuls
