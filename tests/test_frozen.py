@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from lorafit import runtime
 from lorafit.config import ModelSection
-from lorafit.models.frozen import CastLinear, store_frozen_linears
+from lorafit.models.frozen import CastLinear, narrowed, store_frozen_linears
 from lorafit.models.lora_dropout import fuse_lora_dropout
 from lorafit.models.lora_linear import fuse_lora_linears
 from lorafit.train.loss import _is_plain_linear, linear_cross_entropy
@@ -57,6 +57,37 @@ def test_cast_linear_is_the_matmul_in_the_weights_dtype():
     assert x.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, layer.weight.float().sum(0).expand(5, 24), rtol=1e-2, atol=1e-2)
     assert _is_plain_linear(layer)  # the chunked loss multiplies it itself
+
+
+def test_an_input_read_by_several_bf16_layers_is_cast_once(monkeypatch):
+    """q, k and v (gate and up) read one tensor: the fused function casts it once per forward (4 casts per decoder
+    layer, not 7), never serves a copy of a tensor changed since, and caches nothing autograd would track."""
+    model = lora_model(True)
+    store_frozen_linears(model, torch.bfloat16)
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.dtype == torch.bfloat16 and self.dtype == torch.float32 and self.dim() == 3:
+            casts.append(self.shape)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    loss_and_grads(model)
+    assert len(casts) == 2 * 4 + 1  # per layer: q/k/v's input, o's, gate/up's, down's; and the head's
+    monkeypatch.undo()
+
+    x = torch.randn(3, 8)
+    first = narrowed(x, torch.bfloat16)
+    assert narrowed(x, torch.bfloat16) is first
+    x.add_(1.0)  # changed in place: a new copy, with the new values
+    assert torch.equal(narrowed(x, torch.bfloat16), x.bfloat16())
+    tracked = torch.randn(3, 8, requires_grad=True)
+    assert narrowed(tracked, torch.bfloat16) is not narrowed(tracked, torch.bfloat16)  # each its own autograd node
+    with torch.inference_mode():
+        frozen = torch.randn(3, 8)
+        assert torch.equal(narrowed(frozen, torch.bfloat16), frozen.bfloat16())
 
 
 def test_what_is_cast_and_what_stays_fp32():

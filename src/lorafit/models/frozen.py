@@ -16,6 +16,7 @@ adapter saved is unchanged: only frozen weights are touched.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,27 @@ def cast_linear(x, weight, bias=None):
     """x W^T + b in the weight's dtype, the result in the input's (plain `linear` where the two agree)."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return F.linear(narrowed(x, weight.dtype), weight, bias).to(x.dtype)
+
+
+class _LastCast:
+    source = None  # a weak reference to the input last cast, so the cache never keeps it alive
+    version = -1
+    copy = None
+
+
+def narrowed(x, dtype):
+    """`x.to(dtype)`, made once for consecutive calls on the same unchanged tensor: q, k and v read one input, and
+    gate and up another (three casts of the six saved per decoder layer). Only where the cast makes no autograd
+    node (inside the fused LoRA function, under no_grad, frozen inputs): a cached node would be shared silently."""
+    if (torch.is_grad_enabled() and x.requires_grad) or x.is_inference():
+        return x.to(dtype)  # (inference tensors have no version counter to check)
+    last = _LastCast
+    if last.copy is not None and last.copy.dtype == dtype and last.source() is x and last.version == x._version:
+        return last.copy
+    copy = x.to(dtype)
+    last.source, last.version, last.copy = weakref.ref(x), x._version, copy
+    return copy
 
 
 def store_frozen_linears(model, dtype: torch.dtype) -> int:
