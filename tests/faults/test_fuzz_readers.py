@@ -355,10 +355,9 @@ CHILD = textwrap.dedent("""
             if fmt:
                 normalize_row(row, fmt)
         print(path, n, flush=True)
-    # VmHWM: this program's own peak. ru_maxrss would also count the parent's RSS at the fork (Linux keeps it
-    # across exec), which is a big pytest worker's, not the reader's.
-    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-    print("peak_rss_mib", int(hwm.split()[1]) // 1024)
+    # this program's own peak, not the pytest worker's that started it (see peak_rss_bytes)
+    from lorafit.runtime import peak_rss_bytes
+    print("peak_rss_mib", peak_rss_bytes() // 2**20)
 """)
 
 
